@@ -1,0 +1,1 @@
+"""Data: the synthetic SAR world, knowledge text, records, datasets, tokenizer, pipelines."""

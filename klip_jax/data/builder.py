@@ -1,0 +1,146 @@
+"""The TFDS builder that writes ArrayRecord shards, and opening what it wrote.
+
+`KlipSar` is a `tfds.core.GeneratorBasedBuilder` run without TensorFlow. It writes into
+`DATA_DIR/klip_sar/1.0.0/`; TFDS builds into an `incomplete.*` folder and renames it only
+when every split is written, so an interrupted build never leaves a dataset that looks
+complete. Every record is validated before it is written. The train split's dB statistics
+(for input normalisation) and the build settings are stored in the dataset's metadata, so a
+second build into the same folder with other settings is refused instead of silently reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from klip_jax.data import knowledge, records, world
+from klip_jax.errors import DatasetError
+
+NAME = "klip_sar"
+VERSION = "1.0.0"
+SPLITS = ("train", "val", "test")
+
+
+def to_db(amplitude: np.ndarray) -> np.ndarray:
+  """Amplitude digital numbers -> dB (zero amplitudes, from quantisation, count as 1)."""
+  return 20.0 * np.log10(np.maximum(amplitude.astype(np.float32), 1.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthSettings:
+  """Everything that decides the bytes of a synthetic dataset."""
+
+  num_examples: dict  # split -> count
+  seed: int = 0
+  noise_rate: float = 0.0
+  world: world.WorldConfig = world.WorldConfig()
+
+  def as_metadata(self) -> dict:
+    return {"num_examples": dict(self.num_examples), "seed": self.seed,
+            "noise_rate": self.noise_rate, "world": dataclasses.asdict(self.world)}
+
+
+def synth_record(settings: SynthSettings, split: str, index: int) -> dict:
+  """Record `index` of `split`: the chip and its (possibly noisy) knowledge text."""
+  chip = world.make_chip(settings.seed, index, settings.world, split)
+  rng = np.random.default_rng([settings.seed, index, sum(map(ord, split)), 1])
+  return records.chip_record(chip, knowledge.describe(chip, rng, settings.noise_rate))
+
+
+class KlipSar(tfds.core.GeneratorBasedBuilder):
+  """SAR chips with HCoT captions: the embedded synthetic world or ingested records."""
+
+  VERSION = tfds.core.Version(VERSION)
+
+  def __init__(self, *, settings: SynthSettings, **kwargs):
+    self._settings = settings
+    self._db_sum = self._db_sq = self._db_count = 0.0
+    super().__init__(file_format="array_record", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=records.tfds_features(),
+                                 metadata=tfds.core.MetadataDict(),
+                                 description=__doc__)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split, n)
+            for split, n in self._settings.num_examples.items() if n > 0}
+
+  def _generate_examples(self, split: str, num: int) -> Iterator[tuple[str, dict]]:
+    for index in range(num):
+      record = synth_record(self._settings, split, index)
+      records.validate_record(record)
+      if split == "train":
+        db = to_db(record["image"])
+        self._db_sum += float(db.sum())
+        self._db_sq += float(np.square(db, dtype=np.float64).sum())
+        self._db_count += db.size
+      yield record["id"], records.to_example(record)
+    if split == "train":
+      mean = self._db_sum / self._db_count
+      self.info.metadata["db_mean"] = mean
+      self.info.metadata["db_std"] = float(np.sqrt(self._db_sq / self._db_count - mean**2))
+    self.info.metadata["settings"] = self._settings.as_metadata()
+
+
+def dataset_path(data_dir: str | os.PathLike) -> epath.Path:
+  return epath.Path(data_dir) / NAME / VERSION
+
+
+def build(data_dir: str | os.PathLike, settings: SynthSettings) -> epath.Path:
+  """Write the synthetic dataset into `data_dir` (reuses an identical finished build)."""
+  settings.world.validate()
+  if not 0 <= settings.noise_rate <= 1:
+    raise DatasetError(f"noise rate {settings.noise_rate} is outside [0, 1].")
+  if sum(settings.num_examples.values()) <= 0 or min(settings.num_examples.values()) < 0:
+    raise DatasetError(f"split sizes {settings.num_examples} must be >= 0 with at least one > 0.")
+  path = dataset_path(data_dir)
+  if (path / "dataset_info.json").exists():
+    existing = _open_builder(data_dir).info.metadata.get("settings")
+    if existing != _jsonable(settings.as_metadata()):
+      raise DatasetError(
+          f"{path} already holds a dataset built with other settings ({existing}); "
+          "choose another --out folder or delete that one.")
+    return path
+  KlipSar(settings=settings, data_dir=os.fspath(data_dir)).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return path
+
+
+def _jsonable(value):
+  """What a value looks like after a JSON round trip (tuples become lists)."""
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  return value
+
+
+def _open_builder(data_dir) -> tfds.core.DatasetBuilder:
+  path = dataset_path(data_dir)
+  if not (path / "dataset_info.json").exists():
+    parent = epath.Path(data_dir) / NAME
+    partial = sorted(p.name for p in parent.glob("incomplete*")) if parent.exists() else []
+    hint = (f" Only an interrupted build ({', '.join(partial)}) is there: delete it and rebuild."
+            if partial else "")
+    raise DatasetError(f"no finished klip dataset at {data_dir} (expected {path}).{hint} "
+                       f"Create one with: klip data synth --out {data_dir}")
+  return tfds.builder_from_directory(os.fspath(path))
+
+
+def open_split(data_dir, split: str):
+  """Random-access ArrayRecord source of one split (items are TFDS examples)."""
+  builder = _open_builder(data_dir)
+  if split not in builder.info.splits:
+    raise DatasetError(f"{data_dir} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+  return builder.as_data_source(split=split)
+
+
+def metadata(data_dir) -> dict:
+  return dict(_open_builder(data_dir).info.metadata)

@@ -1,0 +1,242 @@
+"""The record schema of one SAR chip, its validation, and its encoding for ArrayRecord.
+
+A record is a plain dict (numpy arrays, str, float, int) with the keys below. Synthetic chips
+and real data use the same schema; `validate_record` rejects a bad record with an error that
+names the field and the problem, before anything is written. Images are stored PNG-encoded
+(lossless uint16), other arrays as tensors.
+
+    id            str, unique within the dataset (caption overlays are keyed by it)
+    image         uint16 [H, W] single-channel amplitude
+    geo           lon, lat (WGS84 chip centre), epsg, geotransform (6 floats), city, country,
+                  platform, band, polarization, resolution_m, incidence_deg, looks, acquired
+    scene_type    "landform" or "target"
+    field_names   the eight HCoT field names of that scene type, in clause order
+    keywords      the eight keywords as written in the caption (possibly wrong)
+    caption       the clauses joined by "$"
+    spans         int32 [8, 2] character span of each clause's keyword in the caption
+    truth         landcover uint8 [H, W], boxes float32 [N, 4] (x0, y0, x1, y1 pixels),
+                  box_classes int32 [N], counts int32 [len(TARGET_CLASSES)], dominant int,
+                  grid uint8 [3, 3], corrupted int32 [K] (clause indices whose keyword is
+                  wrong), true_keywords [K] (their true values); used by evaluation and SCIO
+                  repair metrics only, never by training.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+from klip_jax.data import knowledge, world
+from klip_jax.errors import RecordError
+
+GEO_FLOATS = ("lon", "lat", "resolution_m", "incidence_deg")
+GEO_INTS = ("epsg", "looks")
+GEO_STRINGS = ("city", "country", "platform", "band", "polarization", "acquired")
+SCENE_TYPES = ("landform", "target")
+
+
+def chip_record(chip: world.Chip, text: knowledge.Knowledge) -> dict:
+  """A synthetic chip and its knowledge text as a record."""
+  return {
+      "id": chip.id,
+      "image": chip.image,
+      "geo": dict(chip.geo),
+      "scene_type": chip.scene_type,
+      "field_names": list(text.field_names),
+      "keywords": list(text.keywords),
+      "caption": text.caption,
+      "spans": np.asarray(text.spans, np.int32).reshape(-1, 2),
+      "truth": {
+          "landcover": chip.landcover,
+          "boxes": np.asarray([t.box for t in chip.targets], np.float32).reshape(-1, 4),
+          "box_classes": np.asarray([t.cls for t in chip.targets], np.int32),
+          "counts": chip.counts,
+          "dominant": chip.dominant,
+          "grid": chip.grid,
+          "corrupted": np.asarray(text.corrupted, np.int32),
+          "true_keywords": list(text.true_keywords),
+      },
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _fail(record_id, field: str, problem: str) -> None:
+  raise RecordError(f"record {record_id!r}: field '{field}' {problem}")
+
+
+def _get(record: dict, path: str, record_id):
+  value = record
+  for key in path.split("."):
+    if not isinstance(value, dict) or key not in value:
+      _fail(record_id, path, "is missing; see klip_jax/data/records.py for the schema.")
+    value = value[key]
+  return value
+
+
+def _array(record, path, record_id, dtype, ndim, shape=None) -> np.ndarray:
+  value = _get(record, path, record_id)
+  if not isinstance(value, np.ndarray):
+    _fail(record_id, path, f"must be a numpy array of {np.dtype(dtype).name}, got {type(value).__name__}.")
+  if value.dtype != dtype or value.ndim != ndim:
+    _fail(record_id, path, f"must be {np.dtype(dtype).name} with {ndim} dims, got {value.dtype} {value.shape}.")
+  if shape is not None and any(want is not None and want != got for want, got in zip(shape, value.shape)):
+    _fail(record_id, path, f"must have shape {shape}, got {value.shape}.")
+  if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+    _fail(record_id, path, "contains NaN or inf.")
+  return value
+
+
+def _number(record, path, record_id, lo=-math.inf, hi=math.inf) -> float:
+  value = _get(record, path, record_id)
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    _fail(record_id, path, f"must be a number, got {type(value).__name__}.")
+  if not math.isfinite(value):
+    _fail(record_id, path, f"must be finite, got {value}.")
+  if not lo <= value <= hi:
+    _fail(record_id, path, f"is {value}, outside the valid range [{lo}, {hi}].")
+  return float(value)
+
+
+def _string(record, path, record_id, allow_empty=False) -> str:
+  value = _get(record, path, record_id)
+  if not isinstance(value, str):
+    _fail(record_id, path, f"must be a str, got {type(value).__name__}.")
+  if not allow_empty and not value.strip():
+    _fail(record_id, path, "is empty.")
+  return value
+
+
+def validate_record(record: dict) -> None:
+  """Raise RecordError naming the first field that breaks the schema."""
+  if not isinstance(record, dict):
+    raise RecordError(f"a record must be a dict, got {type(record).__name__}.")
+  rid = record.get("id", "<no id>")
+  _string(record, "id", rid)
+  image = _array(record, "image", rid, np.uint16, 2)
+  if min(image.shape) < 8:
+    _fail(rid, "image", f"is {image.shape}; chips must be at least 8x8 pixels.")
+  _number(record, "geo.lon", rid, -180, 180)
+  _number(record, "geo.lat", rid, -90, 90)
+  _number(record, "geo.resolution_m", rid, 1e-3, 1e4)
+  _number(record, "geo.incidence_deg", rid, 0, 90)
+  for key in GEO_INTS:
+    _number(record, f"geo.{key}", rid, 1)
+  for key in GEO_STRINGS:
+    _string(record, f"geo.{key}", rid)
+  try:
+    datetime.date.fromisoformat(record["geo"]["acquired"])
+  except ValueError:
+    _fail(rid, "geo.acquired", f"is {record['geo']['acquired']!r}; use an ISO date like 2021-06-30.")
+  transform = _array(record, "geo.geotransform", rid, np.float64, 1, (6,))
+  if transform[1] == 0 or transform[5] == 0:
+    _fail(rid, "geo.geotransform", "has a zero pixel size; expected (x0, dx, 0, y0, 0, -dy).")
+  scene_type = _string(record, "scene_type", rid)
+  if scene_type not in SCENE_TYPES:
+    _fail(rid, "scene_type", f"is {scene_type!r}; use one of {SCENE_TYPES}.")
+  names = _get(record, "field_names", rid)
+  if list(names) != list(knowledge.FIELDS[scene_type]):
+    _fail(rid, "field_names", f"must be {knowledge.FIELDS[scene_type]} for a {scene_type} scene, got {names}.")
+  caption = _string(record, "caption", rid)
+  keywords = _get(record, "keywords", rid)
+  clauses = caption.split(knowledge.SEPARATOR)
+  spans = _array(record, "spans", rid, np.int32, 2, (len(clauses), 2))
+  if len(keywords) != len(clauses):
+    _fail(rid, "keywords", f"has {len(keywords)} entries for {len(clauses)} clauses.")
+  starts = np.cumsum([0] + [len(c) + len(knowledge.SEPARATOR) for c in clauses[:-1]])
+  for i, ((a, b), start, clause) in enumerate(zip(spans.tolist(), starts, clauses)):
+    if not start <= a < b <= start + len(clause):
+      _fail(rid, "spans", f"row {i} = ({a}, {b}) lies outside clause {i} (characters {start}..{start + len(clause)}).")
+    if caption[a:b] != keywords[i]:
+      _fail(rid, "spans", f"row {i} covers {caption[a:b]!r} but keyword {i} is {keywords[i]!r}.")
+  if "truth" in record:
+    _validate_truth(record, rid, image.shape, len(clauses))
+
+
+def _validate_truth(record, rid, image_shape, num_clauses) -> None:
+  _array(record, "truth.landcover", rid, np.uint8, 2, image_shape)
+  boxes = _array(record, "truth.boxes", rid, np.float32, 2, (None, 4))
+  _array(record, "truth.box_classes", rid, np.int32, 1, (len(boxes),))
+  _array(record, "truth.counts", rid, np.int32, 1, (len(world.TARGET_CLASSES),))
+  _array(record, "truth.grid", rid, np.uint8, 2, (3, 3))
+  _number(record, "truth.dominant", rid, 0, len(world.LANDCOVER) - 1)
+  corrupted = _array(record, "truth.corrupted", rid, np.int32, 1)
+  if corrupted.size and (corrupted.min() < 0 or corrupted.max() >= num_clauses):
+    _fail(rid, "truth.corrupted", f"holds clause indices outside 0..{num_clauses - 1}.")
+  if len(_get(record, "truth.true_keywords", rid)) != len(corrupted):
+    _fail(rid, "truth.true_keywords", "must have one entry per corrupted clause.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding for TFDS / ArrayRecord.
+
+
+def encode_png(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def tfds_features():
+  """The TFDS feature spec of a record (images as PNG bytes: TFDS encodes PNG only with TF)."""
+  import tensorflow_datasets as tfds  # heavy; only the builder and readers need it
+
+  text, blob = tfds.features.Text, lambda: tfds.features.Tensor(shape=(), dtype=np.object_)
+  tensor = lambda shape, dtype: tfds.features.Tensor(shape=shape, dtype=dtype)  # noqa: E731
+  geo = {key: tfds.features.Scalar(np.float64) for key in GEO_FLOATS}
+  geo.update({key: tfds.features.Scalar(np.int64) for key in GEO_INTS})
+  geo.update({key: text() for key in GEO_STRINGS})
+  geo["geotransform"] = tensor((6,), np.float64)
+  return tfds.features.FeaturesDict({
+      "id": text(), "image": blob(), "geo": geo, "scene_type": text(),
+      "field_names": tfds.features.Sequence(text()), "keywords": tfds.features.Sequence(text()),
+      "caption": text(), "spans": tensor((None, 2), np.int32),
+      "truth": {"landcover": blob(), "boxes": tensor((None, 4), np.float32),
+                "box_classes": tensor((None,), np.int32), "counts": tensor((None,), np.int32),
+                "dominant": tfds.features.Scalar(np.int32), "grid": tensor((3, 3), np.uint8),
+                "corrupted": tensor((None,), np.int32),
+                "true_keywords": tfds.features.Sequence(text())},
+  })
+
+
+def to_example(record: dict) -> dict:
+  """Record -> TFDS example (PNG-encode the rasters)."""
+  geo = dict(record["geo"])
+  geo["geotransform"] = np.asarray(geo["geotransform"], np.float64)
+  truth = dict(record["truth"])
+  truth["landcover"] = encode_png(truth["landcover"])
+  return {**record, "image": encode_png(record["image"]), "geo": geo, "truth": truth}
+
+
+def _text(value):
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def from_example(example: dict, decode_rasters: bool = True) -> dict:
+  """TFDS example (as read from an ArrayRecord data source) -> record."""
+  geo = {key: _text(value) for key, value in example["geo"].items()}
+  truth = dict(example["truth"])
+  truth["true_keywords"] = [_text(k) for k in truth["true_keywords"]]
+  if decode_rasters:
+    truth["landcover"] = decode_png(truth["landcover"])
+  return {
+      "id": _text(example["id"]),
+      "image": decode_png(example["image"]) if decode_rasters else example["image"],
+      "geo": geo,
+      "scene_type": _text(example["scene_type"]),
+      "field_names": [_text(n) for n in example["field_names"]],
+      "keywords": [_text(k) for k in example["keywords"]],
+      "caption": _text(example["caption"]),
+      "spans": example["spans"],
+      "truth": truth,
+  }

@@ -1,0 +1,41 @@
+"""klip_jax: FUSAR-KLIP knowledge-guided SAR vision-language pretraining in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+JAX_VERSION = "0.10.2"
+
+setup(
+    name="klip-jax",
+    version="0.1.0",
+    description="JAX/Flax reimplementation of FUSAR-KLIP (SAR vision-language pretraining with SCIO)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["klip_jax", "klip_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        f"jax=={JAX_VERSION}",
+        f"jaxlib=={JAX_VERSION}",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "array-record==0.8.6",
+        "tensorflow-datasets==4.9.10",
+        "importlib-resources>=6.0",  # imported by tfds builders, not declared by tfds
+        "sentencepiece==0.2.3",
+        "einops==0.8.2",
+        "ml-collections==1.1.0",
+        "absl-py>=2.1",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "pillow>=10.0",
+        "pyproj>=3.6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "hypothesis>=6.100"],
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    },
+    entry_points={"console_scripts": ["klip=klip_jax.cli:main"]},
+)
