@@ -256,3 +256,48 @@ def describe(chip: world.Chip, rng: np.random.Generator, noise_rate: float = 0.0
     keywords[i] = _wrong_value(names[i], chip.scene_type, keywords[i], rng)
   caption, spans = verbalise(chip.scene_type, keywords, rng.integers(0, 3, len(names)))
   return Knowledge(chip.scene_type, names, keywords, caption, spans, corrupted, true_keywords)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometric augmentation must keep the text true: a flip moves what the caption calls upper
+# left, and turns a northeast-southwest axis into a northwest-southeast one.
+
+_FLIP_CELL = {
+    "vertical": {r * 3 + c: (2 - r) * 3 + c for r in range(3) for c in range(3)},
+    "horizontal": {r * 3 + c: r * 3 + (2 - c) for r in range(3) for c in range(3)},
+}
+
+
+def _split_words(keyword: str) -> list[str]:
+  head, _, last = keyword.rpartition(" and ")
+  return (head.split(", ") if head else []) + [last]
+
+
+def flip_keyword(scene_type: str, field: str, keyword: str, axis: str) -> str:
+  """The keyword that describes the image flipped along `axis` ("vertical": rows reversed)."""
+  cells = _FLIP_CELL[axis]
+  if scene_type == "target" and field == "location":
+    names = _split_words(keyword)
+    if all(n in CELL_NAMES for n in names):
+      return join_words(sorted((CELL_NAMES[cells[CELL_NAMES.index(n)]] for n in names),
+                               key=CELL_NAMES.index))
+  elif scene_type == "target" and field == "feature":
+    diagonal = {_ORIENTATION[2]: _ORIENTATION[3], _ORIENTATION[3]: _ORIENTATION[2]}
+    return diagonal.get(keyword, keyword)
+  elif scene_type == "landform" and field == "distribution":
+    head, sep, cell = keyword.rpartition(" mainly in the ")
+    if sep and cell in CELL_NAMES:
+      return f"{head}{sep}{CELL_NAMES[cells[CELL_NAMES.index(cell)]]}"
+  return keyword
+
+
+def replace_keywords(caption: str, spans, new_keywords) -> tuple[str, list[tuple[int, int]]]:
+  """Put `new_keywords` into the keyword spans of `caption`, shifting later spans."""
+  pieces, new_spans, cursor, shift = [], [], 0, 0
+  for (a, b), keyword in zip(spans, new_keywords):
+    pieces += [caption[cursor:a], keyword]
+    new_spans.append((a + shift, a + shift + len(keyword)))
+    shift += len(keyword) - (b - a)
+    cursor = b
+  pieces.append(caption[cursor:])
+  return "".join(pieces), new_spans

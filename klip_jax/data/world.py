@@ -90,7 +90,8 @@ _CROSS_POL_DB = {WATER: -10.0, VEGETATION: -6.0, BARE: -9.0, URBAN: -7.0, ROAD: 
 _ROOF_DB = -4.0         # rough roofs
 _DOUBLE_BOUNCE_DB = 9.0  # wall-ground dihedral facing the sensor
 _HULL_DB = 3.0           # metal hulls and airframes, before their point scatterers
-_POINT_PEAK_DB = 26.0    # strongest point scatterer of a 50 m target, as a pixel sigma0
+_POINT_PEAK_DB = 20.0    # strongest point scatterer of a 50 m target, as a pixel sigma0
+_PSF_HALF_WIDTH = 24     # pixels of sidelobe cross kept each side of a point scatterer
 _AMPLITUDE_SCALE = 3000.0  # uint16 digital number of a 0 dB pixel amplitude
 
 
@@ -458,18 +459,20 @@ def sigma0_db(lc: np.ndarray, incidence_deg, band: str, polarization: str) -> np
 def radar_shadow(height_m: np.ndarray, res: float, incidence_deg: float) -> np.ndarray:
   """Pixels hidden from a sensor looking from the west (x = 0) by terrain or buildings.
 
-  A ray at incidence theta drops res / tan(theta) metres per pixel towards far range, so x is
-  shadowed when some nearer x' has z(x') - (x - x') res / tan(theta) > z(x).
+  A ray at incidence theta drops res / tan(theta) metres per pixel towards far range; the
+  grazing ray leaves an occluding pixel x' at its far edge (x' + 1/2), so the centre of pixel x
+  is shadowed when z(x') - (x - x' - 1/2) res / tan(theta) > z(x) for some x' < x.
   """
   drop = res / np.tan(np.deg2rad(incidence_deg))
   g = height_m + drop * np.arange(height_m.shape[1])[None, :]
   previous_max = np.maximum.accumulate(np.concatenate([np.full((g.shape[0], 1), -np.inf), g[:, :-1]], 1), axis=1)
-  return previous_max > g + 1e-6
+  return previous_max + drop / 2 > g + 1e-6
 
 
 def _psf_profile(center: float, size: int) -> np.ndarray:
   """1-D intensity impulse response: sinc^2, whose -13 dB sidelobes form the SAR cross."""
-  return np.sinc(np.arange(size) + 0.5 - center) ** 2
+  offset = np.arange(size) + 0.5 - center
+  return np.where(np.abs(offset) <= _PSF_HALF_WIDTH, np.sinc(offset) ** 2, 0.0)
 
 
 def form_image(rng, lc, elevation, heights, targets, occupied, res, incidence, band, pol, looks,

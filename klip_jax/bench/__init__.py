@@ -1,0 +1,1 @@
+"""Performance harness behind `klip bench`: measured numbers, never timed assertions."""

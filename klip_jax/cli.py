@@ -1,0 +1,121 @@
+"""`klip`: one subcommand per user job.
+
+Errors a user can fix (`KlipError`) are printed without a traceback and exit with status 2.
+Heavy imports happen inside the subcommands so `klip --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from klip_jax.errors import KlipError
+
+
+def _data_synth(args) -> None:
+  from klip_jax.data import builder, world
+
+  settings = builder.SynthSettings(
+      num_examples={"train": args.num_train, "val": args.num_val, "test": args.num_test},
+      seed=args.seed, noise_rate=args.noise_rate,
+      world=world.WorldConfig(image_size=args.image_size,
+                              resolution_m=(args.resolution_min, args.resolution_max),
+                              looks=args.looks))
+  path = builder.build(args.out, settings)
+  meta = builder.metadata(args.out)
+  print(f"dataset at {path}: {settings.num_examples}, train dB mean {meta['db_mean']:.2f} "
+        f"std {meta['db_std']:.2f}")
+
+
+def _data_tokenizer(args) -> None:
+  from klip_jax.data import builder, records, tokenizer
+
+  source = builder.open_split(args.data, "train")
+  captions = (records.from_example(source[i], decode_rasters=False)["caption"]
+              for i in range(len(source)))
+  tokenizer.train_sentencepiece(captions, args.vocab_size, args.out)
+  codec = tokenizer.TextCodec(args.out, max_len=8)
+  print(f"tokenizer at {args.out}: {codec.vocab_size} pieces (at most {args.vocab_size} asked)")
+
+
+def _data_show(args) -> None:
+  from klip_jax.data import show
+
+  indices = list(range(args.start, args.start + args.num))
+  show.contact_sheet(args.data, args.split, indices, args.out)
+  print(f"wrote {args.out}")
+
+
+def _bench_pipeline(args) -> None:
+  from klip_jax.bench import pipeline as bench_pipeline
+  from klip_jax.data import pipeline
+  from klip_jax.data.tokenizer import TextCodec
+
+  options = pipeline.PipelineOptions(args.data, args.split, args.batch_size,
+                                     worker_count=args.workers)
+  result = bench_pipeline.images_per_second(options, TextCodec(args.tokenizer, args.max_len),
+                                            args.steps)
+  print(json.dumps(result))
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="klip", description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+
+  data = commands.add_parser("data", help="build, tokenise and look at datasets").add_subparsers(
+      dest="data_command", required=True)
+  synth = data.add_parser("synth", help="write the embedded synthetic SAR world as ArrayRecord")
+  synth.add_argument("--out", required=True, help="dataset folder")
+  synth.add_argument("--num-train", type=int, default=2000)
+  synth.add_argument("--num-val", type=int, default=200)
+  synth.add_argument("--num-test", type=int, default=200)
+  synth.add_argument("--seed", type=int, default=0)
+  synth.add_argument("--noise-rate", type=float, default=0.0,
+                     help="fraction of caption clauses given a wrong keyword")
+  synth.add_argument("--image-size", type=int, default=128)
+  synth.add_argument("--resolution-min", type=float, default=1.0, help="metres per pixel")
+  synth.add_argument("--resolution-max", type=float, default=10.0, help="metres per pixel")
+  synth.add_argument("--looks", type=int, default=4, help="number of looks of the speckle")
+  synth.set_defaults(run=_data_synth)
+
+  tok = data.add_parser("tokenizer", help="train a sentencepiece model on a dataset's captions")
+  tok.add_argument("--data", required=True)
+  tok.add_argument("--vocab-size", type=int, default=2000, help="upper bound")
+  tok.add_argument("--out", required=True, help="the .model file to write")
+  tok.set_defaults(run=_data_tokenizer)
+
+  show = data.add_parser("show", help="save a PNG of chips with their captions")
+  show.add_argument("--data", required=True)
+  show.add_argument("--split", default="train")
+  show.add_argument("--start", type=int, default=0)
+  show.add_argument("--num", type=int, default=6)
+  show.add_argument("--out", required=True, help="PNG file")
+  show.set_defaults(run=_data_show)
+
+  bench = commands.add_parser("bench", help="measure speed").add_subparsers(
+      dest="bench_command", required=True)
+  pipe = bench.add_parser("pipeline", help="images/s of the grain training pipeline")
+  pipe.add_argument("--data", required=True)
+  pipe.add_argument("--tokenizer", required=True)
+  pipe.add_argument("--split", default="train")
+  pipe.add_argument("--batch-size", type=int, default=64)
+  pipe.add_argument("--max-len", type=int, default=180)
+  pipe.add_argument("--steps", type=int, default=30)
+  pipe.add_argument("--workers", type=int, default=0)
+  pipe.set_defaults(run=_bench_pipeline)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    args.run(args)
+  except KlipError as e:
+    print(f"klip: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

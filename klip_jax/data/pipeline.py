@@ -1,0 +1,201 @@
+"""grain input pipelines: ArrayRecord split -> per-host batches -> global jax.Arrays.
+
+Train: a seeded global shuffle that draws a fresh permutation of the whole split every epoch,
+of which host h keeps positions h, h + P, ... (P = process count), so hosts read disjoint
+examples that together cover the split; decode; SAR-aware normalisation (amplitude -> dB ->
+standardised with the train split's statistics); augmentation that keeps the text true
+(flips transform the position and orientation keywords with the image; a radiometric gain
+jitter changes nothing the text says); tokenisation with keyword mask and clause ids;
+batching; multiprocessing prefetch. The iterator's state (`get_state`/`set_state`, or grain's
+orbax handlers) makes a restarted run read exactly the batches an uninterrupted run would.
+
+Eval: no shuffle, no augmentation; host h reads h, h + P, ...; the last batch is padded and a
+`valid` mask says which rows are real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from klip_jax.data import builder, knowledge, records
+from klip_jax.data.tokenizer import TextCodec
+from klip_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+  """What a pipeline reads and how (the data part of a run's config)."""
+
+  data_dir: str
+  split: str
+  batch_size: int  # global batch; each host reads batch_size // process_count
+  seed: int = 0
+  train: bool = True
+  num_epochs: int | None = None  # None: repeat forever (train)
+  flip: bool = True  # train-time flips with their text transform
+  gain_jitter_db: float = 1.0  # train-time radiometric gain jitter (+- dB)
+  worker_count: int = 0  # grain multiprocessing workers (0: in-process)
+  read_threads: int = 2
+  prefetch_buffer: int = 4  # batches
+
+
+class GlobalShuffle(grain.MapDataset):
+  """Epoch e is permutation(seed, e) of the whole parent; this shard keeps every count-th item.
+
+  Each shard has len(parent) // shard_count items per epoch (the few left over change every
+  epoch), so all hosts step in lockstep.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, seed: int, shard_index: int, shard_count: int,
+               num_epochs: int | None):
+    super().__init__(parent)
+    self._seed, self._index, self._count = seed, shard_index, shard_count
+    self._per_shard = len(parent) // shard_count
+    self._num_epochs = num_epochs
+    self._cached_epoch, self._cached_perm = -1, None
+
+  def __len__(self) -> int:
+    return sys.maxsize if self._num_epochs is None else self._per_shard * self._num_epochs
+
+  def __str__(self) -> str:
+    return f"GlobalShuffle(seed={self._seed}, shard={self._index}/{self._count})"
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch != self._cached_epoch:
+      rng = np.random.default_rng([self._seed, epoch])
+      self._cached_epoch, self._cached_perm = epoch, rng.permutation(len(self._parent))
+    return self._cached_perm
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, position = divmod(index, self._per_shard)
+    return self._parent[int(self._permutation(epoch)[position * self._count + self._index])]
+
+
+class _IndexedSource:
+  """A split as (index, example) pairs: the index identifies the example across epochs."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int):
+    return index, self._source[index]
+
+
+def normalise(amplitude: np.ndarray, db_mean: float, db_std: float) -> np.ndarray:
+  """uint16 amplitude -> standardised dB, float32 [H, W, 1]."""
+  return ((builder.to_db(amplitude) - db_mean) / db_std)[..., None].astype(np.float32)
+
+
+def flip(record: dict, axis: str) -> dict:
+  """Flip a record's image along `axis` and rewrite its caption to stay true."""
+  image = record["image"][::-1] if axis == "vertical" else record["image"][:, ::-1]
+  keywords = [knowledge.flip_keyword(record["scene_type"], name, keyword, axis)
+              for name, keyword in zip(record["field_names"], record["keywords"])]
+  caption, spans = knowledge.replace_keywords(record["caption"], record["spans"], keywords)
+  return {**record, "image": np.ascontiguousarray(image), "keywords": keywords,
+          "caption": caption, "spans": np.asarray(spans, np.int32)}
+
+
+@dataclasses.dataclass
+class _Decode:
+  def __call__(self, item):
+    index, example = item
+    return index, records.from_example(example)
+
+
+@dataclasses.dataclass
+class _Augment:
+  flip: bool
+  gain_jitter_db: float
+
+  def __call__(self, item, rng: np.random.Generator):
+    index, record = item
+    if self.flip:
+      for axis in ("vertical", "horizontal"):
+        if rng.uniform() < 0.5:
+          record = flip(record, axis)
+    gain = rng.uniform(-self.gain_jitter_db, self.gain_jitter_db)
+    return index, {**record, "gain_db": gain}
+
+
+@dataclasses.dataclass
+class _Features:
+  """Record -> the model's numeric inputs."""
+
+  codec: TextCodec
+  db_mean: float
+  db_std: float
+
+  def __call__(self, item):
+    index, record = item
+    text = self.codec.encode(record["caption"], record["spans"])
+    image = normalise(record["image"], self.db_mean - record.get("gain_db", 0.0), self.db_std)
+    return {"image": image, "text_ids": text.ids, "keyword_mask": text.keyword_mask,
+            "clause_ids": text.clause_ids, "index": np.int64(index), "valid": np.bool_(True)}
+
+
+def _check(options: PipelineOptions, process_count: int) -> None:
+  if options.batch_size <= 0 or options.batch_size % process_count:
+    raise ConfigError(f"batch_size={options.batch_size} must be a positive multiple of the "
+                      f"process count ({process_count}).")
+  if options.worker_count < 0:
+    raise ConfigError(f"worker_count={options.worker_count} must be >= 0.")
+
+
+def build(options: PipelineOptions, codec: TextCodec, *, process_index: int | None = None,
+          process_count: int | None = None) -> grain.IterDataset:
+  """The per-host pipeline of one split (process_* default to this JAX process)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  _check(options, process_count)
+  stats = builder.metadata(options.data_dir)
+  source = _IndexedSource(builder.open_split(options.data_dir, options.split))
+  per_host = options.batch_size // process_count
+  ds = grain.MapDataset.source(source).seed(options.seed)
+  if options.train:
+    if len(source) < options.batch_size:
+      raise ConfigError(f"split {options.split!r} has {len(source)} examples, fewer than one "
+                        f"batch ({options.batch_size}); lower the batch size or add data.")
+    ds = GlobalShuffle(ds, seed=options.seed, shard_index=process_index,
+                       shard_count=process_count, num_epochs=options.num_epochs)
+  else:
+    ds = ds[process_index::process_count]
+  ds = ds.map(_Decode())
+  if options.train:
+    ds = ds.random_map(_Augment(options.flip, options.gain_jitter_db))
+  ds = ds.map(_Features(codec, stats["db_mean"], stats["db_std"]))
+  if options.train:
+    ds = ds.batch(per_host, drop_remainder=True)
+  else:
+    ds = ds.batch(per_host, drop_remainder=False, batch_fn=lambda xs: _pad_batch(xs, per_host))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=options.read_threads,
+                                            prefetch_buffer_size=options.prefetch_buffer))
+  if options.worker_count:
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; keep their defaults
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=options.worker_count))
+  return it
+
+
+def _pad_batch(items: list[dict], size: int) -> dict:
+  """Stack items and pad to `size` rows with copies of the first, marked invalid."""
+  padding = [{**items[0], "valid": np.bool_(False)}] * (size - len(items))
+  return {key: np.stack([x[key] for x in items + padding]) for key in items[0]}
+
+
+def global_batch(local_batch: dict, mesh: jax.sharding.Mesh,
+                 batch_axes: tuple[str, ...] = ("data", "fsdp")) -> dict:
+  """Per-host numpy batch -> global jax.Arrays sharded over the mesh's batch axes."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

@@ -1,0 +1,50 @@
+"""A contact sheet of chips with their captions: the quickest way to look at a dataset."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from klip_jax.data import builder, knowledge, records  # noqa: E402
+
+
+def contact_sheet(data_dir: str, split: str, indices: list[int], out_path: str) -> None:
+  """Save chips (dB, 1-99.5 percentile stretch, target boxes in red) with their captions.
+
+  Corrupted clauses (when the dataset records them) are marked with their true keyword.
+  """
+  source = builder.open_split(data_dir, split)
+  cols = min(3, len(indices))
+  rows = -(-len(indices) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 8.2 * rows), squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, index in zip(axes.flat, indices):
+    r = records.from_example(source[index])
+    db = builder.to_db(r["image"])
+    ax.imshow(db, cmap="gray", vmin=np.percentile(db, 1), vmax=np.percentile(db, 99.5))
+    for (x0, y0, x1, y1), cls in zip(r["truth"]["boxes"], r["truth"]["box_classes"]):
+      ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="red", lw=0.8))
+    geo = r["geo"]
+    title = (f"{r['id']}  {geo['city']}, {geo['country']}\n{geo['platform']} {geo['band']}-{geo['polarization']} "
+             f"{geo['resolution_m']:.1f} m  inc {geo['incidence_deg']:.0f}°  {geo['acquired']}")
+    ax.set_title(title, fontsize=8)
+    truth = dict(zip(r["truth"]["corrupted"].tolist(), r["truth"]["true_keywords"]))
+    clauses = []
+    for i, clause in enumerate(r["caption"].split(knowledge.SEPARATOR)):
+      mark = f"  [WRONG, true: {truth[i]}]" if i in truth else ""
+      clauses.append(textwrap.fill(f"{i}. {clause}{mark}", 75))
+    ax.text(0, -0.02, "\n".join(clauses), transform=ax.transAxes, va="top", fontsize=6.5, family="monospace")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  tmp = f"{out_path}.tmp-{os.getpid()}.png"
+  fig.savefig(tmp, dpi=90)
+  plt.close(fig)
+  os.replace(tmp, out_path)
+

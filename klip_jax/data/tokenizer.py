@@ -1,0 +1,149 @@
+"""SentencePiece training on captions, and the text codec used by every model input.
+
+The vocabulary reserves BLIP's special tokens: [PAD] (0), [UNK], [DEC] (the decoder's first
+token, also sentencepiece's bos), [SEP] (eos), [CLS] (unimodal encoder), [ENC]
+(image-grounded encoder) and [MASK]; "$", the clause separator, is always its own piece.
+
+The codec encodes a caption to a fixed length together with, per token, whether it belongs to
+a clause's keyword and which clause it belongs to. Keyword membership comes from the
+character offsets sentencepiece reports for each piece, so it is exact for any text, not just
+for our templates: a token is a keyword token when its characters (ignoring the whitespace a
+piece absorbs) overlap a keyword span.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import io
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from klip_jax.data.knowledge import SEPARATOR
+from klip_jax.errors import TokenizerError
+
+PAD, UNK, DEC, SEP = "[PAD]", "[UNK]", "[DEC]", "[SEP]"
+CLS, ENC, MASK = "[CLS]", "[ENC]", "[MASK]"
+
+
+def train_sentencepiece(captions: Iterable[str], vocab_size: int, out_path: str | os.PathLike) -> None:
+  """Train a unigram SentencePiece model on `captions` and write it to `out_path` atomically.
+
+  `vocab_size` is an upper bound: template captions hold fewer distinct pieces than a real
+  corpus, and the model takes its vocabulary size from the trained tokenizer.
+  """
+  buffer = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions), model_writer=buffer, vocab_size=vocab_size,
+        hard_vocab_limit=False, model_type="bpe", character_coverage=1.0, normalization_rule_name="identity",
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=PAD, unk_piece=UNK, bos_piece=DEC,
+        eos_piece=SEP, control_symbols=[CLS, ENC, MASK], user_defined_symbols=[SEPARATOR],
+        num_threads=1, shuffle_input_sentence=False, minloglevel=2)
+  except RuntimeError as e:
+    raise TokenizerError(f"sentencepiece could not train a {vocab_size}-piece vocabulary: {e}. "
+                         "Raise --vocab-size above the number of distinct characters, or check that "
+                         "the captions are not empty.") from None
+  out_path = os.fspath(out_path)
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  tmp = f"{out_path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(buffer.getvalue())
+  os.replace(tmp, out_path)
+
+
+@dataclasses.dataclass
+class EncodedText:
+  """A caption at fixed length: [CLS] pieces... [SEP] [PAD]...
+
+  clause_ids: clause index per token (a "$" belongs to the clause it ends), -1 for special
+  tokens and padding. keyword_mask: 1 where the token is part of a clause's keyword.
+  """
+
+  ids: np.ndarray  # int32 [L]
+  keyword_mask: np.ndarray  # int32 [L]
+  clause_ids: np.ndarray  # int32 [L]
+
+
+class TextCodec:
+  """Fixed-length encoding with keyword masks and clause ids. Picklable (for grain workers)."""
+
+  def __init__(self, model: str | os.PathLike | bytes, max_len: int):
+    if isinstance(model, (str, os.PathLike)):
+      if not os.path.exists(model):
+        raise TokenizerError(f"no tokenizer at {model}; train one with: klip data tokenizer "
+                             "--data DIR --vocab-size V --out FILE")
+      with open(model, "rb") as f:
+        model = f.read()
+    if max_len < 3:
+      raise TokenizerError(f"max_len={max_len}: need room for [CLS], one piece and [SEP].")
+    self._proto = model
+    self.max_len = max_len
+    self._load()
+
+  def _load(self) -> None:
+    self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    for piece in (PAD, UNK, DEC, SEP, CLS, ENC, MASK, SEPARATOR):
+      if self.sp.piece_to_id(piece) == self.sp.unk_id() and piece != UNK:
+        raise TokenizerError(f"the tokenizer lacks the piece {piece}; retrain it with klip data tokenizer.")
+    self.pad_id, self.dec_id, self.sep_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
+    self.cls_id, self.enc_id, self.mask_id = (self.sp.piece_to_id(p) for p in (CLS, ENC, MASK))
+    self.separator_id = self.sp.piece_to_id(SEPARATOR)
+    self.special_ids = frozenset((self.pad_id, self.dec_id, self.sep_id, self.cls_id, self.enc_id,
+                                  self.mask_id, self.sp.unk_id()))
+
+  def __getstate__(self):
+    return {"_proto": self._proto, "max_len": self.max_len}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._load()
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.get_piece_size()
+
+  def pieces(self, caption: str, spans: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[int], list[int]]:
+    """Unpadded piece ids of `caption` with per-piece keyword flag and clause index."""
+    proto = self.sp.encode(caption, return_type="proto")
+    # sentencepiece reports byte offsets; map them to character offsets.
+    byte_to_char = np.repeat(np.arange(len(caption) + 1),
+                             [len(c.encode("utf-8")) for c in caption] + [1])
+    clause_starts = [0] + [i + 1 for i, c in enumerate(caption) if c == SEPARATOR]
+    ids, keyword, clause = [], [], []
+    for piece in proto.pieces:
+      begin, end = int(byte_to_char[piece.begin]), int(byte_to_char[piece.end])
+      while begin < end and caption[begin].isspace():
+        begin += 1
+      ids.append(piece.id)
+      keyword.append(int(any(begin < b and a < end for a, b in spans)))
+      clause.append(bisect.bisect_right(clause_starts, max(begin, end - 1)) - 1)
+    return ids, keyword, clause
+
+  def encode(self, caption: str, spans: Sequence[tuple[int, int]] = ()) -> EncodedText:
+    ids, keyword, clause = self.pieces(caption, spans)
+    n = min(len(ids), self.max_len - 2)
+    out = EncodedText(np.full(self.max_len, self.pad_id, np.int32),
+                      np.zeros(self.max_len, np.int32), np.full(self.max_len, -1, np.int32))
+    out.ids[0] = self.cls_id
+    out.ids[1:n + 1] = ids[:n]
+    out.ids[n + 1] = self.sep_id
+    out.keyword_mask[1:n + 1] = keyword[:n]
+    out.clause_ids[1:n + 1] = clause[:n]
+    return out
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of the non-special tokens, with the canonical "$" spacing of captions."""
+    kept = [int(i) for i in ids if int(i) not in self.special_ids]
+    clauses = []
+    current: list[int] = []
+    for i in kept + [self.separator_id]:
+      if i == self.separator_id:
+        clauses.append(self.sp.decode(current).strip())
+        current = []
+      else:
+        current.append(i)
+    return SEPARATOR.join(clauses)

@@ -1,0 +1,34 @@
+"""Shared fixtures. Eight virtual CPU devices are set up before anything imports jax, so
+multi-device code is tested on a (data, fsdp, tensor) mesh on any machine."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from klip_jax.data import builder, records, tokenizer, world  # noqa: E402
+
+TINY_WORLD = world.WorldConfig(image_size=48, resolution_m=(2.0, 10.0), max_targets=4)
+TINY_SETTINGS = builder.SynthSettings({"train": 48, "val": 12, "test": 12}, seed=3,
+                                      noise_rate=0.25, world=TINY_WORLD)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+  """A tiny synthetic dataset (48/12/12 chips of 48 px), built once per test session."""
+  data_dir = tmp_path_factory.mktemp("tiny_data")
+  builder.build(data_dir, TINY_SETTINGS)
+  return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_data, tmp_path_factory) -> str:
+  source = builder.open_split(tiny_data, "train")
+  captions = [records.from_example(source[i], decode_rasters=False)["caption"] for i in range(len(source))]
+  # Add every template and vocabulary value once so all pieces are seen.
+  from tests.data.text_cases import all_template_captions
+  path = tmp_path_factory.mktemp("tok") / "tok.model"
+  tokenizer.train_sentencepiece(captions + [c for c, _ in all_template_captions()], 1000, path)
+  return str(path)
