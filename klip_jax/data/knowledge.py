@@ -132,9 +132,11 @@ class Knowledge:
 
 
 def _region_name(mask: np.ndarray) -> str:
+  """The 3x3 cell holding the centroid of `mask` (pixel centres, so flips map cells exactly)."""
   ys, xs = np.nonzero(mask)
   size = mask.shape[0]
-  return CELL_NAMES[3 * min(int(3 * ys.mean() / size), 2) + min(int(3 * xs.mean() / size), 2)]
+  row, col = (min(int(3 * (v.mean() + 0.5) / size), 2) for v in (ys, xs))
+  return CELL_NAMES[3 * row + col]
 
 
 def _cover_fractions(landcover: np.ndarray) -> np.ndarray:

@@ -1,0 +1,73 @@
+"""The TFDS ArrayRecord builder: round trip, statistics, refusal, and interrupted builds."""
+
+import os
+
+import numpy as np
+import pytest
+
+from klip_jax.data import builder, records
+from klip_jax.errors import DatasetError
+from tests.conftest import TINY_SETTINGS
+
+
+def test_splits_hold_the_synthesised_records(tiny_data):
+  for split, n in TINY_SETTINGS.num_examples.items():
+    source = builder.open_split(tiny_data, split)
+    assert len(source) == n
+    by_id = {}
+    for i in range(n):
+      r = records.from_example(source[i])
+      records.validate_record(r)
+      by_id[r["id"]] = r
+    assert len(by_id) == n
+    expected = builder.synth_record(TINY_SETTINGS, split, 5)
+    stored = by_id[expected["id"]]
+    assert np.array_equal(stored["image"], expected["image"])
+    assert stored["caption"] == expected["caption"]
+    assert stored["truth"]["true_keywords"] == expected["truth"]["true_keywords"]
+
+
+def test_metadata_holds_train_db_statistics(tiny_data):
+  source = builder.open_split(tiny_data, "train")
+  db = np.concatenate([
+      20 * np.log10(np.maximum(records.from_example(source[i])["image"].astype(np.float64), 1)).ravel()
+      for i in range(len(source))])
+  meta = builder.metadata(tiny_data)
+  assert meta["db_mean"] == pytest.approx(db.mean(), rel=1e-5)
+  assert meta["db_std"] == pytest.approx(db.std(), rel=1e-4)
+
+
+def test_rebuilding_with_other_settings_is_refused(tiny_data):
+  other = builder.SynthSettings({"train": 4}, seed=99)
+  with pytest.raises(DatasetError, match="other settings"):
+    builder.build(tiny_data, other)
+  builder.build(tiny_data, TINY_SETTINGS)  # identical settings: reused
+
+
+def test_missing_dataset_and_split_errors(tmp_path, tiny_data):
+  with pytest.raises(DatasetError, match="klip data synth --out"):
+    builder.open_split(tmp_path / "nothing", "train")
+  with pytest.raises(DatasetError, match="no split 'dev'"):
+    builder.open_split(tiny_data, "dev")
+
+
+def test_interrupted_build_leaves_no_complete_looking_split(tmp_path, monkeypatch):
+  settings = builder.SynthSettings({"train": 6, "val": 6}, seed=1, world=TINY_SETTINGS.world)
+  real = builder.synth_record
+
+  def failing(settings_, split, index):
+    if split == "val" and index == 3:
+      raise KeyboardInterrupt("simulated interruption")
+    return real(settings_, split, index)
+
+  monkeypatch.setattr(builder, "synth_record", failing)
+  with pytest.raises(KeyboardInterrupt):
+    builder.build(tmp_path, settings)
+  written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
+  assert not [f for f in written if f.endswith("dataset_info.json")]
+  assert not [f for f in written if "array_record" in f and "incomplete" not in f]
+  with pytest.raises(DatasetError, match="no finished klip dataset"):
+    builder.open_split(tmp_path, "train")
+  monkeypatch.setattr(builder, "synth_record", real)
+  builder.build(tmp_path, settings)
+  assert len(builder.open_split(tmp_path, "val")) == 6

@@ -1,0 +1,129 @@
+"""grain pipelines: host sharding, epochs, features, text-true flips, global arrays, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from klip_jax.data import builder, knowledge, pipeline, records
+from klip_jax.data.tokenizer import TextCodec
+from klip_jax.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def codec(tiny_tokenizer):
+  return TextCodec(tiny_tokenizer, max_len=96)
+
+
+def _indices(options, codec, host, hosts, batches=None):
+  it = iter(pipeline.build(options, codec, process_index=host, process_count=hosts))
+  out = []
+  for i, batch in enumerate(it):
+    if batches is not None and i == batches:
+      break
+    out.append(batch["index"][batch["valid"]])
+  return np.concatenate(out)
+
+
+def test_two_hosts_read_disjoint_examples_that_cover_the_split(tiny_data, codec):
+  options = pipeline.PipelineOptions(tiny_data, "train", batch_size=8, num_epochs=1)
+  host0, host1 = (_indices(options, codec, h, 2) for h in (0, 1))
+  assert len(host0) == len(host1) == 24
+  assert not set(host0) & set(host1)
+  assert sorted(np.concatenate([host0, host1])) == list(range(48))
+
+
+def test_eval_pipeline_pads_and_covers_each_example_once(tiny_data, codec):
+  options = pipeline.PipelineOptions(tiny_data, "val", batch_size=10, train=False)
+  seen = np.concatenate([_indices(options, codec, h, 2) for h in (0, 1)])
+  assert sorted(seen) == list(range(12))
+
+
+def test_each_epoch_is_a_new_permutation_of_the_split(tiny_data, codec):
+  options = pipeline.PipelineOptions(tiny_data, "train", batch_size=8, num_epochs=2)
+  order = _indices(options, codec, 0, 1)
+  first, second = order[:48], order[48:]
+  assert sorted(first) == sorted(second) == list(range(48))
+  assert not np.array_equal(first, second)
+
+
+def test_features_are_normalised_and_tokenised(tiny_data, codec):
+  options = pipeline.PipelineOptions(tiny_data, "train", batch_size=48, train=False)
+  batch = next(iter(pipeline.build(options, codec)))
+  assert batch["image"].shape == (48, 48, 48, 1) and batch["image"].dtype == np.float32
+  assert abs(batch["image"].mean()) < 0.02 and abs(batch["image"].std() - 1) < 0.02
+  source = builder.open_split(tiny_data, "train")
+  record = records.from_example(source[int(batch["index"][5])])
+  expected = codec.encode(record["caption"], record["spans"])
+  np.testing.assert_array_equal(batch["text_ids"][5], expected.ids)
+  np.testing.assert_array_equal(batch["keyword_mask"][5], expected.keyword_mask)
+  np.testing.assert_array_equal(batch["clause_ids"][5], expected.clause_ids)
+
+
+@pytest.mark.parametrize("axis", ["vertical", "horizontal"])
+def test_flip_moves_image_and_text_together(tiny_data, axis):
+  source = builder.open_split(tiny_data, "train")
+  for i in range(len(source)):
+    record = records.from_example(source[i])
+    flipped = pipeline.flip(record, axis)
+    records.validate_record(flipped)
+    np.testing.assert_array_equal(flipped["image"], np.flip(record["image"], 0 if axis == "vertical" else 1))
+    for name, before, after in zip(record["field_names"], record["keywords"], flipped["keywords"]):
+      assert after == knowledge.flip_keyword(record["scene_type"], name, before, axis)
+    assert pipeline.flip(flipped, axis)["caption"] == record["caption"]
+
+
+def test_batch_not_divisible_by_hosts_is_a_config_error(tiny_data, codec):
+  with pytest.raises(ConfigError, match="multiple of the process count"):
+    pipeline.build(pipeline.PipelineOptions(tiny_data, "train", batch_size=5), codec,
+                   process_index=0, process_count=2)
+
+
+def test_global_batch_is_sharded_over_the_batch_axes(tiny_data, codec):
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  options = pipeline.PipelineOptions(tiny_data, "train", batch_size=8)
+  local = next(iter(pipeline.build(options, codec)))
+  batch = pipeline.global_batch(local, mesh)
+  image = batch["image"]
+  assert image.shape == (8, 48, 48, 1)
+  assert image.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+  assert {s.data.shape[0] for s in image.addressable_shards} == {2}
+  np.testing.assert_array_equal(np.asarray(image), local["image"])
+
+
+_RESUME_SCRIPT = """
+import json, sys
+import numpy as np
+from klip_jax.data import pipeline
+from klip_jax.data.tokenizer import TextCodec
+data, tok, workers, state, out = sys.argv[1:]
+options = pipeline.PipelineOptions(data, "train", batch_size=8, seed=5, worker_count=int(workers))
+it = iter(pipeline.build(options, TextCodec(tok, 96)))
+it.set_state(json.loads(open(state).read()))
+batches = [next(it) for _ in range(4)]
+np.savez(out, **{f"{k}{i}": b[k] for i, b in enumerate(batches) for k in ("index", "image", "text_ids")})
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_in_a_new_process_continues_exactly(tiny_data, tiny_tokenizer, codec, tmp_path, workers):
+  options = pipeline.PipelineOptions(tiny_data, "train", batch_size=8, seed=5, worker_count=workers)
+  it = iter(pipeline.build(options, codec))
+  for _ in range(7):  # crosses the first epoch boundary (6 batches per epoch)
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(4)]
+  (tmp_path / "state.json").write_text(json.dumps(state))
+  subprocess.run([sys.executable, "-c", _RESUME_SCRIPT, tiny_data, tiny_tokenizer, str(workers),
+                  str(tmp_path / "state.json"), str(tmp_path / "out.npz")], check=True,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  resumed = np.load(tmp_path / "out.npz")
+  for i, batch in enumerate(expected):
+    for key in ("index", "image", "text_ids"):
+      np.testing.assert_array_equal(resumed[f"{key}{i}"], batch[key])
