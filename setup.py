@@ -32,6 +32,7 @@ setup(
         "pillow>=10.0",
         "pyproj>=3.6",
         "matplotlib>=3.8",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100"],

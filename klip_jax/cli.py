@@ -59,6 +59,35 @@ def _bench_pipeline(args) -> None:
   print(json.dumps(result))
 
 
+def _load_config(path: str, overrides: list[str]):
+  """A config file with `--config.a.b=value` overrides, parsed by ml_collections' flags."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from klip_jax.errors import ConfigError
+
+  if not path:
+    raise ConfigError("give a config file: --config configs/tiny.py")
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    raise ConfigError(f"unrecognised arguments {bad}; config overrides look like --config.train.steps=50")
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", default=path, flag_values=values)
+  try:
+    values(["klip", f"--config={path}", *overrides])
+  except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
+    reason = e.args[0] if isinstance(e, KeyError) and e.args else e
+    raise ConfigError(f"bad config {path} {' '.join(overrides)}: {reason}") from None
+  return values.config
+
+
+def _train(args, overrides) -> None:
+  from klip_jax.train import loop
+
+  last = loop.train(_load_config(args.config, overrides), args.workdir)
+  print(json.dumps(last))
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="klip", description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +122,11 @@ def _parser() -> argparse.ArgumentParser:
   show.add_argument("--out", required=True, help="PNG file")
   show.set_defaults(run=_data_show)
 
+  train = commands.add_parser("train", help="train KLIP (resumes from the workdir's latest checkpoint)")
+  train.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=v")
+  train.add_argument("--workdir", required=True)
+  train.set_defaults(run=_train, takes_overrides=True)
+
   bench = commands.add_parser("bench", help="measure speed").add_subparsers(
       dest="bench_command", required=True)
   pipe = bench.add_parser("pipeline", help="images/s of the grain training pipeline")
@@ -108,9 +142,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  args, overrides = _parser().parse_known_args(argv)
   try:
-    args.run(args)
+    if getattr(args, "takes_overrides", False):
+      args.run(args, overrides)
+    elif overrides:
+      _parser().parse_args(argv)  # exits with argparse's message for the unknown arguments
+    else:
+      args.run(args)
   except KlipError as e:
     print(f"klip: error: {e}", file=sys.stderr)
     return 2

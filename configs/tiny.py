@@ -1,0 +1,17 @@
+"""Tiny KLIP for tests and a CPU demo: 32 px chips, 2-layer towers of width 64."""
+
+from klip_jax.config import default_config
+
+
+def get_config(arg=None):
+  del arg
+  c = default_config()
+  c.model.embed_dim = 32
+  c.model.vision.update(image_size=32, patch_size=8, width=64, depth=2, heads=2, mlp_dim=128)
+  c.model.text.update(width=64, depth=2, heads=2, mlp_dim=128, max_len=128)
+  c.momentum.update(queue_size=64, alpha_warmup_steps=50)
+  c.optim.update(lr=1e-3, warmup_steps=20, weight_decay=0.01)
+  c.train.update(steps=200, batch_size=16, log_every=10, ckpt_every=100, keep=2)
+  c.data.update(vocab_size=1000, max_len=128)
+  c.data.synth.update(num_train=512, num_val=64, num_test=64, image_size=32)
+  return c

@@ -1,0 +1,116 @@
+"""The run configuration: defaults, validation, and loading `configs/*.py` files.
+
+A config file defines `get_config(arg=None) -> ConfigDict`, usually by calling
+`default_config()` and changing what differs (see configs/tiny.py). Every field can be
+overridden from the command line as `--config.train.steps=100`. `validate` fails early with a
+message that names the field.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+from klip_jax.errors import ConfigError
+
+# Logical axis -> mesh axes (MaxText style). Parameters: embed is FSDP-sharded, mlp/heads/vocab
+# tensor-parallel; activations keep the batch on (data, fsdp).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      dtype="float32",  # compute dtype ("bfloat16" on TPU)
+      param_dtype="float32",
+      embed_dim=256,
+      temp_init=0.07,
+      temp_range=(0.001, 0.5),
+      share_decoder=True,  # decoder shares all but self-attention with the encoder (BLIP)
+      vision=dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072,
+                  ln_eps=1e-5, approximate_gelu=False, fused_qkv=True, remat="none"),
+      text=dict(width=768, depth=12, heads=12, mlp_dim=3072, max_len=512, ln_eps=1e-12,
+                approximate_gelu=False, remat="none"),
+  ))
+  c.momentum = ml_collections.ConfigDict(dict(
+      enabled=True, decay=0.995, queue_size=57600, alpha=0.4, alpha_warmup_steps=1000))
+  c.loss = ml_collections.ConfigDict(dict(
+      itc=1.0, itm=1.0, recon=1.0, mask_prob=0.5, random_prob=0.1, extra_mask_rate=0.0))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-4, end_lr_ratio=0.01, warmup_steps=1000, weight_decay=0.05, b1=0.9, b2=0.999,
+      grad_clip=1.0, grad_accum=1))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=100000, batch_size=256, log_every=50, ckpt_every=1000, keep=3))
+  c.data = ml_collections.ConfigDict(dict(
+      data_dir="",  # empty: synthesise the embedded world into WORKDIR/data
+      tokenizer="",  # empty: WORKDIR/tokenizer.model, trained on the train split if missing
+      vocab_size=2000,
+      max_len=180,
+      worker_count=0,
+      flip=True,
+      gain_jitter_db=1.0,
+      synth=dict(num_train=20000, num_val=1000, num_test=1000, noise_rate=0.2, seed=0,
+                 image_size=224, resolution_min=1.0, resolution_max=10.0),
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), axes=("data", "fsdp", "tensor"),
+                                          rules=DEFAULT_RULES))
+  return c
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ConfigError(f"config.{field}: {message}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Fail early, naming the field, on values that would only fail deep inside a run."""
+  v, t = c.model.vision, c.model.text
+  _require(c.model.dtype in ("float32", "bfloat16"), "model.dtype", "use float32 or bfloat16.")
+  _require(v.image_size % v.patch_size == 0, "model.vision.image_size",
+           f"{v.image_size} is not a multiple of patch_size {v.patch_size}.")
+  _require(v.width % v.heads == 0, "model.vision.heads", f"width {v.width} is not divisible by {v.heads} heads.")
+  _require(t.width % t.heads == 0, "model.text.heads", f"width {t.width} is not divisible by {t.heads} heads.")
+  _require(c.data.max_len <= t.max_len, "data.max_len",
+           f"{c.data.max_len} tokens exceed model.text.max_len={t.max_len} position embeddings.")
+  lo, hi = c.model.temp_range
+  _require(0 < lo <= c.model.temp_init <= hi, "model.temp_init", f"must lie in temp_range {c.model.temp_range}.")
+  _require(c.train.batch_size >= 2, "train.batch_size", "ITM hard negatives need at least 2 examples per batch.")
+  _require(c.train.steps >= 1, "train.steps", "must be >= 1.")
+  _require(c.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1.")
+  _require(0 <= c.loss.mask_prob + c.loss.random_prob <= 1, "loss.mask_prob",
+           "mask_prob + random_prob must lie in [0, 1].")
+  _require(0 <= c.loss.extra_mask_rate <= 1, "loss.extra_mask_rate", "must lie in [0, 1].")
+  if c.momentum.enabled:
+    _require(0 < c.momentum.decay < 1, "momentum.decay", "must lie in (0, 1).")
+    _require(c.momentum.queue_size >= 0 and c.momentum.queue_size % c.train.batch_size == 0,
+             "momentum.queue_size", f"{c.momentum.queue_size} must be a multiple of train.batch_size "
+             f"({c.train.batch_size}) so whole batches are enqueued.")
+  _require(len(c.mesh.shape) == 3 and list(c.mesh.axes) == ["data", "fsdp", "tensor"],
+           "mesh.shape", "give three sizes for the (data, fsdp, tensor) axes; -1 fills one axis.")
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Import a config file and call its get_config(arg)."""
+  if not os.path.exists(path):
+    raise ConfigError(f"no config file at {path}; see configs/ for examples.")
+  spec = importlib.util.spec_from_file_location(f"klip_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} defines no get_config(arg) function.")
+  return module.get_config(arg) if arg is not None else module.get_config()

@@ -1,0 +1,64 @@
+"""The composed KLIP model: SAR ViT + MED text transformer + ITC projections, ITM head,
+learnable temperature. The momentum (EMA) copy is not a second module: it is a second
+parameter pytree for the same graph (see `MOMENTUM_MODULES`), merged in when the momentum
+features are needed, so the model code stays pure tensors-in tensors-out.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from klip_jax.model import layers
+from klip_jax.model.text import TextTransformer
+from klip_jax.model.vit import VisionEncoder
+
+# Submodules whose parameters have a momentum (EMA) copy, as in BLIP/ALBEF.
+MOMENTUM_MODULES = ("vision", "text", "vision_proj", "text_proj")
+
+
+def _normalise(x: jax.Array) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class KLIP(nnx.Module):
+  def __init__(self, cfg: ml_collections.ConfigDict, vocab_size: int, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.vision = VisionEncoder(cfg.vision, **kw)
+    self.text = TextTransformer(cfg.text, vocab_size, cfg.vision.width,
+                                causal_attn=cfg.share_decoder, **kw)
+    self.decoder = None if cfg.share_decoder else TextTransformer(
+        cfg.text, vocab_size, cfg.vision.width, causal_attn=False, **kw)
+    self.vision_proj = layers.dense(cfg.vision.width, cfg.embed_dim, ("embed", None), **kw)
+    self.text_proj = layers.dense(cfg.text.width, cfg.embed_dim, ("embed", None), **kw)
+    self.itm_head = layers.dense(cfg.text.width, 2, ("embed", None), **kw)
+    self.temp = nnx.Param(jnp.asarray(cfg.temp_init, param_dtype))
+    self.temp_range = tuple(cfg.temp_range)
+
+  def temperature(self) -> jax.Array:
+    return jnp.clip(self.temp[...].astype(jnp.float32), *self.temp_range)
+
+  def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """-> (image tokens [B, N, Dv], L2-normalised ITC feature [B, E] in fp32)."""
+    tokens = self.vision(images)
+    return tokens, _normalise(self.vision_proj(tokens[:, 0]))
+
+  def encode_text(self, ids: jax.Array, pad_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Unimodal text ([CLS] first) -> (hidden [B, L, Dt], normalised ITC feature [B, E])."""
+    hidden = self.text(ids, pad_mask, "text")
+    return hidden, _normalise(self.text_proj(hidden[:, 0]))
+
+  def itm_logits(self, ids: jax.Array, pad_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:
+    """Image-grounded encoder ([ENC] first) -> match/no-match logits [B, 2] in fp32."""
+    hidden = self.text(ids, pad_mask, "multimodal", image_tokens)
+    return self.itm_head(hidden[:, 0]).astype(jnp.float32)
+
+  def decoder_logits(self, ids: jax.Array, pad_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:
+    """Image-grounded causal decoder ([DEC] first) -> next-token logits [B, L, V] in fp32."""
+    tower = self.text if self.decoder is None else self.decoder
+    hidden = tower(ids, pad_mask, "decoder", image_tokens)
+    return tower.logits(hidden).astype(jnp.float32)

@@ -1,0 +1,129 @@
+"""Transformer building blocks shared by the image and text towers.
+
+Every parameter is created with logical axis names (`nnx.with_partitioning`); the mapping to
+mesh axes is data (the config's rules), not model code. Activations get logical constraints
+at block boundaries so GSPMD keeps the batch sharded the way the rules say.
+Choices that decide numerical parity with Hugging Face BLIP are explicit options here: exact
+vs tanh GELU, LayerNorm epsilon, fused vs split q/k/v projections.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Logical sharding constraint on an activation (a no-op outside a mesh/rules context)."""
+  return nn.with_logical_constraint(x, names)
+
+
+def gelu(approximate: bool) -> Callable[[jax.Array], jax.Array]:
+  return lambda x: jax.nn.gelu(x, approximate=approximate)
+
+
+def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
+          dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, std: float = 0.02,
+          use_bias: bool = True) -> nnx.Linear:
+  """A Linear with truncated-normal(std) kernel and zero bias, both with logical names."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(nnx.initializers.truncated_normal(std), names),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)),
+      rngs=rngs)
+
+
+def layer_norm(features: int, eps: float, *, dtype: Dtype, param_dtype: Dtype,
+               rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
+      rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention, self or cross, with fused (ViT/BLIP vision) or split (BERT) q/k/v.
+
+  The fused kernel is stored as [embed, 3, heads*head_dim] (q, k, v along the middle axis) so
+  tensor parallelism splits heads, never the q|k|v boundary.
+  """
+
+  def __init__(self, width: int, heads: int, *, kv_width: int | None = None, fused_qkv: bool,
+               dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    if width % heads:
+      raise ValueError(f"width {width} is not divisible by {heads} heads")
+    self.heads, self.head_dim, self.dtype = heads, width // heads, dtype
+    kv_width = kv_width or width
+    self.fused_qkv = fused_qkv
+    if fused_qkv:
+      if kv_width != width:
+        raise ValueError("a fused q/k/v projection needs equal query and key/value widths")
+      self.qkv = nnx.LinearGeneral(
+          width, (3, width), dtype=dtype, param_dtype=param_dtype,
+          kernel_init=nnx.with_partitioning(nnx.initializers.truncated_normal(0.02), ("embed", None, "heads")),
+          bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None, "heads")),
+          rngs=rngs)
+    else:
+      kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      self.query = dense(width, width, ("embed", "heads"), **kw)
+      self.key = dense(kv_width, width, ("embed", "heads"), **kw)
+      self.value = dense(kv_width, width, ("embed", "heads"), **kw)
+    self.out = dense(width, width, ("heads", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def _split(self, x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-1], self.heads, self.head_dim)
+
+  def project(self, x: jax.Array, context: jax.Array | None = None):
+    """q, k, v as [batch, length, heads, head_dim]; k, v from `context` for cross-attention."""
+    if self.fused_qkv:
+      q, k, v = (self._split(t) for t in jnp.moveaxis(self.qkv(x), -2, 0))
+      return q, k, v
+    context = x if context is None else context
+    return self._split(self.query(x)), self._split(self.key(context)), self._split(self.value(context))
+
+  def attend(self, q, k, v, mask: jax.Array | None) -> jax.Array:
+    """mask: bool, broadcastable to [batch, heads, q_len, kv_len]; True = may attend."""
+    q = constrain(q, ("batch", "length", "act_heads", None))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return self.out(out.reshape(*out.shape[:-2], -1))
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    return self.attend(*self.project(x, context), mask)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, width: int, hidden: int, *, approximate_gelu: bool, dtype: Dtype,
+               param_dtype: Dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = dense(width, hidden, ("embed", "mlp"), **kw)
+    self.fc2 = dense(hidden, width, ("mlp", "embed"), **kw)
+    self.act = gelu(approximate_gelu)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = constrain(self.act(self.fc1(x)), ("batch", "length", "act_mlp"))
+    return self.fc2(h)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def maybe_remat(fn: Callable, policy: str) -> Callable:
+  """Wrap a block's apply function in nnx.remat with a named policy ("none": unchanged)."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {policy!r}; use one of {sorted(REMAT_POLICIES)}")
+  if policy == "none":
+    return fn
+  return nnx.remat(fn, policy=REMAT_POLICIES[policy])

@@ -1,0 +1,1 @@
+"""Training: losses, train state and optimizer, the pure train step, and the driver loop."""

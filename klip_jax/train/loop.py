@@ -1,0 +1,162 @@
+"""The training driver behind `klip train`: data, tokenizer, sharded state, checkpoints, logs.
+
+Everything a run writes lives under its workdir:
+  data/                 the embedded synthetic world (when config.data.data_dir is empty)
+  tokenizer.model       sentencepiece model (when config.data.tokenizer is empty)
+  checkpoints/<step>/   orbax checkpoints: the train state AND the grain iterator state
+  logs/                 TensorBoard event files
+  metrics.jsonl         one JSON line per logged step
+A second invocation on the same workdir resumes from the latest checkpoint; with the same
+config and seed the result equals an uninterrupted run (the per-step RNG is folded from the
+seed and the step, and the data iterator is restored exactly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from klip_jax import config as config_lib
+from klip_jax.data import builder, pipeline, records, tokenizer, world
+from klip_jax.parallel import mesh as mesh_lib
+from klip_jax.train import state as state_lib
+from klip_jax.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+  """What a training run is built from (shared by train, relabel and eval)."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  data_dir: str
+  codec: tokenizer.TextCodec
+  mesh: jax.sharding.Mesh
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, tokenizer.TextCodec]:
+  """The dataset folder and text codec of a run, synthesising / training them if absent."""
+  data_dir = config.data.data_dir or os.path.join(workdir, "data")
+  if not config.data.data_dir:
+    s = config.data.synth
+    settings = builder.SynthSettings(
+        num_examples={"train": s.num_train, "val": s.num_val, "test": s.num_test},
+        seed=s.seed, noise_rate=s.noise_rate,
+        world=world.WorldConfig(image_size=s.image_size,
+                                resolution_m=(s.resolution_min, s.resolution_max)))
+    builder.build(data_dir, settings)
+  tok_path = config.data.tokenizer or os.path.join(workdir, "tokenizer.model")
+  if not os.path.exists(tok_path):
+    source = builder.open_split(data_dir, "train")
+    captions = (records.from_example(source[i], decode_rasters=False)["caption"] for i in range(len(source)))
+    tokenizer.train_sentencepiece(captions, config.data.vocab_size, tok_path)
+  return data_dir, tokenizer.TextCodec(tok_path, config.data.max_len)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  data_dir, codec = prepare_data(config, workdir)
+  return Run(config, workdir, data_dir, codec, mesh_lib.make_mesh(config.mesh.shape))
+
+
+def train_pipeline(run: Run) -> grain.IterDataset:
+  c = run.config
+  return pipeline.build(pipeline.PipelineOptions(
+      run.data_dir, "train", c.train.batch_size, seed=c.seed, worker_count=c.data.worker_count,
+      flip=c.data.flip, gain_jitter_db=c.data.gain_jitter_db), run.codec)
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      item_names=("state", "data"),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.train.keep, save_interval_steps=config.train.ckpt_every,
+          enable_async_checkpointing=True))
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract, shardings, iterator=None):
+  """The train state (sharded like `shardings`) and, if given, the iterator at `step`."""
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  items = {"state": ocp.args.StandardRestore(target)}
+  if iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+  return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def _log_metrics(writer: SummaryWriter, path: str, step: int, metrics: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps({"step": step, **metrics}) + "\n")
+  for name, value in metrics.items():
+    writer.add_scalar(f"train/{name}", value, step)
+  writer.flush()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+  """Train (or resume) to config.train.steps; returns the last logged metrics."""
+  run = setup(config, workdir)
+  c = run.config
+  tx, schedule = state_lib.make_optimizer(c.optim, c.train.steps)
+  vocab = run.codec.vocab_size
+  graph, abstract, shardings = state_lib.abstract_state(c, vocab, tx, run.mesh)
+  iterator = iter(train_pipeline(run))
+  manager = checkpoint_manager(workdir, c)
+  start = manager.latest_step() or 0
+  if start:
+    state = restore_state(manager, start, abstract, shardings, iterator)
+    log.info("resumed from step %d", start)
+  else:
+    _, state, _ = state_lib.create(c, vocab, tx, run.mesh)
+  tokens = step_lib.TokenIds.from_codec(run.codec)
+  writer = SummaryWriter(os.path.join(workdir, "logs"))
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  base_rng = jax.random.key(c.seed)
+  last: dict = {}
+  with mesh_lib.logical_context(run.mesh, c.mesh.rules):
+    train_step = step_lib.make_train_step(c, graph, tx, schedule, tokens, shardings, run.mesh)
+    bar = tqdm(total=c.train.steps, initial=start, disable=not progress, desc="train", unit="step")
+    tick, tick_step = time.perf_counter(), start
+    for step in range(start, c.train.steps):
+      batch = pipeline.global_batch(_model_inputs(next(iterator)), run.mesh)
+      state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
+      done = step + 1
+      if done % c.train.log_every == 0 or done == c.train.steps:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        last["images_per_s"] = (done - tick_step) * c.train.batch_size / (now - tick)
+        tick, tick_step = now, done
+        _log_metrics(writer, metrics_path, done, last)
+        bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.1f}")
+      if done % c.train.ckpt_every == 0 or done == c.train.steps:
+        manager.save(done, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)),
+            force=True)
+      bar.update(1)
+    bar.close()
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return last
+
+
+MODEL_INPUTS = ("image", "text_ids", "keyword_mask", "clause_ids")
+
+
+def _model_inputs(batch: dict) -> dict:
+  return {k: np.asarray(batch[k]) for k in MODEL_INPUTS}

@@ -1,0 +1,103 @@
+"""The three FUSAR-KLIP losses: contrast (ITC), matching (ITM) with hard negatives, and
+masked-keyword reconstruction through the image-grounded causal decoder.
+
+All functions are pure and operate on GLOBAL arrays: under jit with sharded inputs, the
+similarity matrices span the whole global batch (GSPMD inserts the gathers), which is what
+makes ITC negatives and ITM hard negatives global, as in BLIP's all-gather.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean over rows of -sum(targets * log_softmax(logits))."""
+  return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+
+
+def itc(image_feat, text_feat, temp, *, image_bank=None, text_bank=None, image_feat_m=None,
+        text_feat_m=None, alpha: float | jax.Array = 0.0):
+  """Symmetric InfoNCE between L2-normalised image and text features [B, E].
+
+  Without momentum the other modality's online features are the candidates and the targets
+  are the identity. With momentum (BLIP/ALBEF), the candidates are `*_bank` = [momentum batch
+  features; queue] ([B + Q, E]) and the targets mix in the momentum model's own softmax:
+  alpha * softmax(sim_m) + (1 - alpha) * onehot.
+  Returns (loss, sim_i2t [B, B], sim_t2i [B, B]) where the similarities are against the
+  batch's own candidates (for hard-negative mining and accuracy).
+  """
+  b = image_feat.shape[0]
+  if image_bank is None:
+    image_bank, text_bank = image_feat, text_feat
+  sim_i2t = image_feat @ text_bank.T / temp
+  sim_t2i = text_feat @ image_bank.T / temp
+  onehot = jnp.eye(b, sim_i2t.shape[1], dtype=sim_i2t.dtype)
+  targets_i2t = targets_t2i = onehot
+  if image_feat_m is not None:
+    sim_i2t_m = jax.lax.stop_gradient(image_feat_m @ text_bank.T / temp)
+    sim_t2i_m = jax.lax.stop_gradient(text_feat_m @ image_bank.T / temp)
+    targets_i2t = alpha * jax.nn.softmax(sim_i2t_m, axis=-1) + (1 - alpha) * onehot
+    targets_t2i = alpha * jax.nn.softmax(sim_t2i_m, axis=-1) + (1 - alpha) * onehot
+  loss = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+  return loss, sim_i2t[:, :b], sim_t2i[:, :b]
+
+
+def itc_accuracy(sim_i2t: jax.Array, sim_t2i: jax.Array) -> jax.Array:
+  """Mean top-1 accuracy of image->text and text->image retrieval within the batch."""
+  target = jnp.arange(sim_i2t.shape[0])
+  return (jnp.mean(sim_i2t.argmax(-1) == target) + jnp.mean(sim_t2i.argmax(-1) == target)) / 2
+
+
+def sample_hard_negatives(rng: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array):
+  """One negative text per image and one negative image per text, drawn with probability
+  proportional to softmax(similarity) over the other items of the batch (positives excluded).
+  Returns (negative text index per image, negative image index per text), each [B]."""
+  b = sim_i2t.shape[0]
+  diagonal = jnp.eye(b, dtype=bool)
+  sim_i2t = jax.lax.stop_gradient(jnp.where(diagonal, -jnp.inf, sim_i2t.astype(jnp.float32)))
+  sim_t2i = jax.lax.stop_gradient(jnp.where(diagonal, -jnp.inf, sim_t2i.astype(jnp.float32)))
+  rng_text, rng_image = jax.random.split(rng)
+  return (jax.random.categorical(rng_text, sim_i2t, axis=-1),
+          jax.random.categorical(rng_image, sim_t2i, axis=-1))
+
+
+def itm(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Binary match cross-entropy and accuracy; logits [N, 2], labels [N] in {0, 1}."""
+  loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
+  return loss, jnp.mean(logits.argmax(-1) == labels)
+
+
+def select_positions(rng: jax.Array, keyword_mask: jax.Array, ordinary_mask: jax.Array,
+                     extra_rate: float) -> jax.Array:
+  """Positions to reconstruct: every keyword token, plus `extra_rate` of ordinary tokens."""
+  extra = jax.random.uniform(rng, keyword_mask.shape) < extra_rate
+  return (keyword_mask > 0) | (ordinary_mask & extra)
+
+
+def corrupt(rng: jax.Array, ids: jax.Array, selected: jax.Array, *, mask_id: int,
+            vocab_size: int, mask_prob: float, random_prob: float) -> jax.Array:
+  """BERT-style corruption of the selected tokens: mask_prob -> [MASK], random_prob -> a
+  random token, the rest kept as they are."""
+  rng_choice, rng_token = jax.random.split(rng)
+  u = jax.random.uniform(rng_choice, ids.shape)
+  random_ids = jax.random.randint(rng_token, ids.shape, 0, vocab_size, dtype=ids.dtype)
+  out = jnp.where(selected & (u < mask_prob), mask_id, ids)
+  return jnp.where(selected & (u >= mask_prob) & (u < mask_prob + random_prob), random_ids, out)
+
+
+def reconstruction(logits: jax.Array, targets: jax.Array, selected: jax.Array):
+  """Causal reconstruction loss counted only at the selected positions.
+
+  logits[:, t] is the decoder's prediction of token t + 1, so position t >= 1 is scored by
+  logits[:, t - 1]. Returns (mean loss over selected positions, accuracy, count).
+  """
+  logits, targets, selected = logits[:, :-1], targets[:, 1:], selected[:, 1:]
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  weight = selected.astype(jnp.float32)
+  count = jnp.sum(weight)
+  loss = jnp.sum(nll * weight) / jnp.maximum(count, 1.0)
+  accuracy = jnp.sum((logits.argmax(-1) == targets) * weight) / jnp.maximum(count, 1.0)
+  return loss, accuracy, count

@@ -1,0 +1,157 @@
+"""The pure, sharded train step: ITC + ITM (hard negatives) + keyword reconstruction.
+
+`make_train_step` closes over the static parts (graph, optimizer, token ids, loss weights)
+and returns `train_step(state, batch, rng) -> (state, metrics)` jitted with explicit in/out
+shardings and the state donated. A non-finite loss or gradient leaves the whole state as it
+was (params, optimizer, momentum, queues) and is counted in `metrics["skipped"]`.
+
+Batch keys: image [B, H, W, 1]; text_ids, keyword_mask, clause_ids [B, L]. The SCIO stages
+may add recon_ids / recon_keyword_mask / recon_clause_ids: the caption the reconstruction
+loss is trained on (default: the same caption).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from klip_jax.parallel import mesh as mesh_lib
+from klip_jax.train import losses
+from klip_jax.train.state import TrainState, momentum_subset, with_momentum
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+  """The special token ids the step needs (from the tokenizer)."""
+
+  pad: int
+  cls: int
+  enc: int
+  dec: int
+  mask: int
+  vocab_size: int
+
+  @classmethod
+  def from_codec(cls, codec) -> "TokenIds":
+    return cls(codec.pad_id, codec.cls_id, codec.enc_id, codec.dec_id, codec.mask_id, codec.vocab_size)
+
+
+def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, batch, rng):
+  """All three losses and their metrics; returns (total, (metrics, momentum features))."""
+  rng_itm, rng_select, rng_corrupt = jax.random.split(rng, 3)
+  ids = batch["text_ids"]
+  pad = ids != tokens.pad
+  image_tokens, image_feat = model.encode_image(batch["image"])
+  _, text_feat = model.encode_text(ids, pad)
+  temp = model.temperature()
+
+  feats_m = None
+  if momentum_model is not None:
+    _, image_feat_m = momentum_model.encode_image(batch["image"])
+    _, text_feat_m = momentum_model.encode_text(ids, pad)
+    image_feat_m, text_feat_m = jax.lax.stop_gradient((image_feat_m, text_feat_m))
+    warmup = max(config.momentum.alpha_warmup_steps, 1)
+    alpha = config.momentum.alpha * jnp.minimum(1.0, state.step.astype(jnp.float32) / warmup)
+    loss_itc, sim_i2t, sim_t2i = losses.itc(
+        image_feat, text_feat, temp,
+        image_bank=jnp.concatenate([image_feat_m, state.image_queue]),
+        text_bank=jnp.concatenate([text_feat_m, state.text_queue]),
+        image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=alpha)
+    feats_m = (image_feat_m, text_feat_m)
+  else:
+    loss_itc, sim_i2t, sim_t2i = losses.itc(image_feat, text_feat, temp)
+
+  # ITM: positives, (negative image, text) and (image, negative text) pairs.
+  neg_text, neg_image = losses.sample_hard_negatives(rng_itm, sim_i2t, sim_t2i)
+  enc_ids = ids.at[:, 0].set(tokens.enc)
+  b = ids.shape[0]
+  itm_logits = model.itm_logits(
+      jnp.concatenate([enc_ids, enc_ids, enc_ids[neg_text]]),
+      jnp.concatenate([pad, pad, pad[neg_text]]),
+      jnp.concatenate([image_tokens, image_tokens[neg_image], image_tokens]))
+  labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+  loss_itm, itm_acc = losses.itm(itm_logits, labels)
+
+  # Keyword reconstruction through the image-grounded causal decoder.
+  rec_ids = batch.get("recon_ids", ids)
+  rec_pad = rec_ids != tokens.pad
+  ordinary = (batch.get("recon_clause_ids", batch["clause_ids"]) >= 0) & rec_pad
+  selected = losses.select_positions(rng_select, batch.get("recon_keyword_mask", batch["keyword_mask"]),
+                                     ordinary, config.loss.extra_mask_rate) & rec_pad
+  selected = selected.at[:, 0].set(False)
+  dec_in = losses.corrupt(rng_corrupt, rec_ids, selected, mask_id=tokens.mask,
+                          vocab_size=tokens.vocab_size, mask_prob=config.loss.mask_prob,
+                          random_prob=config.loss.random_prob).at[:, 0].set(tokens.dec)
+  logits = model.decoder_logits(dec_in, rec_pad, image_tokens)
+  loss_rec, rec_acc, rec_count = losses.reconstruction(logits, rec_ids, selected)
+
+  w = config.loss
+  total = w.itc * loss_itc + w.itm * loss_itm + w.recon * loss_rec
+  metrics = {"loss": total, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_recon": loss_rec,
+             "itc_acc": losses.itc_accuracy(sim_i2t, sim_t2i), "itm_acc": itm_acc,
+             "recon_acc": rec_acc, "recon_tokens": rec_count, "temp": temp}
+  return total, (metrics, feats_m)
+
+
+def _enqueue(queue: jax.Array, feats: jax.Array, ptr: jax.Array) -> jax.Array:
+  if queue.shape[0] == 0:
+    return queue
+  return jax.lax.dynamic_update_slice(queue, feats.astype(queue.dtype), (ptr, 0))
+
+
+def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx, schedule,
+                  tokens: TokenIds) -> Callable:
+  """The un-jitted step (exposed for tests and ahead-of-time compilation)."""
+
+  def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    momentum = state.momentum_params is not None
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params)
+      momentum_model = None
+      if momentum:
+        frozen = jax.lax.stop_gradient(state.momentum_params)
+        momentum_model = nnx.merge(graphdef, with_momentum(params, frozen))
+      return _losses(config, tokens, model, momentum_model, state, batch, rng)
+
+    (loss, (metrics, feats_m)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = dict(params=params, opt_state=opt_state)
+    if momentum:
+      applied = optax.MultiSteps.has_updated(opt_state) if config.optim.grad_accum > 1 else True
+      d = jnp.where(applied, config.momentum.decay, 1.0)
+      new["momentum_params"] = jax.tree.map(lambda m, p: d * m + (1 - d) * p,
+                                            state.momentum_params, momentum_subset(params))
+      image_m, text_m = feats_m
+      q = state.image_queue.shape[0]
+      new["image_queue"] = _enqueue(state.image_queue, image_m, state.queue_ptr)
+      new["text_queue"] = _enqueue(state.text_queue, text_m, state.queue_ptr)
+      new["queue_ptr"] = (state.queue_ptr + image_m.shape[0]) % max(q, 1)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    kept = {k: jax.tree.map(lambda n, o: jnp.where(finite, n, o), v, getattr(state, k))
+            for k, v in new.items()}
+    state = state.replace(step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32), **kept)
+    inner_step = state.opt_state.gradient_step if config.optim.grad_accum > 1 else state.step - 1
+    metrics.update(grad_norm=grad_norm, lr=schedule(inner_step), nonfinite=(~finite).astype(jnp.float32),
+                   skipped=state.skipped.astype(jnp.float32))
+    return state, metrics
+
+  return train_step
+
+
+def make_train_step(config, graphdef, tx, schedule, tokens: TokenIds, state_shardings,
+                    mesh: jax.sharding.Mesh) -> Callable:
+  """train_step jitted with explicit shardings; call it inside mesh_lib.logical_context."""
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  return jax.jit(train_step_fn(config, graphdef, tx, schedule, tokens),
+                 in_shardings=(state_shardings, batch_sharding, mesh_lib.replicated(mesh)),
+                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+                 donate_argnums=0)
