@@ -7,8 +7,9 @@ def get_config(arg=None):
   del arg
   c = default_config()
   c.model.embed_dim = 32
-  c.model.vision.update(image_size=32, patch_size=8, width=64, depth=2, heads=2, mlp_dim=128)
-  c.model.text.update(width=64, depth=2, heads=2, mlp_dim=128, max_len=128)
+  # BERT's 0.02 init suits 768-wide layers; at width 64 it starves cross-attention of signal.
+  c.model.vision.update(image_size=32, patch_size=8, width=64, depth=2, heads=2, mlp_dim=128, init_std=0.1)
+  c.model.text.update(width=64, depth=2, heads=2, mlp_dim=128, max_len=128, init_std=0.1)
   c.momentum.update(queue_size=64, alpha_warmup_steps=50)
   c.optim.update(lr=1e-3, warmup_steps=20, weight_decay=0.01)
   c.train.update(steps=200, batch_size=16, log_every=10, ckpt_every=100, keep=2)

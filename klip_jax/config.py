@@ -43,9 +43,10 @@ def default_config() -> ml_collections.ConfigDict:
       temp_range=(0.001, 0.5),
       share_decoder=True,  # decoder shares all but self-attention with the encoder (BLIP)
       vision=dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072,
-                  ln_eps=1e-5, approximate_gelu=False, fused_qkv=True, remat="none"),
+                  ln_eps=1e-5, approximate_gelu=False, fused_qkv=True, remat="none",
+                  init_std=0.02),
       text=dict(width=768, depth=12, heads=12, mlp_dim=3072, max_len=512, ln_eps=1e-12,
-                approximate_gelu=False, remat="none"),
+                approximate_gelu=False, remat="none", init_std=0.02),
   ))
   c.momentum = ml_collections.ConfigDict(dict(
       enabled=True, decay=0.995, queue_size=57600, alpha=0.4, alpha_warmup_steps=1000))

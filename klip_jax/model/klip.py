@@ -33,9 +33,10 @@ class KLIP(nnx.Module):
                                 causal_attn=cfg.share_decoder, **kw)
     self.decoder = None if cfg.share_decoder else TextTransformer(
         cfg.text, vocab_size, cfg.vision.width, causal_attn=False, **kw)
-    self.vision_proj = layers.dense(cfg.vision.width, cfg.embed_dim, ("embed", None), **kw)
-    self.text_proj = layers.dense(cfg.text.width, cfg.embed_dim, ("embed", None), **kw)
-    self.itm_head = layers.dense(cfg.text.width, 2, ("embed", None), **kw)
+    self.vision_proj = layers.dense(cfg.vision.width, cfg.embed_dim, ("embed", None),
+                                    std=cfg.vision.init_std, **kw)
+    self.text_proj = layers.dense(cfg.text.width, cfg.embed_dim, ("embed", None), std=cfg.text.init_std, **kw)
+    self.itm_head = layers.dense(cfg.text.width, 2, ("embed", None), std=cfg.text.init_std, **kw)
     self.temp = nnx.Param(jnp.asarray(cfg.temp_init, param_dtype))
     self.temp_range = tuple(cfg.temp_range)
 

@@ -56,7 +56,7 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, width: int, heads: int, *, kv_width: int | None = None, fused_qkv: bool,
-               dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+               std: float, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
     if width % heads:
       raise ValueError(f"width {width} is not divisible by {heads} heads")
     self.heads, self.head_dim, self.dtype = heads, width // heads, dtype
@@ -67,15 +67,16 @@ class Attention(nnx.Module):
         raise ValueError("a fused q/k/v projection needs equal query and key/value widths")
       self.qkv = nnx.LinearGeneral(
           width, (3, width), dtype=dtype, param_dtype=param_dtype,
-          kernel_init=nnx.with_partitioning(nnx.initializers.truncated_normal(0.02), ("embed", None, "heads")),
+          kernel_init=nnx.with_partitioning(nnx.initializers.truncated_normal(std), ("embed", None, "heads")),
           bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None, "heads")),
           rngs=rngs)
     else:
-      kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
       self.query = dense(width, width, ("embed", "heads"), **kw)
       self.key = dense(kv_width, width, ("embed", "heads"), **kw)
       self.value = dense(kv_width, width, ("embed", "heads"), **kw)
-    self.out = dense(width, width, ("heads", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.out = dense(width, width, ("heads", "embed"), std=std, dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs)
 
   def _split(self, x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:-1], self.heads, self.head_dim)
@@ -100,9 +101,9 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  def __init__(self, width: int, hidden: int, *, approximate_gelu: bool, dtype: Dtype,
-               param_dtype: Dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, width: int, hidden: int, *, approximate_gelu: bool, std: float,
+               dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.fc1 = dense(width, hidden, ("embed", "mlp"), **kw)
     self.fc2 = dense(hidden, width, ("mlp", "embed"), **kw)
     self.act = gelu(approximate_gelu)

@@ -27,7 +27,8 @@ class SubLayer(nnx.Module):
 
   def __init__(self, cfg, *, kv_width=None, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.attn = layers.Attention(cfg.width, cfg.heads, kv_width=kv_width, fused_qkv=False, **kw)
+    self.attn = layers.Attention(cfg.width, cfg.heads, kv_width=kv_width, fused_qkv=False,
+                                 std=cfg.init_std, **kw)
     self.norm = layers.layer_norm(cfg.width, cfg.ln_eps, **kw)
 
   def __call__(self, x, context=None, mask=None):
@@ -40,8 +41,8 @@ class TextLayer(nnx.Module):
     self.self_attn = SubLayer(cfg, **kw)
     self.causal_attn = SubLayer(cfg, **kw) if causal_attn else None
     self.cross_attn = SubLayer(cfg, kv_width=image_width, **kw)
-    self.fc1 = layers.dense(cfg.width, cfg.mlp_dim, ("embed", "mlp"), **kw)
-    self.fc2 = layers.dense(cfg.mlp_dim, cfg.width, ("mlp", "embed"), **kw)
+    self.fc1 = layers.dense(cfg.width, cfg.mlp_dim, ("embed", "mlp"), std=cfg.init_std, **kw)
+    self.fc2 = layers.dense(cfg.mlp_dim, cfg.width, ("mlp", "embed"), std=cfg.init_std, **kw)
     self.ffn_norm = layers.layer_norm(cfg.width, cfg.ln_eps, **kw)
     self.act = layers.gelu(cfg.approximate_gelu)
 
@@ -60,7 +61,7 @@ class LMHead(nnx.Module):
 
   def __init__(self, cfg, vocab_size: int, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.transform = layers.dense(cfg.width, cfg.width, ("embed", "mlp"), **kw)
+    self.transform = layers.dense(cfg.width, cfg.width, ("embed", "mlp"), std=cfg.init_std, **kw)
     self.norm = layers.layer_norm(cfg.width, cfg.ln_eps, **kw)
     self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), ("vocab",))(
         rngs.params(), (vocab_size,), param_dtype))

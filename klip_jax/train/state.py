@@ -31,8 +31,8 @@ class TrainState:
   params: nnx.State
   opt_state: Any
   momentum_params: nnx.State | None  # EMA copy of MOMENTUM_MODULES, None when disabled
-  image_queue: jax.Array  # [Q, E] momentum image features, newest written at queue_ptr
-  text_queue: jax.Array
+  image_queue: jax.Array | None  # [Q, E] momentum image features (None: no queue)
+  text_queue: jax.Array | None
   queue_ptr: jax.Array  # int32 []
   skipped: jax.Array  # int32 []: updates skipped because the loss or gradient was not finite
 
@@ -79,9 +79,10 @@ def _init(config, vocab_size, tx, rng) -> TrainState:
   rng_params, rng_queue = jax.random.split(rng)
   params = nnx.state(_model(config, vocab_size, rng_params), nnx.Param)
   momentum = config.momentum.enabled
-  queue = config.momentum.queue_size if momentum else 0
-  queues = jax.random.normal(rng_queue, (2, queue, config.model.embed_dim))
-  queues = queues / jnp.maximum(jnp.linalg.norm(queues, axis=-1, keepdims=True), 1e-12)
+  queues = (None, None)
+  if momentum and config.momentum.queue_size:
+    queues = jax.random.normal(rng_queue, (2, config.momentum.queue_size, config.model.embed_dim))
+    queues = queues / jnp.maximum(jnp.linalg.norm(queues, axis=-1, keepdims=True), 1e-12)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
       momentum_params=jax.tree.map(jnp.copy, momentum_subset(params)) if momentum else None,

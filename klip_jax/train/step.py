@@ -58,10 +58,11 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
     image_feat_m, text_feat_m = jax.lax.stop_gradient((image_feat_m, text_feat_m))
     warmup = max(config.momentum.alpha_warmup_steps, 1)
     alpha = config.momentum.alpha * jnp.minimum(1.0, state.step.astype(jnp.float32) / warmup)
+    queued = state.image_queue is not None
     loss_itc, sim_i2t, sim_t2i = losses.itc(
         image_feat, text_feat, temp,
-        image_bank=jnp.concatenate([image_feat_m, state.image_queue]),
-        text_bank=jnp.concatenate([text_feat_m, state.text_queue]),
+        image_bank=jnp.concatenate([image_feat_m, state.image_queue]) if queued else image_feat_m,
+        text_bank=jnp.concatenate([text_feat_m, state.text_queue]) if queued else text_feat_m,
         image_feat_m=image_feat_m, text_feat_m=text_feat_m, alpha=alpha)
     feats_m = (image_feat_m, text_feat_m)
   else:
@@ -99,10 +100,6 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
   return total, (metrics, feats_m)
 
 
-def _enqueue(queue: jax.Array, feats: jax.Array, ptr: jax.Array) -> jax.Array:
-  if queue.shape[0] == 0:
-    return queue
-  return jax.lax.dynamic_update_slice(queue, feats.astype(queue.dtype), (ptr, 0))
 
 
 def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx, schedule,
@@ -130,11 +127,10 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx,
       d = jnp.where(applied, config.momentum.decay, 1.0)
       new["momentum_params"] = jax.tree.map(lambda m, p: d * m + (1 - d) * p,
                                             state.momentum_params, momentum_subset(params))
-      image_m, text_m = feats_m
-      q = state.image_queue.shape[0]
-      new["image_queue"] = _enqueue(state.image_queue, image_m, state.queue_ptr)
-      new["text_queue"] = _enqueue(state.text_queue, text_m, state.queue_ptr)
-      new["queue_ptr"] = (state.queue_ptr + image_m.shape[0]) % max(q, 1)
+      if state.image_queue is not None:
+        for name, feats in zip(("image_queue", "text_queue"), feats_m):
+          new[name] = jax.lax.dynamic_update_slice(getattr(state, name), feats, (state.queue_ptr, 0))
+        new["queue_ptr"] = (state.queue_ptr + feats_m[0].shape[0]) % state.image_queue.shape[0]
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     kept = {k: jax.tree.map(lambda n, o: jnp.where(finite, n, o), v, getattr(state, k))
             for k, v in new.items()}
@@ -145,6 +141,19 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx,
     return state, metrics
 
   return train_step
+
+
+def eval_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tokens: TokenIds) -> Callable:
+  """eval_step(state, batch, rng) -> metrics: the training losses without an update."""
+
+  def eval_step(state: TrainState, batch: dict, rng: jax.Array) -> dict:
+    model = nnx.merge(graphdef, state.params)
+    momentum_model = None
+    if state.momentum_params is not None:
+      momentum_model = nnx.merge(graphdef, with_momentum(state.params, state.momentum_params))
+    return _losses(config, tokens, model, momentum_model, state, batch, rng)[1][0]
+
+  return eval_step
 
 
 def make_train_step(config, graphdef, tx, schedule, tokens: TokenIds, state_shardings,

@@ -1,0 +1,109 @@
+"""KLIP model: mode shapes, causality, unimodal independence, logical axis names."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from klip_jax import config as config_lib
+from klip_jax.model.klip import KLIP
+from klip_jax.parallel import mesh as mesh_lib
+
+VOCAB = 97
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = config_lib.load("configs/tiny.py")
+  mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    model = KLIP(config.model, VOCAB, rngs=nnx.Rngs(params=0))
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.standard_normal((3, 32, 32, 1)), jnp.float32)
+  ids = jnp.asarray(rng.integers(7, VOCAB, (3, 12)), jnp.int32)
+  return config, mesh, model, images, ids
+
+
+def test_mode_shapes(setup):
+  config, mesh, model, images, ids = setup
+  pad = jnp.ones(ids.shape, bool)
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    tokens, image_feat = model.encode_image(images)
+    hidden, text_feat = model.encode_text(ids, pad)
+    itm = model.itm_logits(ids, pad, tokens)
+    logits = model.decoder_logits(ids, pad, tokens)
+  assert tokens.shape == (3, 1 + 16, 64) and image_feat.shape == (3, 32)
+  assert hidden.shape == (3, 12, 64) and text_feat.shape == (3, 32)
+  np.testing.assert_allclose(jnp.linalg.norm(image_feat, axis=-1), 1.0, rtol=1e-5)
+  assert itm.shape == (3, 2) and logits.shape == (3, 12, VOCAB)
+
+
+def test_decoder_is_causal(setup):
+  config, mesh, model, images, ids = setup
+  pad = jnp.ones(ids.shape, bool)
+  changed = ids.at[:, 6].set((ids[:, 6] + 1) % VOCAB)
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    tokens, _ = model.encode_image(images)
+    before = model.decoder_logits(ids, pad, tokens)
+    after = model.decoder_logits(changed, pad, tokens)
+  np.testing.assert_allclose(before[:, :6], after[:, :6], atol=1e-6)
+  assert np.abs(before[:, 6:] - after[:, 6:]).max() > 1e-4
+
+
+def test_unimodal_text_ignores_the_image_and_multimodal_uses_it(setup):
+  config, mesh, model, images, ids = setup
+  pad = jnp.ones(ids.shape, bool)
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    tokens, _ = model.encode_image(images)
+    a = model.text(ids, pad, "text", tokens)
+    b = model.text(ids, pad, "text", tokens[::-1])
+    c = model.text(ids, pad, "multimodal", tokens)
+    d = model.text(ids, pad, "multimodal", tokens[::-1])
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(c[0] - d[0]).max() > 1e-4
+
+
+def test_padding_does_not_leak_into_real_tokens(setup):
+  config, mesh, model, images, ids = setup
+  pad = jnp.arange(12)[None] < 8
+  other = ids.at[:, 8:].set(3)
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    a = model.encode_text(ids, jnp.broadcast_to(pad, ids.shape))[0]
+    b = model.encode_text(other, jnp.broadcast_to(pad, ids.shape))[0]
+  np.testing.assert_allclose(a[:, :8], b[:, :8], atol=1e-6)
+
+
+def test_position_embeddings_interpolate_to_a_new_resolution(setup):
+  config, mesh, model, images, _ = setup
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    big = jax.image.resize(images, (3, 48, 48, 1), "nearest")
+    tokens, _ = model.encode_image(big)
+  assert tokens.shape == (3, 1 + 36, 64)
+
+
+def test_every_matrix_parameter_has_logical_axis_names(setup):
+  _, _, model, _, _ = setup
+  params = nnx.state(model, nnx.Param)
+  for path, variable in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    names = getattr(variable, "out_sharding", None)
+    if variable[...].ndim == 0:
+      continue  # the temperature
+    assert names is not None and len(names) == variable[...].ndim, (path, names)
+
+
+def test_decoder_shares_everything_but_self_attention():
+  config = config_lib.load("configs/tiny.py")
+  mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    shared = nnx.state(KLIP(config.model, VOCAB, rngs=nnx.Rngs(params=0)), nnx.Param)
+    config.model.share_decoder = False
+    untied = nnx.state(KLIP(config.model, VOCAB, rngs=nnx.Rngs(params=0)), nnx.Param)
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  layers = shared["text"]["layers"]
+  assert "causal_attn" in layers[0] and "decoder" not in shared
+  assert "decoder" in untied and "causal_attn" not in untied["text"]["layers"][0]
+  causal = sum(count(layers[i]["causal_attn"]) for i in range(len(layers)))
+  # Untied: a second full text tower, and neither tower holds a separate causal attention.
+  assert count(untied) - count(shared) == count(shared["text"]) - 2 * causal
