@@ -50,7 +50,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
   """AdamW with linear warmup + cosine decay and global-norm clipping; returns (tx, schedule)."""
   updates = max(total_steps // optim.grad_accum, 1)
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, optim.lr, min(optim.warmup_steps, updates), decay_steps=updates,
+      0.0, optim.lr, optim.warmup_steps, decay_steps=max(updates, optim.warmup_steps + 1),
       end_value=optim.lr * optim.end_lr_ratio)
   tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip),
                    optax.adamw(schedule, b1=optim.b1, b2=optim.b2,

@@ -118,12 +118,12 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx,
       return _losses(config, tokens, model, momentum_model, state, batch, rng)
 
     (loss, (metrics, feats_m)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = dict(params=params, opt_state=opt_state)
     if momentum:
-      applied = optax.MultiSteps.has_updated(opt_state) if config.optim.grad_accum > 1 else True
+      applied = tx.has_updated(opt_state) if config.optim.grad_accum > 1 else True
       d = jnp.where(applied, config.momentum.decay, 1.0)
       new["momentum_params"] = jax.tree.map(lambda m, p: d * m + (1 - d) * p,
                                             state.momentum_params, momentum_subset(params))

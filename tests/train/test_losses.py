@@ -1,0 +1,129 @@
+"""Losses against small independent numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from klip_jax.train import losses
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_itc_matches_numpy_infonce():
+  rng = np.random.default_rng(0)
+  img, txt = _unit(rng.standard_normal((5, 8))), _unit(rng.standard_normal((5, 8)))
+  temp = 0.07
+  loss, sim_i2t, sim_t2i = losses.itc(jnp.asarray(img), jnp.asarray(txt), temp)
+  s = img @ txt.T / temp
+  ref = (-np.mean(np.diag(_log_softmax(s))) - np.mean(np.diag(_log_softmax(s.T)))) / 2
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  np.testing.assert_allclose(sim_i2t, s, rtol=1e-5)
+  np.testing.assert_allclose(sim_t2i, s.T, rtol=1e-5)
+
+
+def test_itc_with_momentum_bank_and_distillation_matches_numpy():
+  rng = np.random.default_rng(1)
+  b, q, e = 4, 6, 8
+  img, txt = _unit(rng.standard_normal((b, e))), _unit(rng.standard_normal((b, e)))
+  img_m, txt_m = _unit(rng.standard_normal((b, e))), _unit(rng.standard_normal((b, e)))
+  img_q, txt_q = _unit(rng.standard_normal((q, e))), _unit(rng.standard_normal((q, e)))
+  temp, alpha = 0.1, 0.4
+  image_bank, text_bank = np.concatenate([img_m, img_q]), np.concatenate([txt_m, txt_q])
+  loss, sim_i2t, _ = losses.itc(jnp.asarray(img), jnp.asarray(txt), temp,
+                                image_bank=jnp.asarray(image_bank), text_bank=jnp.asarray(text_bank),
+                                image_feat_m=jnp.asarray(img_m), text_feat_m=jnp.asarray(txt_m), alpha=alpha)
+  onehot = np.eye(b, b + q)
+
+  def softmax(x):
+    return np.exp(_log_softmax(x))
+
+  t_i2t = alpha * softmax(img_m @ text_bank.T / temp) + (1 - alpha) * onehot
+  t_t2i = alpha * softmax(txt_m @ image_bank.T / temp) + (1 - alpha) * onehot
+  ref_i2t = -np.mean((t_i2t * _log_softmax(img @ text_bank.T / temp)).sum(-1))
+  ref_t2i = -np.mean((t_t2i * _log_softmax(txt @ image_bank.T / temp)).sum(-1))
+  np.testing.assert_allclose(loss, (ref_i2t + ref_t2i) / 2, rtol=1e-5)
+  assert sim_i2t.shape == (b, b)
+
+
+def test_itc_accuracy_on_perfect_and_adversarial_rankings():
+  perfect = jnp.eye(4) * 10
+  assert float(losses.itc_accuracy(perfect, perfect)) == 1.0
+  adversarial = perfect[::-1]
+  assert float(losses.itc_accuracy(adversarial, adversarial)) == 0.0
+
+
+def test_hard_negatives_never_pick_the_positive_and_follow_softmax():
+  b = 4
+  sim = jnp.asarray(np.random.default_rng(2).standard_normal((b, b)) * 2, jnp.float32)
+  draws = jax.vmap(lambda k: losses.sample_hard_negatives(k, sim, sim.T))(
+      jax.random.split(jax.random.key(0), 20000))
+  neg_text, neg_image = (np.asarray(d) for d in draws)
+  assert not (neg_text == np.arange(b)).any() and not (neg_image == np.arange(b)).any()
+  # Empirical frequencies equal softmax over the off-diagonal similarities.
+  s = np.asarray(sim, np.float64)
+  expected = np.exp(s) * (1 - np.eye(b))
+  expected /= expected.sum(1, keepdims=True)
+  observed = np.stack([np.bincount(neg_text[:, i], minlength=b) for i in range(b)]) / len(neg_text)
+  np.testing.assert_allclose(observed, expected, atol=0.015)
+
+
+def test_itm_cross_entropy_matches_numpy():
+  logits = np.array([[2.0, -1.0], [0.5, 0.5], [-3.0, 1.0]], np.float32)
+  labels = np.array([1, 0, 0])
+  loss, acc = losses.itm(jnp.asarray(logits), jnp.asarray(labels))
+  ref = -np.mean(_log_softmax(logits)[np.arange(3), labels])
+  np.testing.assert_allclose(loss, ref, rtol=1e-6)
+  np.testing.assert_allclose(acc, 1 / 3)  # argmax: 0 (wrong), 0 (tie -> 0, right), 1 (wrong)
+
+
+def test_corruption_proportions_and_untouched_positions():
+  ids = jnp.full((200, 100), 7, jnp.int32)
+  selected = jnp.zeros((200, 100), bool).at[:, ::2].set(True)
+  out = np.asarray(losses.corrupt(jax.random.key(3), ids, selected, mask_id=1, vocab_size=50,
+                                  mask_prob=0.5, random_prob=0.1))
+  chosen = out[:, ::2]
+  assert (out[:, 1::2] == 7).all()
+  masked = (chosen == 1).mean()
+  changed_randomly = ((chosen != 1) & (chosen != 7)).mean()
+  kept = (chosen == 7).mean()
+  assert abs(masked - 0.5) < 0.02
+  # A random draw lands on 7 itself 1/50 of the time, so "kept" gains 0.1 / 50.
+  assert abs(changed_randomly - 0.1 * 49 / 50) < 0.01
+  assert abs(kept - (0.4 + 0.1 / 50)) < 0.02
+
+
+def test_extra_masking_selects_the_requested_rate_of_ordinary_tokens():
+  keyword = jnp.zeros((100, 200), jnp.int32).at[:, :10].set(1)
+  ordinary = jnp.ones((100, 200), bool).at[:, :10].set(False)
+  selected = np.asarray(losses.select_positions(jax.random.key(4), keyword, ordinary, 0.05))
+  assert selected[:, :10].all()
+  assert abs(selected[:, 10:].mean() - 0.05) < 0.005
+  none = np.asarray(losses.select_positions(jax.random.key(4), keyword, ordinary, 0.0))
+  assert none.sum() == 100 * 10
+
+
+def test_reconstruction_counts_only_selected_positions_with_causal_shift():
+  rng = np.random.default_rng(5)
+  logits = rng.standard_normal((2, 6, 11)).astype(np.float32)
+  targets = rng.integers(0, 11, (2, 6))
+  selected = np.zeros((2, 6), bool)
+  selected[0, 2] = selected[0, 3] = selected[1, 5] = True
+  loss, acc, count = losses.reconstruction(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(selected))
+  lp = _log_softmax(logits)
+  picks = [(0, 2), (0, 3), (1, 5)]
+  ref = -np.mean([lp[b, t - 1, targets[b, t]] for b, t in picks])
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  assert int(count) == 3
+  ref_acc = np.mean([logits[b, t - 1].argmax() == targets[b, t] for b, t in picks])
+  np.testing.assert_allclose(acc, ref_acc)
+  # Changing logits at unselected positions changes nothing.
+  other = logits.copy()
+  other[0, 4] += 5.0
+  np.testing.assert_allclose(losses.reconstruction(jnp.asarray(other), jnp.asarray(targets), jnp.asarray(selected))[0], loss)
