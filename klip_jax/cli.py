@@ -84,7 +84,7 @@ def _load_config(path: str, overrides: list[str]):
 def _train(args, overrides) -> None:
   from klip_jax.train import loop
 
-  last = loop.train(_load_config(args.config, overrides), args.workdir)
+  last = loop.train(_load_config(args.config, overrides), args.workdir, stop_at=args.stop_at)
   print(json.dumps(last))
 
 
@@ -125,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
   train = commands.add_parser("train", help="train KLIP (resumes from the workdir's latest checkpoint)")
   train.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=v")
   train.add_argument("--workdir", required=True)
+  train.add_argument("--stop-at", type=int, default=None,
+                     help="stop (checkpointed) at this step; running again resumes exactly")
   train.set_defaults(run=_train, takes_overrides=True)
 
   bench = commands.add_parser("bench", help="measure speed").add_subparsers(

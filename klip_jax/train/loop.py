@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from klip_jax import config as config_lib
 from klip_jax.data import builder, pipeline, records, tokenizer, world
+from klip_jax.errors import DatasetError
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
@@ -108,8 +109,28 @@ def _log_metrics(writer: SummaryWriter, path: str, step: int, metrics: dict) -> 
   writer.flush()
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
-  """Train (or resume) to config.train.steps; returns the last logged metrics."""
+def restore(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """(run, graphdef, train state) of a workdir's checkpoint (default: the latest)."""
+  run = setup(config, workdir)
+  tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
+  graph, abstract, shardings = state_lib.abstract_state(config, run.codec.vocab_size, tx, run.mesh)
+  manager = checkpoint_manager(workdir, config)
+  step = manager.latest_step() if step is None else step
+  if step is None or step not in manager.all_steps():
+    raise DatasetError(f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints "
+                       f"(have {sorted(manager.all_steps())}); train first with klip train.")
+  state = restore_state(manager, step, abstract, shardings)
+  manager.close()
+  return run, graph, state
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
+          progress: bool = True) -> dict:
+  """Train (or resume) to config.train.steps; returns the last logged metrics.
+
+  `stop_at` ends this invocation early (checkpointed) at that step, as a preempted or
+  time-sliced job would; running again continues exactly.
+  """
   run = setup(config, workdir)
   c = run.config
   tx, schedule = state_lib.make_optimizer(c.optim, c.train.steps)
@@ -132,18 +153,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     train_step = step_lib.make_train_step(c, graph, tx, schedule, tokens, shardings, run.mesh)
     bar = tqdm(total=c.train.steps, initial=start, disable=not progress, desc="train", unit="step")
     tick, tick_step = time.perf_counter(), start
-    for step in range(start, c.train.steps):
+    end = c.train.steps if stop_at is None else min(stop_at, c.train.steps)
+    for step in range(start, end):
       batch = pipeline.global_batch(_model_inputs(next(iterator)), run.mesh)
       state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
       done = step + 1
-      if done % c.train.log_every == 0 or done == c.train.steps:
+      if done % c.train.log_every == 0 or done == end:
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         last["images_per_s"] = (done - tick_step) * c.train.batch_size / (now - tick)
         tick, tick_step = now, done
         _log_metrics(writer, metrics_path, done, last)
         bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.1f}")
-      if done % c.train.ckpt_every == 0 or done == c.train.steps:
+      if done % c.train.ckpt_every == 0 or done == end:
         manager.save(done, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)),
             force=True)
