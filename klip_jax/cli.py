@@ -59,6 +59,27 @@ def _bench_pipeline(args) -> None:
   print(json.dumps(result))
 
 
+def _bench_train(args, overrides) -> None:
+  from klip_jax.bench import train as bench_train
+
+  config = _load_config(args.config, overrides)
+  print(json.dumps(bench_train.throughput(config, args.vocab_size, args.steps)))
+
+
+def _bench_memory(args, overrides) -> None:
+  import os
+
+  # Virtual CPU devices must be requested before jax initialises its backend.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={args.host_devices}")
+  from klip_jax.bench import train as bench_train
+
+  config = _load_config(args.config, overrides)
+  for shape in args.mesh:
+    mesh_shape = tuple(int(x) for x in shape.split(","))
+    print(json.dumps(bench_train.compiled_memory(config, args.vocab_size, mesh_shape)))
+
+
 def _load_config(path: str, overrides: list[str]):
   """A config file with `--config.a.b=value` overrides, parsed by ml_collections' flags."""
   from absl import flags
@@ -140,6 +161,20 @@ def _parser() -> argparse.ArgumentParser:
   pipe.add_argument("--steps", type=int, default=30)
   pipe.add_argument("--workers", type=int, default=0)
   pipe.set_defaults(run=_bench_pipeline)
+  step = bench.add_parser("train", help="steps/s and images/s of the train step (random inputs)")
+  step.add_argument("--config", required=True)
+  step.add_argument("--vocab-size", type=int, default=2000)
+  step.add_argument("--steps", type=int, default=20)
+  step.set_defaults(run=_bench_train, takes_overrides=True)
+
+  memory = bench.add_parser("memory", help="compiled per-device memory of the train step (AOT)")
+  memory.add_argument("--config", required=True)
+  memory.add_argument("--vocab-size", type=int, default=2000)
+  memory.add_argument("--host-devices", type=int, default=8,
+                      help="virtual CPU devices to compile for")
+  memory.add_argument("--mesh", nargs="+", default=["1,8,1", "8,1,1"],
+                      help="data,fsdp,tensor sizes; one compile each")
+  memory.set_defaults(run=_bench_memory, takes_overrides=True)
   return parser
 
 

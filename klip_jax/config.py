@@ -24,6 +24,7 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked-layer axis of scanned towers
     ("length", None),
     ("act_embed", None),
     ("act_mlp", "tensor"),
@@ -44,9 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
       share_decoder=True,  # decoder shares all but self-attention with the encoder (BLIP)
       vision=dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072,
                   ln_eps=1e-5, approximate_gelu=False, fused_qkv=True, remat="none",
-                  init_std=0.02),
+                  scan_layers=False, init_std=0.02),
       text=dict(width=768, depth=12, heads=12, mlp_dim=3072, max_len=512, ln_eps=1e-12,
-                approximate_gelu=False, remat="none", init_std=0.02),
+                approximate_gelu=False, remat="none", scan_layers=False, init_std=0.02),
   ))
   c.momentum = ml_collections.ConfigDict(dict(
       enabled=True, decay=0.995, queue_size=57600, alpha=0.4, alpha_warmup_steps=1000))

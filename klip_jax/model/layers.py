@@ -128,3 +128,34 @@ def maybe_remat(fn: Callable, policy: str) -> Callable:
   if policy == "none":
     return fn
   return nnx.remat(fn, policy=REMAT_POLICIES[policy])
+
+
+def stack(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs, scan: bool):
+  """`depth` layers from `make`: a list, or (scan) one module whose parameters carry a leading
+  "layers" axis, created under nnx.vmap so each layer gets its own initialisation."""
+  if not scan:
+    return nnx.List([make(rngs) for _ in range(depth)])
+
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(layer_rngs: nnx.Rngs) -> nnx.Module:
+    return make(layer_rngs)
+
+  return create(rngs)
+
+
+def run_stack(stacked, x: jax.Array, fn: Callable, scan: bool, remat: str, *shared) -> jax.Array:
+  """x <- fn(layer, x, *shared) for each layer, as a Python loop or one nnx.scan (fast
+  compiles for deep models); `shared` arguments are the same for every layer."""
+  body = maybe_remat(fn, remat)
+  if not scan:
+    for layer in stacked:
+      x = body(layer, x, *shared)
+    return x
+
+  @nnx.scan(in_axes=(0, nnx.Carry) + (None,) * len(shared), out_axes=nnx.Carry,
+            transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def run(layer, carry, *args):
+    return body(layer, carry, *args)
+
+  return run(stacked, x, *shared)

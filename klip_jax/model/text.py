@@ -86,9 +86,11 @@ class TextTransformer(nnx.Module):
         embedding_init=nnx.with_partitioning(nnx.initializers.truncated_normal(0.02), (None, "embed")),
         rngs=rngs)
     self.embed_norm = layers.layer_norm(cfg.width, cfg.ln_eps, **kw)
-    self.layers = nnx.List([TextLayer(cfg, image_width, causal_attn, **kw) for _ in range(cfg.depth)])
+    self.layers = layers.stack(
+        lambda r: TextLayer(cfg, image_width, causal_attn, dtype=dtype, param_dtype=param_dtype, rngs=r),
+        cfg.depth, rngs, cfg.scan_layers)
     self.lm_head = LMHead(cfg, vocab_size, **kw)
-    self.remat, self.max_len = cfg.remat, cfg.max_len
+    self.remat, self.scan, self.max_len = cfg.remat, cfg.scan_layers, cfg.max_len
 
   def embed(self, ids: jax.Array, offset: int | jax.Array = 0) -> jax.Array:
     positions = offset + jnp.arange(ids.shape[1])
@@ -108,10 +110,8 @@ class TextTransformer(nnx.Module):
       mask = mask & jnp.tril(jnp.ones((ids.shape[1], ids.shape[1]), bool))[None, None]
     image = None if mode == "text" else image
     x = layers.constrain(self.embed(ids), ("batch", "length", "act_embed"))
-    apply = layers.maybe_remat(lambda layer, y, m, img: layer(y, m, img, decoder), self.remat)
-    for layer in self.layers:
-      x = apply(layer, x, mask, image)
-    return x
+    return layers.run_stack(self.layers, x, lambda layer, y, m, img: layer(y, m, img, decoder),
+                            self.scan, self.remat, mask, image)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     return self.lm_head(hidden, self.word_embed.embedding[...])

@@ -47,7 +47,7 @@ class VisionEncoder(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-    self.patch_size, self.remat = cfg.patch_size, cfg.remat
+    self.patch_size, self.remat, self.scan = cfg.patch_size, cfg.remat, cfg.scan_layers
     self.patch_embed = nnx.Conv(
         1, cfg.width, kernel_size=(cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
         padding="VALID", dtype=dtype, param_dtype=param_dtype,
@@ -57,8 +57,9 @@ class VisionEncoder(nnx.Module):
     init = nnx.with_partitioning(nnx.initializers.truncated_normal(0.02), (None, None, "embed"))
     self.cls_token = nnx.Param(init(rngs.params(), (1, 1, cfg.width), param_dtype))
     self.pos_embed = nnx.Param(init(rngs.params(), (1, 1 + num, cfg.width), param_dtype))
-    self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                            for _ in range(cfg.depth)])
+    self.blocks = layers.stack(
+        lambda r: VisionBlock(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.depth, rngs,
+        cfg.scan_layers)
     self.norm = layers.layer_norm(cfg.width, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
 
@@ -71,7 +72,5 @@ class VisionEncoder(nnx.Module):
     x = jnp.concatenate([cls, x], axis=1)
     x = x + interpolate_positions(self.pos_embed[...], h // self.patch_size).astype(x.dtype)
     x = layers.constrain(x, ("batch", "length", "act_embed"))
-    apply = layers.maybe_remat(lambda block, y: block(y), self.remat)
-    for block in self.blocks:
-      x = apply(block, x)
+    x = layers.run_stack(self.blocks, x, lambda block, y: block(y), self.scan, self.remat)
     return self.norm(x)

@@ -107,3 +107,28 @@ def test_decoder_shares_everything_but_self_attention():
   causal = sum(count(layers[i]["causal_attn"]) for i in range(len(layers)))
   # Untied: a second full text tower, and neither tower holds a separate causal attention.
   assert count(untied) - count(shared) == count(shared["text"]) - 2 * causal
+
+
+def test_scanned_layers_compute_what_the_layer_loop_computes(setup):
+  config, mesh, model, images, ids = setup
+  scan_config = config.copy_and_resolve_references()
+  scan_config.model.vision.update(scan_layers=True, remat="full")
+  scan_config.model.text.update(scan_layers=True, remat="dots")
+  pad = jnp.ones(ids.shape, bool)
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    scanned = KLIP(scan_config.model, VOCAB, rngs=nnx.Rngs(params=1))
+    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    # The scanned model gets the loop model's weights: layer i at index i of the "layers" axis.
+    for tower, name in (("vision", "blocks"), ("text", "layers")):
+      per_layer = [pure[tower][name][i] for i in sorted(pure[tower][name])]
+      pure[tower][name] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    stacked = nnx.state(scanned, nnx.Param)
+    stacked.replace_by_pure_dict(pure)
+    nnx.update(scanned, stacked)
+    tokens_a, feat_a = model.encode_image(images)
+    tokens_b, feat_b = scanned.encode_image(images)
+    np.testing.assert_allclose(feat_b, feat_a, atol=1e-5)
+    np.testing.assert_allclose(scanned.decoder_logits(ids, pad, tokens_b),
+                               model.decoder_logits(ids, pad, tokens_a), atol=1e-4)
+    grads = jax.grad(lambda m: m.itm_logits(ids, pad, m.encode_image(images)[0]).sum())(scanned)
+    assert jax.tree.leaves(grads)
