@@ -58,8 +58,11 @@ class KLIP(nnx.Module):
     hidden = self.text(ids, pad_mask, "multimodal", image_tokens)
     return self.itm_head(hidden[:, 0]).astype(jnp.float32)
 
+  def decoder_tower(self) -> TextTransformer:
+    return self.text if self.decoder is None else self.decoder
+
   def decoder_logits(self, ids: jax.Array, pad_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:
     """Image-grounded causal decoder ([DEC] first) -> next-token logits [B, L, V] in fp32."""
-    tower = self.text if self.decoder is None else self.decoder
+    tower = self.decoder_tower()
     hidden = tower(ids, pad_mask, "decoder", image_tokens)
     return tower.logits(hidden).astype(jnp.float32)

@@ -86,8 +86,14 @@ class Attention(nnx.Module):
     if self.fused_qkv:
       q, k, v = (self._split(t) for t in jnp.moveaxis(self.qkv(x), -2, 0))
       return q, k, v
-    context = x if context is None else context
-    return self._split(self.query(x)), self._split(self.key(context)), self._split(self.value(context))
+    return (self.queries(x), *self.keys_values(x if context is None else context))
+
+  def queries(self, x: jax.Array) -> jax.Array:
+    return self._split(self.query(x))
+
+  def keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """k, v of `context` alone: what a decoder caches (split q/k/v layout only)."""
+    return self._split(self.key(context)), self._split(self.value(context))
 
   def attend(self, q, k, v, mask: jax.Array | None) -> jax.Array:
     """mask: bool, broadcastable to [batch, heads, q_len, kv_len]; True = may attend."""
@@ -159,3 +165,21 @@ def run_stack(stacked, x: jax.Array, fn: Callable, scan: bool, remat: str, *shar
     return body(layer, carry, *args)
 
   return run(stacked, x, *shared)
+
+
+def run_stack_cached(stacked, x: jax.Array, fn: Callable, scan: bool, caches, *shared):
+  """Like run_stack for fn(layer, x, cache, *shared) -> (x, new_cache), where `caches` (or None)
+  holds one cache per layer along a leading axis; returns (x, new caches stacked the same way)."""
+  if not scan:
+    outputs = []
+    for i, layer in enumerate(stacked):
+      x, cache = fn(layer, x, None if caches is None else jax.tree.map(lambda c: c[i], caches), *shared)
+      outputs.append(cache)
+    return x, jax.tree.map(lambda *cs: jnp.stack(cs), *outputs)
+
+  @nnx.scan(in_axes=(0, nnx.Carry, None if caches is None else 0) + (None,) * len(shared),
+            out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def run(layer, carry, cache, *args):
+    return fn(layer, carry, cache, *args)
+
+  return run(stacked, x, caches, *shared)

@@ -46,14 +46,42 @@ class TextLayer(nnx.Module):
     self.ffn_norm = layers.layer_norm(cfg.width, cfg.ln_eps, **kw)
     self.act = layers.gelu(cfg.approximate_gelu)
 
-  def __call__(self, x, self_mask, image=None, decoder=False):
-    attn = self.causal_attn if (decoder and self.causal_attn is not None) else self.self_attn
-    x = attn(x, mask=self_mask)
-    if image is not None:
-      x = self.cross_attn(x, context=image)
+  def _self_attention(self, decoder: bool) -> SubLayer:
+    return self.causal_attn if (decoder and self.causal_attn is not None) else self.self_attn
+
+  def _ffn(self, x):
     h = layers.constrain(self.act(self.fc1(x)), ("batch", "length", "act_mlp"))
     x = self.ffn_norm(x + self.fc2(h))
     return layers.constrain(x, ("batch", "length", "act_embed"))
+
+  def __call__(self, x, self_mask, image=None, decoder=False):
+    x = self._self_attention(decoder)(x, mask=self_mask)
+    if image is not None:
+      x = self.cross_attn(x, context=image)
+    return self._ffn(x)
+
+  def prefill(self, x, self_mask, image):
+    """Decoder-mode forward that also returns the cache: (self k, self v, image k, image v)."""
+    sub = self._self_attention(True)
+    q, k, v = sub.attn.project(x)
+    x = sub.norm(x + sub.attn.attend(q, k, v, self_mask))
+    image_k, image_v = self.cross_attn.attn.keys_values(image)
+    x = self.cross_attn.norm(x + self.cross_attn.attn.attend(self.cross_attn.attn.queries(x), image_k, image_v, None))
+    return self._ffn(x), (k, v, image_k, image_v)
+
+  def step(self, x, positions, cache):
+    """One token per row (x [B, 1, D]) at `positions` [B]: write its k/v into the cache and
+    attend to cached positions <= its own."""
+    k_cache, v_cache, image_k, image_v = cache
+    sub = self._self_attention(True)
+    q, k, v = sub.attn.project(x)
+    rows = jnp.arange(x.shape[0])
+    k_cache = k_cache.at[rows, positions].set(k[:, 0].astype(k_cache.dtype))
+    v_cache = v_cache.at[rows, positions].set(v[:, 0].astype(v_cache.dtype))
+    mask = (jnp.arange(k_cache.shape[1])[None] <= positions[:, None])[:, None, None, :]
+    x = sub.norm(x + sub.attn.attend(q, k_cache, v_cache, mask))
+    x = self.cross_attn.norm(x + self.cross_attn.attn.attend(self.cross_attn.attn.queries(x), image_k, image_v, None))
+    return self._ffn(x), (k_cache, v_cache, image_k, image_v)
 
 
 class LMHead(nnx.Module):
@@ -112,6 +140,20 @@ class TextTransformer(nnx.Module):
     x = layers.constrain(self.embed(ids), ("batch", "length", "act_embed"))
     return layers.run_stack(self.layers, x, lambda layer, y, m, img: layer(y, m, img, decoder),
                             self.scan, self.remat, mask, image)
+
+  def prefill(self, ids: jax.Array, pad_mask: jax.Array, image: jax.Array):
+    """Decoder pass over [DEC] + ids -> (hidden [B, L, D], per-layer KV cache)."""
+    mask = pad_mask[:, None, None, :] & jnp.tril(jnp.ones((ids.shape[1],) * 2, bool))[None, None]
+    x = self.embed(ids)
+    return layers.run_stack_cached(self.layers, x, lambda layer, y, _, m, img: layer.prefill(y, m, img),
+                                   self.scan, None, mask, image)
+
+  def step(self, tokens: jax.Array, positions: jax.Array, cache):
+    """Next-token logits [B, V] for `tokens` [B] at `positions` [B], and the updated cache."""
+    x = self.embed_norm(self.word_embed(tokens[:, None]) + self.pos_embed(positions[:, None]))
+    x, cache = layers.run_stack_cached(self.layers, x, lambda layer, y, c: layer.step(y, positions, c),
+                                       self.scan, cache)
+    return self.logits(x)[:, 0].astype(jnp.float32), cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     return self.lm_head(hidden, self.word_embed.embedding[...])
