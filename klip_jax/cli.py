@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from klip_jax.errors import KlipError
@@ -57,6 +58,75 @@ def _bench_pipeline(args) -> None:
   result = bench_pipeline.images_per_second(options, TextCodec(args.tokenizer, args.max_len),
                                             args.steps)
   print(json.dumps(result))
+
+
+def _pretrain(args, overrides) -> None:
+  from klip_jax.train import pretrain
+
+  results = pretrain.pretrain(_load_config(args.config, overrides), args.workdir, stop_at=args.stop_at)
+  if results is None:
+    print(f"stopped at step {args.stop_at}; run the same command again to continue")
+  else:
+    print(pretrain.summary_table(results))
+
+
+def _workdir_config(workdir: str):
+  import ml_collections
+
+  from klip_jax.errors import ConfigError
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"{workdir} has no config.json; run klip train or klip pretrain there first.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _relabel(args) -> None:
+  from klip_jax.parallel import mesh as mesh_lib
+  from klip_jax.train import loop, relabel, scio
+  from klip_jax.train.step import TokenIds
+
+  config = _workdir_config(args.workdir)
+  run, graph, state = loop.restore(config, args.workdir)
+  shardings = jax_tree_shardings(state.params)
+  with mesh_lib.logical_context(run.mesh, config.mesh.rules):
+    fn = relabel.make_relabel_step(config, graph, TokenIds.from_codec(run.codec), shardings, run.mesh)
+    entries = scio.relabel_split(fn, state.params, run.data_dir, args.split, run.codec, run.mesh,
+                                 config.scio.relabel_batch_size)
+  round_index = max(scio.rounds(args.workdir), default=0) + 1
+  path = scio.write_overlay(args.workdir, round_index, entries)
+  print(f"round {round_index} ({len(entries)} captions, step {int(state.step)}) -> {path}")
+  print(json.dumps(scio.repair_metrics(entries)))
+
+
+def jax_tree_shardings(tree):
+  import jax
+
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _captions_diff(args) -> None:
+  from klip_jax.train import scio
+
+  path = scio.overlay_path(args.workdir, args.round)
+  if not os.path.exists(path):
+    from klip_jax.errors import DatasetError
+    raise DatasetError(f"no caption round {args.round} in {args.workdir} (rounds: {scio.rounds(args.workdir)}).")
+  shown = 0
+  with open(path) as f:
+    for entry in map(json.loads, f):
+      if entry["flagged"] < 0:
+        continue
+      clause = entry["caption"].split("$")[entry["flagged"]]
+      true = entry["truth"].get(str(entry["flagged"]), entry["original_keyword"] + " (was correct)")
+      print(f"{entry['id']}  clause {entry['flagged']}: {clause}\n"
+            f"    original: {entry['original_keyword']!r}  corrected: {entry['corrected_keyword']!r}  "
+            f"true: {true!r}")
+      shown += 1
+      if shown == args.limit:
+        break
+  print(f"{shown} changed captions shown (limit {args.limit})")
 
 
 def _bench_train(args, overrides) -> None:
@@ -149,6 +219,25 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--stop-at", type=int, default=None,
                      help="stop (checkpointed) at this step; running again resumes exactly")
   train.set_defaults(run=_train, takes_overrides=True)
+
+  pre = commands.add_parser("pretrain", help="the main job: data, tokenizer, SCIO A->B->C, evaluation")
+  pre.add_argument("--config", default="configs/demo.py")
+  pre.add_argument("--workdir", required=True)
+  pre.add_argument("--stop-at", type=int, default=None)
+  pre.set_defaults(run=_pretrain, takes_overrides=True)
+
+  rel = commands.add_parser("relabel", help="one SCIO round over a split from the latest checkpoint")
+  rel.add_argument("--workdir", required=True)
+  rel.add_argument("--split", default="train")
+  rel.set_defaults(run=_relabel)
+
+  captions = commands.add_parser("captions", help="inspect caption overlays").add_subparsers(
+      dest="captions_command", required=True)
+  diff = captions.add_parser("diff", help="what a round changed: original / flagged / corrected / true")
+  diff.add_argument("--workdir", required=True)
+  diff.add_argument("--round", type=int, required=True)
+  diff.add_argument("--limit", type=int, default=20)
+  diff.set_defaults(run=_captions_diff)
 
   bench = commands.add_parser("bench", help="measure speed").add_subparsers(
       dest="bench_command", required=True)

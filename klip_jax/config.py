@@ -69,6 +69,18 @@ def default_config() -> ml_collections.ConfigDict:
       synth=dict(num_train=20000, num_val=1000, num_test=1000, noise_rate=0.2, seed=0,
                  image_size=224, resolution_min=1.0, resolution_max=10.0),
   ))
+  # Self-Consistent Iterative Optimization: stage A (all losses on the original caption), B
+  # (reconstruction on the caption minus the flagged clause), C (all losses on the corrected
+  # caption, plus extra random masking). Stage lengths are train steps; they sum to train.steps
+  # in `klip pretrain`.
+  c.scio = ml_collections.ConfigDict(dict(
+      mode="online",  # "online": relabel each batch before its step; "offline": whole split per stage
+      stage_a_steps=0, stage_b_steps=0, stage_c_steps=0,
+      stage_c_extra_mask_rate=0.05,
+      max_clauses=8,
+      max_fill=24,  # keyword tokens rewritten at most per caption
+      relabel_batch_size=64,
+  ))
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), axes=("data", "fsdp", "tensor"),
                                           rules=DEFAULT_RULES))
   return c
@@ -115,4 +127,4 @@ def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} defines no get_config(arg) function.")
-  return module.get_config(arg) if arg is not None else module.get_config()
+  return module.get_config(arg)

@@ -22,7 +22,7 @@ from klip_jax.train import step as step_lib
 
 
 def _tokens(vocab_size: int) -> step_lib.TokenIds:
-  return step_lib.TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, vocab_size=vocab_size)
+  return step_lib.TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, sep=3, separator=7, vocab_size=vocab_size)
 
 
 def _batch_shapes(config: ml_collections.ConfigDict) -> dict:

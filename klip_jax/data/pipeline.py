@@ -41,6 +41,11 @@ class PipelineOptions:
   flip: bool = True  # train-time flips with their text transform
   gain_jitter_db: float = 1.0  # train-time radiometric gain jitter (+- dB)
   worker_count: int = 0  # grain multiprocessing workers (0: in-process)
+  # A SCIO caption overlay (captions/round_K/overlay.jsonl) and how to use it: "recon" adds the
+  # caption minus the flagged clause as recon_* features (stage B); "caption" puts the corrected
+  # keyword into the caption (stage C).
+  overlay: str = ""
+  overlay_use: str = ""
   read_threads: int = 2
   prefetch_buffer: int = 4  # batches
 
@@ -107,11 +112,38 @@ def flip(record: dict, axis: str) -> dict:
           "caption": caption, "spans": np.asarray(spans, np.int32)}
 
 
+def remove_clause(caption: str, spans, index: int) -> tuple[str, list[tuple[int, int]]]:
+  """The caption without clause `index` (and its separator), with the other keyword spans."""
+  clauses = caption.split(knowledge.SEPARATOR)
+  starts = np.cumsum([0] + [len(c) + len(knowledge.SEPARATOR) for c in clauses[:-1]])
+  kept = [i for i in range(len(clauses)) if i != index]
+  text, new_spans, offset = [], [], 0
+  for i in kept:
+    a, b = spans[i]
+    new_spans.append((offset + a - starts[i], offset + b - starts[i]))
+    text.append(clauses[i])
+    offset += len(clauses[i]) + len(knowledge.SEPARATOR)
+  return knowledge.SEPARATOR.join(text), new_spans
+
+
 @dataclasses.dataclass
 class _Decode:
+  overlay: dict  # example id -> {"flagged": k, "corrected_keyword": str}
+  use: str
+
   def __call__(self, item):
     index, example = item
-    return index, records.from_example(example)
+    record = records.from_example(example)
+    entry = self.overlay.get(record["id"]) if self.overlay else None
+    flagged = entry["flagged"] if entry else -1
+    if self.use == "caption" and flagged >= 0:
+      keywords = list(record["keywords"])
+      keywords[flagged] = entry["corrected_keyword"]
+      caption, spans = knowledge.replace_keywords(record["caption"], record["spans"], keywords)
+      record = {**record, "caption": caption, "spans": np.asarray(spans, np.int32), "keywords": keywords}
+    if self.use == "recon":
+      record = {**record, "recon_clause": flagged}
+    return index, record
 
 
 @dataclasses.dataclass
@@ -141,8 +173,24 @@ class _Features:
     index, record = item
     text = self.codec.encode(record["caption"], record["spans"])
     image = normalise(record["image"], self.db_mean - record.get("gain_db", 0.0), self.db_std)
-    return {"image": image, "text_ids": text.ids, "keyword_mask": text.keyword_mask,
-            "clause_ids": text.clause_ids, "index": np.int64(index), "valid": np.bool_(True)}
+    features = {"image": image, "text_ids": text.ids, "keyword_mask": text.keyword_mask,
+                "clause_ids": text.clause_ids, "index": np.int64(index), "valid": np.bool_(True)}
+    if "recon_clause" in record:
+      caption, spans = record["caption"], record["spans"]
+      if record["recon_clause"] >= 0:
+        caption, spans = remove_clause(caption, spans, record["recon_clause"])
+      recon = self.codec.encode(caption, spans)
+      features.update(recon_ids=recon.ids, recon_keyword_mask=recon.keyword_mask,
+                      recon_clause_ids=recon.clause_ids)
+    return features
+
+
+def read_overlay(path: str) -> dict:
+  """Caption overlay file -> {example id: entry}."""
+  import json
+
+  with open(path) as f:
+    return {entry["id"]: entry for entry in map(json.loads, f)}
 
 
 def _check(options: PipelineOptions, process_count: int) -> None:
@@ -151,6 +199,9 @@ def _check(options: PipelineOptions, process_count: int) -> None:
                       f"process count ({process_count}).")
   if options.worker_count < 0:
     raise ConfigError(f"worker_count={options.worker_count} must be >= 0.")
+  if options.overlay_use not in ("", "recon", "caption") or bool(options.overlay) != bool(options.overlay_use):
+    raise ConfigError(f"overlay={options.overlay!r} needs overlay_use 'recon' or 'caption', got "
+                      f"{options.overlay_use!r}.")
 
 
 def build(options: PipelineOptions, codec: TextCodec, *, process_index: int | None = None,
@@ -171,7 +222,7 @@ def build(options: PipelineOptions, codec: TextCodec, *, process_index: int | No
                        shard_count=process_count, num_epochs=options.num_epochs)
   else:
     ds = ds[process_index::process_count]
-  ds = ds.map(_Decode())
+  ds = ds.map(_Decode(read_overlay(options.overlay) if options.overlay else {}, options.overlay_use))
   if options.train:
     ds = ds.random_map(_Augment(options.flip, options.gain_jitter_db))
   ds = ds.map(_Features(codec, stats["db_mean"], stats["db_std"]))

@@ -44,7 +44,8 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
 @contextlib.contextmanager
 def logical_context(mesh: jax.sharding.Mesh, rules):
   """Inside: jax's current mesh is `mesh` and flax maps logical axis names with `rules`."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(tuple((k, v) for k, v in rules)):
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
 
 

@@ -31,6 +31,8 @@ from klip_jax import config as config_lib
 from klip_jax.data import builder, pipeline, records, tokenizer, world
 from klip_jax.errors import DatasetError
 from klip_jax.parallel import mesh as mesh_lib
+from klip_jax.train import relabel as relabel_lib
+from klip_jax.train import scio
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
@@ -74,11 +76,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   return Run(config, workdir, data_dir, codec, mesh_lib.make_mesh(config.mesh.shape))
 
 
-def train_pipeline(run: Run) -> grain.IterDataset:
+def train_pipeline(run: Run, overlay: str = "", overlay_use: str = "") -> grain.IterDataset:
   c = run.config
   return pipeline.build(pipeline.PipelineOptions(
       run.data_dir, "train", c.train.batch_size, seed=c.seed, worker_count=c.data.worker_count,
-      flip=c.data.flip, gain_jitter_db=c.data.gain_jitter_db), run.codec)
+      flip=c.data.flip, gain_jitter_db=c.data.gain_jitter_db, overlay=overlay,
+      overlay_use=overlay_use), run.codec)
+
+
+# Offline SCIO: the caption round each stage reads, and how.
+_STAGE_OVERLAY = {"B": (1, "recon"), "C": (2, "caption")}
 
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -128,17 +135,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
           progress: bool = True) -> dict:
   """Train (or resume) to config.train.steps; returns the last logged metrics.
 
+  With SCIO stage lengths in config.scio, steps run stage A, then B, then C (online: each
+  batch is relabelled right before its step; offline: the whole train split is relabelled at
+  each stage boundary into a caption overlay the pipeline reads from then on).
   `stop_at` ends this invocation early (checkpointed) at that step, as a preempted or
   time-sliced job would; running again continues exactly.
   """
   run = setup(config, workdir)
   c = run.config
+  scio_on = scio.total_steps(c.scio) > 0
+  if scio_on:
+    scio.validate(c)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(c.to_json_best_effort(indent=2))
   tx, schedule = state_lib.make_optimizer(c.optim, c.train.steps)
   vocab = run.codec.vocab_size
   graph, abstract, shardings = state_lib.abstract_state(c, vocab, tx, run.mesh)
-  iterator = iter(train_pipeline(run))
   manager = checkpoint_manager(workdir, c)
   start = manager.latest_step() or 0
+  stage = scio.stage_of(start, c.scio) if scio_on else "A"
+  iterator = iter(_stage_pipeline(run, stage))
   if start:
     state = restore_state(manager, start, abstract, shardings, iterator)
     log.info("resumed from step %d", start)
@@ -150,21 +166,51 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   base_rng = jax.random.key(c.seed)
   last: dict = {}
   with mesh_lib.logical_context(run.mesh, c.mesh.rules):
-    train_step = step_lib.make_train_step(c, graph, tx, schedule, tokens, shardings, run.mesh)
+    steps = {"A": step_lib.make_train_step(c, graph, tx, schedule, tokens, shardings, run.mesh)}
+    if scio_on:
+      config_c = c.copy_and_resolve_references()
+      config_c.loss.extra_mask_rate = c.scio.stage_c_extra_mask_rate
+      steps["B"] = steps["A"]
+      steps["C"] = step_lib.make_train_step(config_c, graph, tx, schedule, tokens, shardings, run.mesh)
+      relabel_fns = {name: relabel_lib.make_relabel_step(c, graph, tokens, shardings.params, run.mesh,
+                                                         proofread=name == "C") for name in ("B", "C")}
+    if scio_on and c.scio.mode == "offline" and stage in _STAGE_OVERLAY and not os.path.exists(
+        scio.overlay_path(workdir, _STAGE_OVERLAY[stage][0])):
+      _write_stage_overlay(run, stage, relabel_fns[stage], state.params)  # resumed at a boundary
+      position = iterator.get_state()
+      iterator = iter(_stage_pipeline(run, stage))
+      iterator.set_state(position)
     bar = tqdm(total=c.train.steps, initial=start, disable=not progress, desc="train", unit="step")
     tick, tick_step = time.perf_counter(), start
     end = c.train.steps if stop_at is None else min(stop_at, c.train.steps)
     for step in range(start, end):
-      batch = pipeline.global_batch(_model_inputs(next(iterator)), run.mesh)
-      state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
+      if scio_on and scio.stage_of(step, c.scio) != stage:
+        stage = scio.stage_of(step, c.scio)
+        if c.scio.mode == "offline":
+          _write_stage_overlay(run, stage, relabel_fns[stage], state.params)
+          position = iterator.get_state()
+          iterator = iter(_stage_pipeline(run, stage))
+          iterator.set_state(position)
+      local = next(iterator)
+      batch = pipeline.global_batch({k: np.asarray(local[k]) for k in local
+                                     if k in MODEL_INPUTS or k.startswith("recon_")}, run.mesh)
+      if scio_on and stage in ("B", "C") and c.scio.mode == "online":
+        result = relabel_fns[stage](state.params, _model_inputs_of(batch), jax.random.fold_in(base_rng, step))
+        if stage == "B":
+          batch.update(recon_ids=result.removed_ids, recon_keyword_mask=result.removed_keyword_mask,
+                       recon_clause_ids=result.removed_clause_ids)
+        else:
+          batch["text_ids"] = result.corrected_ids
+      state, metrics = steps[stage](state, batch, jax.random.fold_in(base_rng, step))
       done = step + 1
       if done % c.train.log_every == 0 or done == end:
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         last["images_per_s"] = (done - tick_step) * c.train.batch_size / (now - tick)
+        last["stage"] = "ABC".index(stage)
         tick, tick_step = now, done
         _log_metrics(writer, metrics_path, done, last)
-        bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.1f}")
+        bar.set_postfix(stage=stage, loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.1f}")
       if done % c.train.ckpt_every == 0 or done == end:
         manager.save(done, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)),
@@ -175,6 +221,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   manager.close()
   writer.close()
   return last
+
+
+def _stage_pipeline(run: Run, stage: str) -> grain.IterDataset:
+  """The train pipeline of a stage (offline SCIO stages read their caption overlay)."""
+  if run.config.scio.mode == "offline" and stage in _STAGE_OVERLAY:
+    round_index, use = _STAGE_OVERLAY[stage]
+    path = scio.overlay_path(run.workdir, round_index)
+    if os.path.exists(path):
+      return train_pipeline(run, path, use)
+  return train_pipeline(run)
+
+
+def _write_stage_overlay(run: Run, stage: str, relabel, params) -> None:
+  round_index, _ = _STAGE_OVERLAY[stage]
+  if os.path.exists(scio.overlay_path(run.workdir, round_index)):
+    return  # written before an interruption: reuse, never overwrite
+  entries = scio.relabel_split(relabel, params, run.data_dir, "train", run.codec, run.mesh,
+                               run.config.scio.relabel_batch_size)
+  scio.write_overlay(run.workdir, round_index, entries)
+
+
+def _model_inputs_of(batch: dict) -> dict:
+  return {k: batch[k] for k in MODEL_INPUTS}
 
 
 MODEL_INPUTS = ("image", "text_ids", "keyword_mask", "clause_ids")

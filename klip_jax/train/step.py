@@ -35,11 +35,18 @@ class TokenIds:
   enc: int
   dec: int
   mask: int
+  sep: int
+  separator: int  # "$", between clauses
   vocab_size: int
 
   @classmethod
   def from_codec(cls, codec) -> "TokenIds":
-    return cls(codec.pad_id, codec.cls_id, codec.enc_id, codec.dec_id, codec.mask_id, codec.vocab_size)
+    return cls(codec.pad_id, codec.cls_id, codec.enc_id, codec.dec_id, codec.mask_id, codec.sep_id,
+               codec.separator_id, codec.vocab_size)
+
+  def special(self) -> tuple[int, ...]:
+    """Ids a decoder must never write into a keyword."""
+    return tuple(sorted({self.pad, self.cls, self.enc, self.dec, self.mask, self.sep, self.separator}))
 
 
 def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, batch, rng):

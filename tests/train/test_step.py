@@ -11,7 +11,7 @@ from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
 VOCAB = 120
-TOKENS = step_lib.TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, vocab_size=VOCAB)
+TOKENS = step_lib.TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, sep=3, separator=7, vocab_size=VOCAB)
 
 
 def _config(**optim):

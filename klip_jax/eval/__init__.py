@@ -1,0 +1,1 @@
+"""Downstream evaluation: benchmark tasks, metrics, report and plots."""

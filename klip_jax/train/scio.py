@@ -1,0 +1,141 @@
+"""SCIO around the pure relabel step: stages, relabelling a whole split, caption overlays,
+and repair metrics against the corruption ground truth.
+
+Overlays (`WORKDIR/captions/round_K/overlay.jsonl`, one JSON line per example id) are written
+to a temporary folder and renamed, and never overwritten, so every round stays auditable and
+`klip captions diff` can show what each round changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from klip_jax.data import builder, pipeline, records
+from klip_jax.data.tokenizer import TextCodec
+from klip_jax.errors import ConfigError, KlipError
+
+STAGES = ("A", "B", "C")
+
+
+def stage_bounds(scio) -> dict[str, tuple[int, int]]:
+  """Stage -> [first step, end step) in train steps."""
+  a, b, c = scio.stage_a_steps, scio.stage_b_steps, scio.stage_c_steps
+  return {"A": (0, a), "B": (a, a + b), "C": (a + b, a + b + c)}
+
+
+def total_steps(scio) -> int:
+  return scio.stage_a_steps + scio.stage_b_steps + scio.stage_c_steps
+
+
+def stage_of(step: int, scio) -> str:
+  for name, (start, end) in stage_bounds(scio).items():
+    if start <= step < end:
+      return name
+  return "C"
+
+
+def validate(config) -> None:
+  s = config.scio
+  if s.mode not in ("online", "offline"):
+    raise ConfigError(f"config.scio.mode={s.mode!r}: use 'online' or 'offline'.")
+  if min(s.stage_a_steps, s.stage_b_steps, s.stage_c_steps) < 0:
+    raise ConfigError("config.scio.stage_*_steps must be >= 0.")
+  if total_steps(s) != config.train.steps:
+    raise ConfigError(f"config.scio stages sum to {total_steps(s)} steps but config.train.steps="
+                      f"{config.train.steps}; make them equal.")
+
+
+def overlay_path(workdir: str, round_index: int) -> str:
+  return os.path.join(workdir, "captions", f"round_{round_index}", "overlay.jsonl")
+
+
+def rounds(workdir: str) -> list[int]:
+  folder = os.path.join(workdir, "captions")
+  if not os.path.isdir(folder):
+    return []
+  return sorted(int(n.split("_")[1]) for n in os.listdir(folder)
+                if n.startswith("round_") and n.split("_")[1].isdigit())
+
+
+def write_overlay(workdir: str, round_index: int, entries: list[dict]) -> str:
+  """Write round K atomically; refuse to overwrite an existing round."""
+  path = overlay_path(workdir, round_index)
+  folder = os.path.dirname(path)
+  if os.path.exists(folder):
+    raise KlipError(f"{folder} already exists; caption rounds are never overwritten "
+                    "(delete it yourself if you really mean to redo that round).")
+  tmp = f"{folder}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  with open(os.path.join(tmp, "overlay.jsonl"), "w") as f:
+    for entry in entries:
+      f.write(json.dumps(entry) + "\n")
+  os.replace(tmp, folder)
+  return path
+
+
+def _keyword_text(codec: TextCodec, ids: np.ndarray, mask: np.ndarray) -> str:
+  return codec.sp.decode([int(i) for i in ids[mask]]).strip()
+
+
+def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np.ndarray,
+                        source) -> list[dict]:
+  """Host side of a relabel batch: one auditable entry per real example."""
+  result = jax.device_get(result)
+  entries = []
+  for row in np.flatnonzero(valid):
+    record = records.from_example(source[int(indices[row])], decode_rasters=False)
+    flagged = int(result.flagged[row])
+    entry = {"id": record["id"], "index": int(indices[row]), "caption": record["caption"],
+             "flagged": flagged, "itc": np.round(result.itc[row], 5).tolist(),
+             "itm": np.round(result.itm[row], 5).tolist(), "original_keyword": "",
+             "corrected_keyword": ""}
+    if flagged >= 0:
+      entry["original_keyword"] = record["keywords"][flagged]
+      entry["corrected_keyword"] = _keyword_text(codec, result.corrected_ids[row], result.fill_mask[row])
+    truth = record["truth"]
+    entry["truth"] = dict(zip(truth["corrupted"].tolist(), truth["true_keywords"]))
+    entries.append(entry)
+  return entries
+
+
+def relabel_split(relabel, params, data_dir: str, split: str, codec: TextCodec, mesh,
+                  batch_size: int) -> list[dict]:
+  """Run the jitted relabel step over a whole split (no shuffle, no augmentation)."""
+  from klip_jax.train.loop import MODEL_INPUTS  # the driver defines the model's batch keys
+
+  source = builder.open_split(data_dir, split)
+  options = pipeline.PipelineOptions(data_dir, split, batch_size, train=False)
+  entries = []
+  for batch in pipeline.build(options, codec):
+    inputs = pipeline.global_batch({k: batch[k] for k in MODEL_INPUTS}, mesh)
+    result = relabel(params, inputs, jax.random.key(0))
+    entries += entries_from_result(codec, result, batch["index"], batch["valid"], source)
+  return entries
+
+
+def repair_metrics(entries: list[dict]) -> dict:
+  """Screening precision/recall against the truly corrupted clauses, proofreading accuracy
+  (corrupted keywords restored to their true value), and clean clauses wrongly changed."""
+  flagged = [e for e in entries if e["flagged"] >= 0]
+  corrupted = sum(len(e["truth"]) for e in entries)
+  true_flags = [e for e in flagged if str(e["flagged"]) in e["truth"] or e["flagged"] in e["truth"]]
+  restored = sum(e["corrected_keyword"] == _true(e) for e in true_flags)
+  clean_changed = sum(e["corrected_keyword"] != e["original_keyword"] for e in flagged if e not in true_flags)
+  return {"captions": len(entries), "corrupted_clauses": corrupted, "flagged": len(flagged),
+          "screening_precision": len(true_flags) / max(len(flagged), 1),
+          "screening_recall": len(true_flags) / max(corrupted, 1),
+          "proofreading_accuracy": restored / max(len(true_flags), 1),
+          "clean_clauses_changed": clean_changed,
+          "clean_clauses_changed_rate": clean_changed / max(
+              sum(len(e["caption"].split("$")) - len(e["truth"]) for e in entries), 1)}
+
+
+def _true(entry: dict) -> str:
+  truth = entry["truth"]
+  return truth.get(entry["flagged"], truth.get(str(entry["flagged"]), ""))
