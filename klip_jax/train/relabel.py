@@ -101,7 +101,8 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
     corrected = ids
     if proofread:
       corrected = decode.fill_spans(model, image_tokens, ids, ids != tokens.pad, fill_mask,
-                                    dec_id=tokens.dec, banned_ids=tokens.special(), max_fill=scio.max_fill)
+                                    dec_id=tokens.dec, banned_ids=tokens.special(), max_fill=scio.max_fill,
+                                    banned_first_ids=tokens.continuations)
     return RelabelResult(flagged=flagged, itc=itc, itm=itm, valid=valid,
                          removed_ids=pick(var_ids, ids), removed_keyword_mask=pick(var_kw, keyword_mask),
                          removed_clause_ids=pick(var_clause, clause_ids), corrected_ids=corrected,

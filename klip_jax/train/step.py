@@ -38,11 +38,16 @@ class TokenIds:
   sep: int
   separator: int  # "$", between clauses
   vocab_size: int
+  # Pieces that continue a word (no leading "▁"): a rewritten keyword may not start with one,
+  # so the corrected caption's text is the same whether it is kept as ids or re-tokenised.
+  continuations: tuple[int, ...] = ()
 
   @classmethod
   def from_codec(cls, codec) -> "TokenIds":
+    continuations = tuple(i for i in range(codec.vocab_size)
+                          if not codec.sp.id_to_piece(i).startswith("▁") and i not in codec.special_ids)
     return cls(codec.pad_id, codec.cls_id, codec.enc_id, codec.dec_id, codec.mask_id, codec.sep_id,
-               codec.separator_id, codec.vocab_size)
+               codec.separator_id, codec.vocab_size, continuations)
 
   def special(self) -> tuple[int, ...]:
     """Ids a decoder must never write into a keyword."""
