@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from klip_jax import config as config_lib
 from klip_jax.data import builder, pipeline, records, tokenizer, world
-from klip_jax.errors import DatasetError
+from klip_jax.errors import ConfigError, DatasetError
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import relabel as relabel_lib
 from klip_jax.train import scio
@@ -146,13 +146,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   scio_on = scio.total_steps(c.scio) > 0
   if scio_on:
     scio.validate(c)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(c.to_json_best_effort(indent=2))
   tx, schedule = state_lib.make_optimizer(c.optim, c.train.steps)
   vocab = run.codec.vocab_size
   graph, abstract, shardings = state_lib.abstract_state(c, vocab, tx, run.mesh)
   manager = checkpoint_manager(workdir, c)
   start = manager.latest_step() or 0
+  if start:
+    _check_resumable(c, workdir)
+  _write_atomic(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=2))
   stage = scio.stage_of(start, c.scio) if scio_on else "A"
   iterator = iter(_stage_pipeline(run, stage))
   if start:
@@ -221,6 +222,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   manager.close()
   writer.close()
   return last
+
+
+# Config sections a checkpoint's arrays depend on: changing them cannot resume.
+_STATE_SECTIONS = ("model", "momentum")
+
+
+def _check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  now = json.loads(config.to_json_best_effort())
+  changed = [f"{section}.{key}" for section in _STATE_SECTIONS
+             for key in sorted(set(saved.get(section, {})) | set(now.get(section, {})))
+             if saved.get(section, {}).get(key) != now.get(section, {}).get(key)]
+  if changed:
+    raise ConfigError(f"{workdir} holds checkpoints of a different model: {', '.join(changed)} "
+                      "changed since they were written. Use a new --workdir, or the old values.")
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def _stage_pipeline(run: Run, stage: str) -> grain.IterDataset:

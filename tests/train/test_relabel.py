@@ -143,3 +143,23 @@ def test_repair_metrics_on_hand_made_entries():
   assert m["screening_precision"] == 0.5 and m["screening_recall"] == 0.5
   assert m["proofreading_accuracy"] == 1.0 and m["clean_clauses_changed"] == 1
   assert m["clean_clauses_changed_rate"] == pytest.approx(1 / 7)
+
+
+def test_relabel_on_the_eight_device_mesh_equals_one_device(tiny_data, tiny_tokenizer):
+  config, codec, mesh1, tx, schedule, graph, state, shardings, batch = _setup(tiny_data, tiny_tokenizer)
+  tokens = step_lib.TokenIds.from_codec(codec)
+  inputs = {k: batch[k] for k in MODEL_INPUTS}
+  with mesh_lib.logical_context(mesh1, config.mesh.rules):
+    one = jax.device_get(relabel.make_relabel_step(config, graph, tokens, shardings.params, mesh1)(
+        state.params, inputs, jax.random.key(0)))
+  mesh8 = mesh_lib.make_mesh((2, 2, 2))
+  _, state8, shardings8 = state_lib.create(config, codec.vocab_size, tx, mesh8)
+  with mesh_lib.logical_context(mesh8, config.mesh.rules):
+    result = relabel.make_relabel_step(config, graph, tokens, shardings8.params, mesh8)(
+        state8.params, pipeline.global_batch(inputs, mesh8), jax.random.key(0))
+    assert result.corrected_ids.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+  eight = jax.device_get(result)
+  np.testing.assert_allclose(eight.itc, one.itc, atol=1e-5)
+  np.testing.assert_allclose(eight.itm, one.itm, atol=1e-5)
+  np.testing.assert_array_equal(eight.flagged, one.flagged)
+  np.testing.assert_array_equal(eight.corrected_ids, one.corrected_ids)
