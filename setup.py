@@ -33,6 +33,7 @@ setup(
         "pyproj>=3.6",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        "rasterio>=1.3",  # GeoTIFF ingest of real chips
     ],
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100"],

@@ -29,6 +29,15 @@ def _data_synth(args) -> None:
         f"std {meta['db_std']:.2f}")
 
 
+def _data_ingest(args) -> None:
+  from klip_jax.data import builder, ingest
+
+  source = ingest.ManifestSource(args.manifest)
+  path = builder.build(args.out, source)
+  meta = builder.metadata(args.out)
+  print(f"dataset at {path}: {source.num_examples}, train dB mean {meta.get('db_mean', float('nan')):.2f}")
+
+
 def _data_tokenizer(args) -> None:
   from klip_jax.data import builder, records, tokenizer
 
@@ -198,6 +207,11 @@ def _parser() -> argparse.ArgumentParser:
   synth.add_argument("--resolution-max", type=float, default=10.0, help="metres per pixel")
   synth.add_argument("--looks", type=int, default=4, help="number of looks of the speckle")
   synth.set_defaults(run=_data_synth)
+
+  ing = data.add_parser("ingest", help="write real chips listed in a JSONL manifest as ArrayRecord")
+  ing.add_argument("--manifest", required=True, help="JSONL, one chip per line (klip_jax/data/ingest.py)")
+  ing.add_argument("--out", required=True, help="dataset folder")
+  ing.set_defaults(run=_data_ingest)
 
   tok = data.add_parser("tokenizer", help="train a sentencepiece model on a dataset's captions")
   tok.add_argument("--data", required=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -44,6 +44,16 @@ class SynthSettings:
     return {"num_examples": dict(self.num_examples), "seed": self.seed,
             "noise_rate": self.noise_rate, "world": dataclasses.asdict(self.world)}
 
+  def validate(self) -> None:
+    self.world.validate()
+    if not 0 <= self.noise_rate <= 1:
+      raise DatasetError(f"noise rate {self.noise_rate} is outside [0, 1].")
+    if sum(self.num_examples.values()) <= 0 or min(self.num_examples.values()) < 0:
+      raise DatasetError(f"split sizes {self.num_examples} must be >= 0 with at least one > 0.")
+
+  def record(self, split: str, index: int) -> dict:
+    return synth_record(self, split, index)
+
 
 def synth_record(settings: SynthSettings, split: str, index: int) -> dict:
   """Record `index` of `split`: the chip and its (possibly noisy) knowledge text."""
@@ -52,12 +62,24 @@ def synth_record(settings: SynthSettings, split: str, index: int) -> dict:
   return records.chip_record(chip, knowledge.describe(chip, rng, settings.noise_rate))
 
 
+class RecordSource(Protocol):
+  """Where a dataset's records come from: the synthetic world or an ingested manifest."""
+
+  num_examples: dict
+
+  def validate(self) -> None: ...
+
+  def record(self, split: str, index: int) -> dict: ...
+
+  def as_metadata(self) -> dict: ...
+
+
 class KlipSar(tfds.core.GeneratorBasedBuilder):
   """SAR chips with HCoT captions: the embedded synthetic world or ingested records."""
 
   VERSION = tfds.core.Version(VERSION)
 
-  def __init__(self, *, settings: SynthSettings, **kwargs):
+  def __init__(self, *, settings: RecordSource, **kwargs):
     self._settings = settings
     self._db_sum = self._db_sq = self._db_count = 0.0
     super().__init__(file_format="array_record", **kwargs)
@@ -72,17 +94,21 @@ class KlipSar(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split, n)
             for split, n in self._settings.num_examples.items() if n > 0}
 
+  def _counts_for_stats(self, split: str) -> bool:
+    """Input statistics come from the train split (from all splits if there is none)."""
+    return split == "train" or "train" not in self._settings.num_examples
+
   def _generate_examples(self, split: str, num: int) -> Iterator[tuple[str, dict]]:
     for index in range(num):
-      record = synth_record(self._settings, split, index)
+      record = self._settings.record(split, index)
       records.validate_record(record)
-      if split == "train":
+      if self._counts_for_stats(split):
         db = to_db(record["image"])
         self._db_sum += float(db.sum())
         self._db_sq += float(np.square(db, dtype=np.float64).sum())
         self._db_count += db.size
       yield record["id"], records.to_example(record)
-    if split == "train":
+    if self._counts_for_stats(split) and self._db_count:
       mean = self._db_sum / self._db_count
       self.info.metadata["db_mean"] = mean
       self.info.metadata["db_std"] = float(np.sqrt(self._db_sq / self._db_count - mean**2))
@@ -93,13 +119,9 @@ def dataset_path(data_dir: str | os.PathLike) -> epath.Path:
   return epath.Path(data_dir) / NAME / VERSION
 
 
-def build(data_dir: str | os.PathLike, settings: SynthSettings) -> epath.Path:
-  """Write the synthetic dataset into `data_dir` (reuses an identical finished build)."""
-  settings.world.validate()
-  if not 0 <= settings.noise_rate <= 1:
-    raise DatasetError(f"noise rate {settings.noise_rate} is outside [0, 1].")
-  if sum(settings.num_examples.values()) <= 0 or min(settings.num_examples.values()) < 0:
-    raise DatasetError(f"split sizes {settings.num_examples} must be >= 0 with at least one > 0.")
+def build(data_dir: str | os.PathLike, settings: RecordSource) -> epath.Path:
+  """Write a dataset into `data_dir` (reuses an identical finished build)."""
+  settings.validate()
   path = dataset_path(data_dir)
   if (path / "dataset_info.json").exists():
     existing = _open_builder(data_dir).info.metadata.get("settings")

@@ -39,6 +39,29 @@ GEO_STRINGS = ("city", "country", "platform", "band", "polarization", "acquired"
 SCENE_TYPES = ("landform", "target")
 
 
+# Real data without a land-cover mask: land cover 255 everywhere and dominant class -1.
+UNKNOWN_LANDCOVER = 255
+UNKNOWN_CLASS = -1
+
+
+def truth_from_targets(shape, boxes, box_classes, landcover=None) -> dict:
+  """Ground truth from target boxes (pixels) and an optional land-cover mask; what is not
+  given is marked unknown so evaluation can skip it."""
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  box_classes = np.asarray(box_classes, np.int32).reshape(-1)
+  grid = np.zeros((3, 3), np.uint8)
+  for x0, y0, x1, y1 in boxes:
+    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    grid[min(int(3 * cy / shape[0]), 2), min(int(3 * cx / shape[1]), 2)] = 1
+  known = landcover is not None
+  landcover = np.asarray(landcover, np.uint8) if known else np.full(shape, UNKNOWN_LANDCOVER, np.uint8)
+  dominant = int(np.bincount(landcover.ravel(), minlength=len(world.LANDCOVER))[:len(world.LANDCOVER)].argmax()) \
+      if known else UNKNOWN_CLASS
+  return {"landcover": landcover, "boxes": boxes, "box_classes": box_classes,
+          "counts": np.bincount(box_classes, minlength=len(world.TARGET_CLASSES)).astype(np.int32),
+          "dominant": dominant, "grid": grid, "corrupted": np.zeros(0, np.int32), "true_keywords": []}
+
+
 def chip_record(chip: world.Chip, text: knowledge.Knowledge) -> dict:
   """A synthetic chip and its knowledge text as a record."""
   return {
@@ -165,7 +188,7 @@ def _validate_truth(record, rid, image_shape, num_clauses) -> None:
   _array(record, "truth.box_classes", rid, np.int32, 1, (len(boxes),))
   _array(record, "truth.counts", rid, np.int32, 1, (len(world.TARGET_CLASSES),))
   _array(record, "truth.grid", rid, np.uint8, 2, (3, 3))
-  _number(record, "truth.dominant", rid, 0, len(world.LANDCOVER) - 1)
+  _number(record, "truth.dominant", rid, UNKNOWN_CLASS, len(world.LANDCOVER) - 1)
   corrupted = _array(record, "truth.corrupted", rid, np.int32, 1)
   if corrupted.size and (corrupted.min() < 0 or corrupted.max() >= num_clauses):
     _fail(rid, "truth.corrupted", f"holds clause indices outside 0..{num_clauses - 1}.")
@@ -193,10 +216,14 @@ def tfds_features():
 
   text, blob = tfds.features.Text, lambda: tfds.features.Tensor(shape=(), dtype=np.object_)
   tensor = lambda shape, dtype: tfds.features.Tensor(shape=shape, dtype=dtype)  # noqa: E731
-  geo = {key: tfds.features.Scalar(np.float64) for key in GEO_FLOATS}
+  # tf.train.Example keeps floats as float32 (a metre of longitude, 3 cm of UTM easting); raw
+  # bytes keep the float64 geo-referencing exact.
+  exact = lambda shape: tfds.features.Tensor(shape=shape, dtype=np.float64,  # noqa: E731
+                                             encoding=tfds.features.Encoding.BYTES)
+  geo = {key: exact(()) for key in GEO_FLOATS}
   geo.update({key: tfds.features.Scalar(np.int64) for key in GEO_INTS})
   geo.update({key: text() for key in GEO_STRINGS})
-  geo["geotransform"] = tensor((6,), np.float64)
+  geo["geotransform"] = exact((6,))
   return tfds.features.FeaturesDict({
       "id": text(), "image": blob(), "geo": geo, "scene_type": text(),
       "field_names": tfds.features.Sequence(text()), "keywords": tfds.features.Sequence(text()),
@@ -225,6 +252,7 @@ def _text(value):
 def from_example(example: dict, decode_rasters: bool = True) -> dict:
   """TFDS example (as read from an ArrayRecord data source) -> record."""
   geo = {key: _text(value) for key, value in example["geo"].items()}
+  geo.update({key: float(geo[key]) for key in GEO_FLOATS})
   truth = dict(example["truth"])
   truth["true_keywords"] = [_text(k) for k in truth["true_keywords"]]
   if decode_rasters:

@@ -25,6 +25,8 @@ def test_splits_hold_the_synthesised_records(tiny_data):
     assert np.array_equal(stored["image"], expected["image"])
     assert stored["caption"] == expected["caption"]
     assert stored["truth"]["true_keywords"] == expected["truth"]["true_keywords"]
+    assert stored["geo"]["lon"] == expected["geo"]["lon"]  # float64 geo-referencing kept exactly
+    assert stored["geo"]["geotransform"].tolist() == expected["geo"]["geotransform"].tolist()
 
 
 def test_metadata_holds_train_db_statistics(tiny_data):
