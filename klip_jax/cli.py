@@ -154,9 +154,10 @@ def _bench_memory(args, overrides) -> None:
   from klip_jax.bench import train as bench_train
 
   config = _load_config(args.config, overrides)
+  devices = bench_train.tpu_devices(args.topology) if args.topology else None
   for shape in args.mesh:
     mesh_shape = tuple(int(x) for x in shape.split(","))
-    print(json.dumps(bench_train.compiled_memory(config, args.vocab_size, mesh_shape)))
+    print(json.dumps(bench_train.compiled_memory(config, args.vocab_size, mesh_shape, devices)))
 
 
 def _load_config(path: str, overrides: list[str]):
@@ -275,6 +276,8 @@ def _parser() -> argparse.ArgumentParser:
   memory.add_argument("--vocab-size", type=int, default=2000)
   memory.add_argument("--host-devices", type=int, default=8,
                       help="virtual CPU devices to compile for")
+  memory.add_argument("--topology", default="",
+                      help="compile for a TPU topology instead, e.g. v5e:2x4 (needs the [tpu] extra)")
   memory.add_argument("--mesh", nargs="+", default=["1,8,1", "8,1,1"],
                       help="data,fsdp,tensor sizes; one compile each")
   memory.set_defaults(run=_bench_memory, takes_overrides=True)

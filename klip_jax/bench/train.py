@@ -63,6 +63,21 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, steps: int) -
           "batch_size": config.train.batch_size, "devices": mesh.size}
 
 
+def tpu_devices(topology: str, chips_per_host=(2, 2, 1)):
+  """TPU devices of a topology such as "v5e:2x4", for ahead-of-time compilation on a CPU host
+  (needs libtpu: pip install -e ".[tpu]"; run with JAX_PLATFORMS=cpu)."""
+  from jax.experimental import topologies
+
+  try:
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                        chip_config_name="default", chips_per_host_bounds=chips_per_host,
+                                        num_slices=1).devices
+  except Exception as e:  # libtpu missing or an unknown topology name
+    from klip_jax.errors import ConfigError
+    raise ConfigError(f"cannot describe TPU topology {topology!r} ({e}); install the [tpu] extra "
+                      "and use a name like v5e:2x4.") from None
+
+
 def compiled_memory(config: ml_collections.ConfigDict, vocab_size: int, mesh_shape,
                     devices=None) -> dict:
   """Per-device bytes of the compiled train step (arguments, outputs, temporaries)."""
@@ -77,14 +92,21 @@ def compiled_memory(config: ml_collections.ConfigDict, vocab_size: int, mesh_sha
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     step = step_lib.make_train_step(config, graph, tx, schedule, _tokens(vocab_size), shardings, mesh)
     start = time.perf_counter()
-    compiled = step.lower(state, batch, rng).compile()
+    try:
+      compiled = step.lower(state, batch, rng).compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # The compiler's own verdict that the step does not fit is a result, not a crash.
+      return {"mesh": dict(zip(mesh_lib.AXES, mesh.devices.shape)), "fits": False,
+              "error": str(e).splitlines()[0][:300]}
     compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   gib = 2.0**30
   params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
-  return {"mesh": dict(zip(mesh_lib.AXES, mesh.devices.shape)), "params": params,
+  return {"mesh": dict(zip(mesh_lib.AXES, mesh.devices.shape)), "fits": True, "params": params,
           "argument_gib": memory.argument_size_in_bytes / gib,
           "output_gib": memory.output_size_in_bytes / gib,
           "temp_gib": memory.temp_size_in_bytes / gib,

@@ -95,7 +95,7 @@ def abstract_state(config, vocab_size: int, tx, mesh):
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     model = nnx.eval_shape(lambda: _model(config, vocab_size, jax.random.key(0)))
     graph = nnx.split(model, nnx.Param)[0]
-    abstract = jax.eval_shape(lambda rng: _init(config, vocab_size, tx, rng), jax.random.key(0))
+    abstract = jax.eval_shape(lambda: _init(config, vocab_size, tx, jax.random.key(0)))
     return graph, abstract, nnx.get_named_sharding(abstract, mesh)
 
 
