@@ -98,21 +98,15 @@ def _relabel(args) -> None:
 
   config = _workdir_config(args.workdir)
   run, graph, state = loop.restore(config, args.workdir)
-  shardings = jax_tree_shardings(state.params)
   with mesh_lib.logical_context(run.mesh, config.mesh.rules):
-    fn = relabel.make_relabel_step(config, graph, TokenIds.from_codec(run.codec), shardings, run.mesh)
+    fn = relabel.make_relabel_step(config, graph, TokenIds.from_codec(run.codec),
+                                   mesh_lib.shardings_of(state.params), run.mesh)
     entries = scio.relabel_split(fn, state.params, run.data_dir, args.split, run.codec, run.mesh,
                                  config.scio.relabel_batch_size)
   round_index = max(scio.rounds(args.workdir), default=0) + 1
   path = scio.write_overlay(args.workdir, round_index, entries)
   print(f"round {round_index} ({len(entries)} captions, step {int(state.step)}) -> {path}")
   print(json.dumps(scio.repair_metrics(entries)))
-
-
-def jax_tree_shardings(tree):
-  import jax
-
-  return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def _captions_diff(args) -> None:
@@ -128,7 +122,7 @@ def _captions_diff(args) -> None:
       if entry["flagged"] < 0:
         continue
       clause = entry["caption"].split("$")[entry["flagged"]]
-      true = entry["truth"].get(str(entry["flagged"]), entry["original_keyword"] + " (was correct)")
+      true = entry["truth"].get(str(entry["flagged"]), f"{entry['original_keyword']} (was correct)")
       print(f"{entry['id']}  clause {entry['flagged']}: {clause}\n"
             f"    original: {entry['original_keyword']!r}  corrected: {entry['corrected_keyword']!r}  "
             f"true: {true!r}")

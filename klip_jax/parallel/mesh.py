@@ -55,3 +55,8 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def shardings_of(tree):
+  """The shardings of a pytree of jax.Arrays (e.g. restored params), for in_shardings."""
+  return jax.tree.map(lambda x: x.sharding, tree)

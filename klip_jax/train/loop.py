@@ -194,9 +194,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
           iterator.set_state(position)
       local = next(iterator)
       batch = pipeline.global_batch({k: np.asarray(local[k]) for k in local
-                                     if k in MODEL_INPUTS or k.startswith("recon_")}, run.mesh)
+                                     if k in step_lib.MODEL_INPUTS or k.startswith("recon_")}, run.mesh)
       if scio_on and stage in ("B", "C") and c.scio.mode == "online":
-        result = relabel_fns[stage](state.params, _model_inputs_of(batch), jax.random.fold_in(base_rng, step))
+        result = relabel_fns[stage](state.params, step_lib.model_inputs(batch),
+                                    jax.random.fold_in(base_rng, step))
         if stage == "B":
           batch.update(recon_ids=result.removed_ids, recon_keyword_mask=result.removed_keyword_mask,
                        recon_clause_ids=result.removed_clause_ids)
@@ -268,13 +269,3 @@ def _write_stage_overlay(run: Run, stage: str, relabel, params) -> None:
                                run.config.scio.relabel_batch_size)
   scio.write_overlay(run.workdir, round_index, entries)
 
-
-def _model_inputs_of(batch: dict) -> dict:
-  return {k: batch[k] for k in MODEL_INPUTS}
-
-
-MODEL_INPUTS = ("image", "text_ids", "keyword_mask", "clause_ids")
-
-
-def _model_inputs(batch: dict) -> dict:
-  return {k: np.asarray(batch[k]) for k in MODEL_INPUTS}

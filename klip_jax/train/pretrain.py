@@ -26,9 +26,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Repair metrics on the train split and retrieval on the test split, written to eval/."""
   run, graph, state = loop.restore(config, workdir)
   tokens = TokenIds.from_codec(run.codec)
-  tx_shardings = jax.tree.map(lambda x: x.sharding, state.params)
   with mesh_lib.logical_context(run.mesh, config.mesh.rules):
-    relabel_fn = relabel.make_relabel_step(config, graph, tokens, tx_shardings, run.mesh)
+    relabel_fn = relabel.make_relabel_step(config, graph, tokens, mesh_lib.shardings_of(state.params), run.mesh)
     entries = scio.relabel_split(relabel_fn, state.params, run.data_dir, "train", run.codec,
                                  run.mesh, config.scio.relabel_batch_size)
   results = {"step": int(state.step), "repair": scio.repair_metrics(entries),

@@ -18,6 +18,7 @@ import numpy as np
 from klip_jax.data import builder, pipeline, records
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.errors import ConfigError, KlipError
+from klip_jax.train.step import model_inputs
 
 STAGES = ("A", "B", "C")
 
@@ -99,7 +100,8 @@ def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np
       entry["original_keyword"] = record["keywords"][flagged]
       entry["corrected_keyword"] = _keyword_text(codec, result.corrected_ids[row], result.fill_mask[row])
     truth = record["truth"]
-    entry["truth"] = dict(zip(truth["corrupted"].tolist(), truth["true_keywords"]))
+    # Keys are clause indices as strings, as they are after a JSON round trip.
+    entry["truth"] = {str(i): kw for i, kw in zip(truth["corrupted"].tolist(), truth["true_keywords"])}
     entries.append(entry)
   return entries
 
@@ -107,13 +109,11 @@ def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np
 def relabel_split(relabel, params, data_dir: str, split: str, codec: TextCodec, mesh,
                   batch_size: int) -> list[dict]:
   """Run the jitted relabel step over a whole split (no shuffle, no augmentation)."""
-  from klip_jax.train.loop import MODEL_INPUTS  # the driver defines the model's batch keys
-
   source = builder.open_split(data_dir, split)
   options = pipeline.PipelineOptions(data_dir, split, batch_size, train=False)
   entries = []
   for batch in pipeline.build(options, codec):
-    inputs = pipeline.global_batch({k: batch[k] for k in MODEL_INPUTS}, mesh)
+    inputs = pipeline.global_batch(model_inputs(batch), mesh)
     result = relabel(params, inputs, jax.random.key(0))
     entries += entries_from_result(codec, result, batch["index"], batch["valid"], source)
   return entries
@@ -124,8 +124,8 @@ def repair_metrics(entries: list[dict]) -> dict:
   (corrupted keywords restored to their true value), and clean clauses wrongly changed."""
   flagged = [e for e in entries if e["flagged"] >= 0]
   corrupted = sum(len(e["truth"]) for e in entries)
-  true_flags = [e for e in flagged if str(e["flagged"]) in e["truth"] or e["flagged"] in e["truth"]]
-  restored = sum(e["corrected_keyword"] == _true(e) for e in true_flags)
+  true_flags = [e for e in flagged if str(e["flagged"]) in e["truth"]]
+  restored = sum(e["corrected_keyword"] == e["truth"][str(e["flagged"])] for e in true_flags)
   clean_changed = sum(e["corrected_keyword"] != e["original_keyword"] for e in flagged if e not in true_flags)
   return {"captions": len(entries), "corrupted_clauses": corrupted, "flagged": len(flagged),
           "screening_precision": len(true_flags) / max(len(flagged), 1),
@@ -135,7 +135,3 @@ def repair_metrics(entries: list[dict]) -> dict:
           "clean_clauses_changed_rate": clean_changed / max(
               sum(len(e["caption"].split("$")) - len(e["truth"]) for e in entries), 1)}
 
-
-def _true(entry: dict) -> str:
-  truth = entry["truth"]
-  return truth.get(entry["flagged"], truth.get(str(entry["flagged"]), ""))

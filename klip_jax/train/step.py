@@ -26,6 +26,14 @@ from klip_jax.train import losses
 from klip_jax.train.state import TrainState, momentum_subset, with_momentum
 
 
+# The batch keys every step reads (SCIO may add recon_* keys).
+MODEL_INPUTS = ("image", "text_ids", "keyword_mask", "clause_ids")
+
+
+def model_inputs(batch: dict) -> dict:
+  return {k: batch[k] for k in MODEL_INPUTS}
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenIds:
   """The special token ids the step needs (from the tokenizer)."""

@@ -64,7 +64,7 @@ def _evaluate(config, run, graph, state):
   options = pipeline.PipelineOptions(run.data_dir, "train", 16, train=False)
   with mesh_lib.logical_context(run.mesh, config.mesh.rules):
     evaluate = jax.jit(step_lib.eval_step_fn(config, graph, tokens))
-    results = [jax.device_get(evaluate(state, loop._model_inputs(batch), jax.random.key(0)))
+    results = [jax.device_get(evaluate(state, step_lib.model_inputs(batch), jax.random.key(0)))
                for batch in pipeline.build(options, run.codec)]
   return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 

@@ -15,7 +15,7 @@ from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 from tests.data.text_cases import all_template_captions
 
-MODEL_INPUTS = ("image", "text_ids", "keyword_mask", "clause_ids")
+MODEL_INPUTS = step_lib.MODEL_INPUTS
 
 
 def test_screening_requires_both_scores_to_improve():
