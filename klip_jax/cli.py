@@ -225,6 +225,8 @@ def _parser() -> argparse.ArgumentParser:
   train = commands.add_parser("train", help="train KLIP (resumes from the workdir's latest checkpoint)")
   train.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=v")
   train.add_argument("--workdir", required=True)
+  train.add_argument("--distributed", action="store_true",
+                      help="multi-host: call jax.distributed.initialize() first (see launch/)")
   train.add_argument("--stop-at", type=int, default=None,
                      help="stop (checkpointed) at this step; running again resumes exactly")
   train.set_defaults(run=_train, takes_overrides=True)
@@ -232,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
   pre = commands.add_parser("pretrain", help="the main job: data, tokenizer, SCIO A->B->C, evaluation")
   pre.add_argument("--config", default="configs/demo.py")
   pre.add_argument("--workdir", required=True)
+  pre.add_argument("--distributed", action="store_true",
+                      help="multi-host: call jax.distributed.initialize() first (see launch/)")
   pre.add_argument("--stop-at", type=int, default=None)
   pre.set_defaults(run=_pretrain, takes_overrides=True)
 
@@ -280,6 +284,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args, overrides = _parser().parse_known_args(argv)
+  if getattr(args, "distributed", False):
+    import jax
+
+    jax.distributed.initialize()  # multi-host: every host runs the same command (launch/)
   try:
     if getattr(args, "takes_overrides", False):
       args.run(args, overrides)
