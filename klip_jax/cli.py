@@ -92,17 +92,10 @@ def _workdir_config(workdir: str):
 
 
 def _relabel(args) -> None:
-  from klip_jax.parallel import mesh as mesh_lib
-  from klip_jax.train import loop, relabel, scio
-  from klip_jax.train.step import TokenIds
+  from klip_jax.train import loop, scio
 
-  config = _workdir_config(args.workdir)
-  run, graph, state = loop.restore(config, args.workdir)
-  with mesh_lib.logical_context(run.mesh, config.mesh.rules):
-    fn = relabel.make_relabel_step(config, graph, TokenIds.from_codec(run.codec),
-                                   mesh_lib.shardings_of(state.params), run.mesh)
-    entries = scio.relabel_split(fn, state.params, run.data_dir, args.split, run.codec, run.mesh,
-                                 config.scio.relabel_batch_size)
+  run, graph, state = loop.restore(_workdir_config(args.workdir), args.workdir)
+  entries = scio.relabel_restored(run, graph, state, args.split)
   round_index = max(scio.rounds(args.workdir), default=0) + 1
   path = scio.write_overlay(args.workdir, round_index, entries)
   print(f"round {round_index} ({len(entries)} captions, step {int(state.step)}) -> {path}")

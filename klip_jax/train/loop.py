@@ -95,8 +95,7 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "data": grain.checkpoint.CheckpointHandler()},
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.train.keep, save_interval_steps=config.train.ckpt_every,
-          enable_async_checkpointing=True))
+          max_to_keep=config.train.keep, enable_async_checkpointing=True))
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract, shardings, iterator=None):
@@ -153,7 +152,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   start = manager.latest_step() or 0
   if start:
     _check_resumable(c, workdir)
-  _write_atomic(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=2))
+  write_atomic(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=2))
   stage = scio.stage_of(start, c.scio) if scio_on else "A"
   iterator = iter(_stage_pipeline(run, stage))
   if start:
@@ -175,12 +174,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
       steps["C"] = step_lib.make_train_step(config_c, graph, tx, schedule, tokens, shardings, run.mesh)
       relabel_fns = {name: relabel_lib.make_relabel_step(c, graph, tokens, shardings.params, run.mesh,
                                                          proofread=name == "C") for name in ("B", "C")}
-    if scio_on and c.scio.mode == "offline" and stage in _STAGE_OVERLAY and not os.path.exists(
-        scio.overlay_path(workdir, _STAGE_OVERLAY[stage][0])):
-      _write_stage_overlay(run, stage, relabel_fns[stage], state.params)  # resumed at a boundary
-      position = iterator.get_state()
-      iterator = iter(_stage_pipeline(run, stage))
-      iterator.set_state(position)
+    if scio_on and c.scio.mode == "offline" and stage in _STAGE_OVERLAY:
+      iterator = _enter_offline_stage(run, stage, relabel_fns[stage], state.params, iterator)
     bar = tqdm(total=c.train.steps, initial=start, disable=not progress, desc="train", unit="step")
     tick, tick_step = time.perf_counter(), start
     end = c.train.steps if stop_at is None else min(stop_at, c.train.steps)
@@ -188,10 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
       if scio_on and scio.stage_of(step, c.scio) != stage:
         stage = scio.stage_of(step, c.scio)
         if c.scio.mode == "offline":
-          _write_stage_overlay(run, stage, relabel_fns[stage], state.params)
-          position = iterator.get_state()
-          iterator = iter(_stage_pipeline(run, stage))
-          iterator.set_state(position)
+          iterator = _enter_offline_stage(run, stage, relabel_fns[stage], state.params, iterator)
       local = next(iterator)
       batch = pipeline.global_batch({k: np.asarray(local[k]) for k in local
                                      if k in step_lib.MODEL_INPUTS or k.startswith("recon_")}, run.mesh)
@@ -244,7 +236,8 @@ def _check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
                       "changed since they were written. Use a new --workdir, or the old values.")
 
 
-def _write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
+  """Write a text file so a crash leaves the old file or the new one, never half of one."""
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
@@ -261,11 +254,16 @@ def _stage_pipeline(run: Run, stage: str) -> grain.IterDataset:
   return train_pipeline(run)
 
 
-def _write_stage_overlay(run: Run, stage: str, relabel, params) -> None:
+def _enter_offline_stage(run: Run, stage: str, relabel, params, iterator):
+  """Write the stage's caption round unless an earlier (interrupted) run did, and continue the
+  data iterator, from where it stands, on the pipeline that reads that round."""
   round_index, _ = _STAGE_OVERLAY[stage]
-  if os.path.exists(scio.overlay_path(run.workdir, round_index)):
-    return  # written before an interruption: reuse, never overwrite
-  entries = scio.relabel_split(relabel, params, run.data_dir, "train", run.codec, run.mesh,
-                               run.config.scio.relabel_batch_size)
-  scio.write_overlay(run.workdir, round_index, entries)
+  if not os.path.exists(scio.overlay_path(run.workdir, round_index)):
+    entries = scio.relabel_split(relabel, params, run.data_dir, "train", run.codec, run.mesh,
+                                 run.config.scio.relabel_batch_size)
+    scio.write_overlay(run.workdir, round_index, entries)
+  position = iterator.get_state()
+  iterator = iter(_stage_pipeline(run, stage))
+  iterator.set_state(position)
+  return iterator
 

@@ -13,37 +13,23 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections
 
 from klip_jax.eval import retrieval
-from klip_jax.parallel import mesh as mesh_lib
-from klip_jax.train import loop, relabel, scio
-from klip_jax.train.step import TokenIds
+from klip_jax.train import loop, scio
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Repair metrics on the train split and retrieval on the test split, written to eval/."""
   run, graph, state = loop.restore(config, workdir)
-  tokens = TokenIds.from_codec(run.codec)
-  with mesh_lib.logical_context(run.mesh, config.mesh.rules):
-    relabel_fn = relabel.make_relabel_step(config, graph, tokens, mesh_lib.shardings_of(state.params), run.mesh)
-    entries = scio.relabel_split(relabel_fn, state.params, run.data_dir, "train", run.codec,
-                                 run.mesh, config.scio.relabel_batch_size)
+  entries = scio.relabel_restored(run, graph, state, "train")
   results = {"step": int(state.step), "repair": scio.repair_metrics(entries),
              "retrieval": retrieval.evaluate(graph, state.params, run.data_dir, "test", run.codec,
                                              run.mesh, config.mesh.rules)}
   folder = os.path.join(workdir, "eval")
   os.makedirs(folder, exist_ok=True)
-  for name, value in (("pretrain_summary.json", results),):
-    tmp = os.path.join(folder, f".{name}.tmp")
-    with open(tmp, "w") as f:
-      json.dump(value, f, indent=2)
-    os.replace(tmp, os.path.join(folder, name))
-  with open(os.path.join(folder, "relabel_train.jsonl.tmp"), "w") as f:
-    for entry in entries:
-      f.write(json.dumps(entry) + "\n")
-  os.replace(os.path.join(folder, "relabel_train.jsonl.tmp"), os.path.join(folder, "relabel_train.jsonl"))
+  loop.write_atomic(os.path.join(folder, "pretrain_summary.json"), json.dumps(results, indent=2))
+  loop.write_atomic(os.path.join(folder, "relabel_train.jsonl"), "".join(json.dumps(e) + "\n" for e in entries))
   return results
 
 

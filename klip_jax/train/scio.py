@@ -15,10 +15,12 @@ import shutil
 import jax
 import numpy as np
 
-from klip_jax.data import builder, pipeline, records
+from klip_jax.data import builder, knowledge, pipeline, records
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.errors import ConfigError, KlipError
-from klip_jax.train.step import model_inputs
+from klip_jax.parallel import mesh as mesh_lib
+from klip_jax.train import relabel as relabel_lib
+from klip_jax.train.step import TokenIds, model_inputs
 
 STAGES = ("A", "B", "C")
 
@@ -119,19 +121,30 @@ def relabel_split(relabel, params, data_dir: str, split: str, codec: TextCodec, 
   return entries
 
 
+def relabel_restored(run, graph, state, split: str) -> list[dict]:
+  """One relabel pass over a split with a restored train state (klip relabel, evaluation)."""
+  config = run.config
+  with mesh_lib.logical_context(run.mesh, config.mesh.rules):
+    fn = relabel_lib.make_relabel_step(config, graph, TokenIds.from_codec(run.codec),
+                                       mesh_lib.shardings_of(state.params), run.mesh)
+    return relabel_split(fn, state.params, run.data_dir, split, run.codec, run.mesh,
+                         config.scio.relabel_batch_size)
+
+
 def repair_metrics(entries: list[dict]) -> dict:
   """Screening precision/recall against the truly corrupted clauses, proofreading accuracy
   (corrupted keywords restored to their true value), and clean clauses wrongly changed."""
   flagged = [e for e in entries if e["flagged"] >= 0]
   corrupted = sum(len(e["truth"]) for e in entries)
   true_flags = [e for e in flagged if str(e["flagged"]) in e["truth"]]
+  clean_flags = [e for e in flagged if str(e["flagged"]) not in e["truth"]]
   restored = sum(e["corrected_keyword"] == e["truth"][str(e["flagged"])] for e in true_flags)
-  clean_changed = sum(e["corrected_keyword"] != e["original_keyword"] for e in flagged if e not in true_flags)
+  clean_changed = sum(e["corrected_keyword"] != e["original_keyword"] for e in clean_flags)
   return {"captions": len(entries), "corrupted_clauses": corrupted, "flagged": len(flagged),
           "screening_precision": len(true_flags) / max(len(flagged), 1),
           "screening_recall": len(true_flags) / max(corrupted, 1),
           "proofreading_accuracy": restored / max(len(true_flags), 1),
           "clean_clauses_changed": clean_changed,
           "clean_clauses_changed_rate": clean_changed / max(
-              sum(len(e["caption"].split("$")) - len(e["truth"]) for e in entries), 1)}
+              sum(len(e["caption"].split(knowledge.SEPARATOR)) - len(e["truth"]) for e in entries), 1)}
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from klip_jax import config as config_lib
-from klip_jax.data import builder, pipeline, records
+from klip_jax.data import pipeline
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import relabel, scio
