@@ -3,6 +3,9 @@
 from setuptools import find_packages, setup
 
 JAX_VERSION = "0.10.2"
+# HF BLIP export/import (klip export, klip import-hf) and its parity tests. torch is pinned
+# exactly: a looser spec can pull a multi-GB CUDA build.
+EXPORT = ["torch==2.13.0", "transformers>=4.40", "safetensors>=0.4"]
 
 setup(
     name="klip-jax",
@@ -34,9 +37,14 @@ setup(
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "rasterio>=1.3",  # GeoTIFF ingest of real chips
+        "scikit-learn>=1.4",  # benchmark probes and metrics
+        "threadpoolctl>=3.1",
+        "pycocotools>=2.0.7",  # detection mAP
+        "pycocoevalcap>=1.2",  # captioning BLEU / CIDEr
     ],
     extras_require={
-        "test": ["pytest>=8.0", "hypothesis>=6.100"],
+        "test": ["pytest>=8.0", "hypothesis>=6.100", *EXPORT],
+        "export": EXPORT,
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     },
     entry_points={"console_scripts": ["klip=klip_jax.cli:main"]},

@@ -14,5 +14,6 @@ def get_config(arg=None):
   c.optim.update(lr=1e-3, warmup_steps=20, weight_decay=0.01)
   c.train.update(steps=200, batch_size=16, log_every=10, ckpt_every=100, keep=2)
   c.data.update(vocab_size=1000, max_len=128)
+  c.eval.update(caption_steps=300, caption_lr=1e-3, detection_steps=300)
   c.data.synth.update(num_train=512, num_val=64, num_test=64, image_size=32)
   return c

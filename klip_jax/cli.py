@@ -70,25 +70,21 @@ def _bench_pipeline(args) -> None:
 
 
 def _pretrain(args, overrides) -> None:
+  from klip_jax.eval import report
   from klip_jax.train import pretrain
 
   results = pretrain.pretrain(_load_config(args.config, overrides), args.workdir, stop_at=args.stop_at)
   if results is None:
     print(f"stopped at step {args.stop_at}; run the same command again to continue")
   else:
-    print(pretrain.summary_table(results))
+    print(report.table(results, {}))
+    print(f"results, report and plots in {os.path.join(args.workdir, 'eval')}")
 
 
 def _workdir_config(workdir: str):
-  import ml_collections
+  from klip_jax import config as config_lib
 
-  from klip_jax.errors import ConfigError
-
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ConfigError(f"{workdir} has no config.json; run klip train or klip pretrain there first.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return config_lib.load_saved(os.path.join(workdir, "config.json"))
 
 
 def _relabel(args) -> None:
@@ -100,6 +96,20 @@ def _relabel(args) -> None:
   path = scio.write_overlay(args.workdir, round_index, entries)
   print(f"round {round_index} ({len(entries)} captions, step {int(state.step)}) -> {path}")
   print(json.dumps(scio.repair_metrics(entries)))
+
+
+def _eval(args, overrides) -> None:
+  from klip_jax.eval import benchmark, report
+
+  if overrides and not args.config:
+    from klip_jax.errors import ConfigError
+    raise ConfigError("config overrides need --config (without it the workdir's saved config is used).")
+  config = _load_config(args.config, overrides) if args.config else _workdir_config(args.workdir)
+  if args.tasks:
+    config.eval.tasks = args.tasks
+  results = benchmark.run(config, args.workdir, step=args.step)
+  print(report.table(results, {}))
+  print(f"results, report and plots in {os.path.join(args.workdir, 'eval')}")
 
 
 def _captions_diff(args) -> None:
@@ -236,6 +246,14 @@ def _parser() -> argparse.ArgumentParser:
   rel.add_argument("--workdir", required=True)
   rel.add_argument("--split", default="train")
   rel.set_defaults(run=_relabel)
+
+  ev = commands.add_parser("eval", help="the downstream benchmark: results.json, report.md, plots")
+  ev.add_argument("--workdir", required=True)
+  ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  ev.add_argument("--tasks", default="", help="comma-separated subset (default: config.eval.tasks)")
+  ev.add_argument("--config", default="",
+                  help="a config file instead of the workdir's saved config.json (for overrides)")
+  ev.set_defaults(run=_eval, takes_overrides=True)
 
   captions = commands.add_parser("captions", help="inspect caption overlays").add_subparsers(
       dest="captions_command", required=True)

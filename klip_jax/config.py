@@ -9,6 +9,7 @@ message that names the field.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -81,6 +82,24 @@ def default_config() -> ml_collections.ConfigDict:
       max_fill=24,  # keyword tokens rewritten at most per caption
       relabel_batch_size=64,
   ))
+  # The downstream benchmark (`klip eval`, klip_jax/eval/benchmark.py).
+  c.eval = ml_collections.ConfigDict(dict(
+      tasks="all",  # or a comma-separated subset of klip_jax.eval.benchmark.TASKS
+      batch_size=64,
+      test_examples=0,  # first N test chips (0: all)
+      train_examples=1024,  # first N train chips: probes, detection head, answer vocabularies
+      rerank_k=16,  # ITC candidates the ITM head re-ranks per query
+      beam_size=3,
+      caption_examples=0,  # test chips captioned (0: all)
+      caption_steps=1000,  # caption fine-tuning (language modelling) steps before generation
+      caption_lr=1e-5,
+      vqa_questions=256,  # per question type
+      vqa_candidates=32,  # most frequent train answers ranked
+      probe_max_patches=50000,  # patch tokens the segmentation probe is fitted on
+      detection_steps=500,
+      random_baseline=True,  # also evaluate a randomly initialised model of the same config
+      seed=0,
+  ))
   c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), axes=("data", "fsdp", "tensor"),
                                           rules=DEFAULT_RULES))
   return c
@@ -114,6 +133,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.momentum.queue_size >= 0 and c.momentum.queue_size % c.train.batch_size == 0,
              "momentum.queue_size", f"{c.momentum.queue_size} must be a multiple of train.batch_size "
              f"({c.train.batch_size}) so whole batches are enqueued.")
+  for name in ("batch_size", "rerank_k", "beam_size", "caption_steps", "vqa_questions", "vqa_candidates", "detection_steps",
+               "probe_max_patches", "train_examples"):
+    _require(c.eval[name] >= 1, f"eval.{name}", f"must be >= 1, got {c.eval[name]}.")
   _require(len(c.mesh.shape) == 3 and list(c.mesh.axes) == ["data", "fsdp", "tensor"],
            "mesh.shape", "give three sizes for the (data, fsdp, tensor) axes; -1 fills one axis.")
 
@@ -128,3 +150,15 @@ def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} defines no get_config(arg) function.")
   return module.get_config(arg)
+
+
+def load_saved(path: str) -> ml_collections.ConfigDict:
+  """The config a run saved (WORKDIR/config.json), on top of today's defaults, so sections
+  added since the run was started take their default values."""
+  if not os.path.exists(path):
+    raise ConfigError(f"no saved config at {path}; run klip train or klip pretrain in that workdir first.")
+  with open(path) as f:
+    saved = json.load(f)
+  config = default_config()
+  config.update(saved)
+  return config

@@ -236,6 +236,12 @@ _VOCABULARY = {
 }
 
 
+def landcover_prompts(cover: int) -> list[str]:
+  """The functionality clause, in each of its templates, of a scene whose dominant land cover
+  is `cover` (an index into world.LANDCOVER): zero-shot classification prompts."""
+  return [template.format(_FUNCTION[cover]) for template in TEMPLATES["landform"]["functionality"]]
+
+
 def verbalise(scene_type: str, keywords: list[str], template_choice) -> tuple[str, list[tuple[int, int]]]:
   """Fill the chosen templates and join the clauses; return the caption and keyword spans."""
   clauses, spans, offset = [], [], 0

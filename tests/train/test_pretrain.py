@@ -1,12 +1,14 @@
 """`klip pretrain` end to end on a tiny world: stages A -> B -> C, online and offline (with a
-stop at the B boundary and a resume), caption rounds, evaluation files."""
+stop at the B boundary and a resume), caption rounds, and the benchmark's output files."""
 
 import json
 import os
 
 import pytest
+from PIL import Image
 
 from klip_jax import config as config_lib
+from klip_jax.eval import benchmark
 from klip_jax.train import pretrain, scio
 
 
@@ -16,11 +18,14 @@ def _config(tiny_data, tiny_tokenizer, mode):
   c.model.vision.image_size = 48
   c.scio.update(mode=mode, stage_a_steps=4, stage_b_steps=2, stage_c_steps=2, relabel_batch_size=16)
   c.train.update(batch_size=8, log_every=1, ckpt_every=4)
+  c.eval.update(batch_size=16, caption_steps=2, detection_steps=10, vqa_questions=4, vqa_candidates=8)
+  if mode == "offline":  # the online run covers every task; this one the SCIO-specific ones
+    c.eval.update(tasks="retrieval,scio_repair", random_baseline=False)
   return c
 
 
 @pytest.mark.parametrize("mode", ["online", "offline"])
-def test_pretrain_runs_all_stages_and_evaluates(tiny_data, tiny_tokenizer, tmp_path, mode):
+def test_pretrain_runs_all_stages_and_the_benchmark(tiny_data, tiny_tokenizer, tmp_path, mode):
   workdir = str(tmp_path / mode)
   config = _config(tiny_data, tiny_tokenizer, mode)
   if mode == "offline":
@@ -31,8 +36,27 @@ def test_pretrain_runs_all_stages_and_evaluates(tiny_data, tiny_tokenizer, tmp_p
   stages = [json.loads(line)["stage"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert stages == [0, 0, 0, 0, 1, 1, 2, 2]
   assert scio.rounds(workdir) == ([1, 2] if mode == "offline" else [])
-  summary = json.load(open(os.path.join(workdir, "eval", "pretrain_summary.json")))
-  assert summary["step"] == 8 and summary == json.loads(json.dumps(results))
-  assert summary["repair"]["captions"] == 48
-  assert 0 <= summary["retrieval"]["r_mean"] <= 1
-  assert "screening precision" in pretrain.summary_table(results)
+
+  folder = os.path.join(workdir, "eval")
+  saved = json.load(open(os.path.join(folder, "results.json")))
+  assert saved["step"] == 8 and saved == json.loads(json.dumps(results))
+  tasks = list(benchmark.TASKS) if mode == "online" else ["retrieval", "scio_repair"]
+  assert list(saved["tasks"]) == tasks
+  for name, metrics in saved["tasks"].items():
+    assert "skipped" not in metrics, name
+    assert all(isinstance(v, (int, float)) for v in metrics.values()), name
+    assert any(k.startswith("chance") for k in metrics), f"{name} reports no chance level"
+  assert saved["tasks"]["scio_repair"]["captions"] == 48
+  assert 0 <= saved["tasks"]["retrieval"]["r_mean"] <= 1
+  entries = [json.loads(line) for line in open(os.path.join(folder, "relabel_train.jsonl"))]
+  assert len(entries) == 48
+  report = open(os.path.join(folder, "report.md")).read()
+  assert all(f"| {name} |" in report for name in tasks)
+  plots = ["retrieval.png", "training_curves.png"] + (["confusion.png"] if mode == "online" else [])
+  for name in plots:
+    assert f"({name})" in report
+    assert Image.open(os.path.join(folder, name)).format == "PNG"
+  if mode == "online":
+    assert set(saved["random_init"]) == set(tasks) - {"scio_repair"}
+    captions = [json.loads(line) for line in open(os.path.join(folder, "captions_test.jsonl"))]
+    assert len(captions) == 12 and {"reference", "greedy", "beam"} <= set(captions[0])

@@ -1,0 +1,70 @@
+"""The examples a benchmark task reads: records in split order, their model inputs, and the
+TRUE text.
+
+Caption noise (the synthetic world's, or real captions with recorded corrections) is undone
+here: a corrupted clause gets its true keyword back, so retrieval, captioning and VQA are
+scored against what the image shows, not against what the noisy caption said. Images are
+normalised exactly as the training pipeline does (dB, train-split statistics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from klip_jax.data import builder, knowledge, pipeline, records
+from klip_jax.data.tokenizer import TextCodec
+from klip_jax.errors import DatasetError
+
+
+class NoTruth(ValueError):
+  """A task's ground truth is absent from the split (e.g. real data without land cover): the
+  benchmark reports the task as skipped with this message."""
+
+
+@dataclasses.dataclass
+class Split:
+  name: str
+  records: list[dict]  # decoded records (raw image, geo, truth), split order
+  images: np.ndarray  # float32 [N, H, W, 1], normalised
+  keywords: list[list[str]]  # true keyword of every clause
+  captions: list[str]  # true captions
+  text_ids: np.ndarray  # int32 [N, L], [CLS] first
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  @property
+  def scene_types(self) -> np.ndarray:
+    return np.asarray([r["scene_type"] for r in self.records])
+
+
+def true_text(record: dict) -> tuple[list[str], str, list[tuple[int, int]]]:
+  """(true keywords, true caption, its keyword spans) of a record."""
+  keywords = list(record["keywords"])
+  truth = record.get("truth", {})
+  for index, keyword in zip(np.asarray(truth.get("corrupted", []), int), truth.get("true_keywords", [])):
+    keywords[index] = keyword
+  caption, spans = knowledge.replace_keywords(record["caption"], record["spans"], keywords)
+  return keywords, caption, spans
+
+
+def load_split(data_dir: str, split: str, codec: TextCodec, limit: int = 0) -> Split:
+  """The first `limit` examples of a split (all when 0)."""
+  source = builder.open_split(data_dir, split)
+  count = len(source) if limit <= 0 else min(limit, len(source))
+  if count == 0:
+    raise DatasetError(f"split {split!r} of {data_dir} is empty; evaluation needs examples there.")
+  stats = builder.metadata(data_dir)
+  recs = [records.from_example(source[i]) for i in range(count)]
+  sizes = {r["image"].shape for r in recs}
+  if len(sizes) > 1:
+    raise DatasetError(f"split {split!r} mixes image sizes {sorted(sizes)}; evaluation batches "
+                       "need one size (re-chip the data to one size).")
+  texts = [true_text(r) for r in recs]
+  return Split(
+      name=split, records=recs,
+      images=np.stack([pipeline.normalise(r["image"], stats["db_mean"], stats["db_std"]) for r in recs]),
+      keywords=[k for k, _, _ in texts], captions=[c for _, c, _ in texts],
+      text_ids=np.stack([codec.encode(c, s).ids for _, c, s in texts]))

@@ -1,0 +1,154 @@
+"""The benchmark's report: one markdown table (this model / random init / chance) and plots.
+
+Plots: retrieval.png (test chips with their top re-ranked captions), confusion.png (zero-shot
+land cover, target probe, segmentation; rows normalised), training_curves.png (losses and
+accuracies from metrics.jsonl, SCIO stages shaded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from klip_jax.data import builder, world  # noqa: E402
+from klip_jax.train import scio  # noqa: E402
+
+HEADLINES = {
+    "retrieval": ("r_mean", "i2t_r1", "t2i_r1", "itc_r_mean"),
+    "captioning": ("greedy_bleu4", "greedy_cider", "beam_bleu4", "beam_cider"),
+    "zeroshot_landcover": ("accuracy", "balanced_accuracy"),
+    "target_classification": ("accuracy", "balanced_accuracy"),
+    "segmentation": ("miou", "pixel_accuracy"),
+    "positioning": ("exact_match", "f1"),
+    "detection": ("map50",),
+    "scio_repair": ("screening_precision", "screening_recall", "proofreading_accuracy",
+                    "clean_clauses_changed_rate"),
+}
+_CONFUSIONS = {"zeroshot_landcover": world.LANDCOVER,
+               "target_classification": tuple(c.name for c in world.TARGET_CLASSES),
+               "segmentation": world.LANDCOVER}
+
+
+def chance(metrics: dict, metric: str) -> float | None:
+  """The chance level of `metric` ("chance_bleu4" serves "greedy_bleu4")."""
+  for key in (f"chance_{metric}", f"chance_{metric.split('_', 1)[-1]}"):
+    if key in metrics:
+      return metrics[key]
+  return None
+
+
+def _fmt(value) -> str:
+  return "—" if value is None else f"{value:.3f}"
+
+
+def table(results: dict, details: dict) -> str:
+  rows = ["| task | metric | this model | random init | chance / majority |", "|---|---|---|---|---|"]
+  baseline = results.get("random_init", {})
+  for task, metrics in results["tasks"].items():
+    if "skipped" in metrics:
+      rows.append(f"| {task} | skipped: {details.get(task, {}).get('skipped', '')} | | | |")
+      continue
+    for metric in HEADLINES.get(task, ("accuracy",)):
+      rows.append(f"| {task} | {metric} | {_fmt(metrics.get(metric))} | "
+                  f"{_fmt(baseline.get(task, {}).get(metric))} | {_fmt(chance(metrics, metric))} |")
+  return "\n".join(rows)
+
+
+def write(folder: str, results: dict, details: dict, test, i2t_scores, metrics_path: str, scio_config) -> None:
+  """report.md and the plots into `folder` (each written to a temp name, then renamed)."""
+  plots = []
+  if i2t_scores is not None:
+    plots.append(_save(folder, "retrieval.png", _retrieval_grid(test, i2t_scores)))
+  matrices = {t: details[t]["confusion"] for t in _CONFUSIONS if "confusion" in details.get(t, {})}
+  if matrices:
+    plots.append(_save(folder, "confusion.png", _confusions(matrices)))
+  if os.path.exists(metrics_path):
+    plots.append(_save(folder, "training_curves.png", _curves(metrics_path, scio_config)))
+  questions = [f"- `{t}`: {d['question']}" for t, d in details.items() if "question" in d]
+  text = [f"# Benchmark at step {results['step']}", "",
+          "Held-out test split; probes, the detection head and answer vocabularies fitted on the "
+          "train split. Chance: the level reached without the image (majority answer, random "
+          "ranking, an image-blind detector, a random train caption).", "",
+          table(results, details), ""]
+  if questions:
+    text += ["VQA questions (zero-shot, ranked answers):", *questions, ""]
+  text += [f"![{name}]({name})" for name in plots]
+  tmp = os.path.join(folder, f"report.md.tmp-{os.getpid()}")
+  with open(tmp, "w") as f:
+    f.write("\n".join(text) + "\n")
+  os.replace(tmp, os.path.join(folder, "report.md"))
+
+
+def _save(folder: str, name: str, fig) -> str:
+  tmp = os.path.join(folder, f"tmp-{os.getpid()}-{name}")
+  fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+  plt.close(fig)
+  os.replace(tmp, os.path.join(folder, name))
+  return name
+
+
+def _retrieval_grid(test, scores: np.ndarray, rows: int = 6, top: int = 3):
+  rows = min(rows, len(test))
+  fig, axes = plt.subplots(rows, 2, figsize=(13, 2.3 * rows), gridspec_kw={"width_ratios": [1, 5]},
+                           squeeze=False)
+  for r in range(rows):
+    image = builder.to_db(test.records[r]["image"])
+    axes[r, 0].imshow(image, cmap="gray", vmin=np.percentile(image, 2), vmax=np.percentile(image, 98))
+    axes[r, 0].set_title(test.records[r]["id"], fontsize=7)
+    axes[r, 0].axis("off")
+    axes[r, 1].axis("off")
+    for k, j in enumerate(np.argsort(-scores[r], kind="stable")[:top]):
+      mark = "correct" if j == r else "wrong"
+      text = textwrap.shorten(test.captions[j].replace("$", " | "), 230)
+      axes[r, 1].text(0, 1 - 0.34 * k, f"#{k + 1} [{mark}] " + "\n".join(textwrap.wrap(text, 125)),
+                      va="top", fontsize=7, color="green" if j == r else "firebrick",
+                      transform=axes[r, 1].transAxes)
+  fig.suptitle("Test chips and their top captions (ITC top-k, ITM re-ranked)")
+  return fig
+
+
+def _confusions(matrices: dict):
+  fig, axes = plt.subplots(1, len(matrices), figsize=(5.2 * len(matrices), 4.6), squeeze=False)
+  for ax, (task, matrix) in zip(axes[0], matrices.items()):
+    m = np.asarray(matrix, float)
+    shown = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
+    names = _CONFUSIONS[task]
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    for (i, j), v in np.ndenumerate(shown):
+      if m[i].sum():
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="white" if v > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(task)
+  fig.tight_layout()
+  return fig
+
+
+def _curves(metrics_path: str, scio_config):
+  with open(metrics_path) as f:
+    logged = [json.loads(line) for line in f]
+  steps = np.asarray([m["step"] for m in logged])
+  panels = (("losses", ("loss", "loss_itc", "loss_itm", "loss_recon")),
+            ("accuracies", ("itc_acc", "itm_acc", "recon_acc")))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+  bounds = scio.stage_bounds(scio_config) if scio.total_steps(scio_config) else {}
+  for ax, (title, keys) in zip(axes, panels):
+    for key in keys:
+      ax.plot(steps, [m.get(key, np.nan) for m in logged], label=key)
+    for (stage, (a, b)), colour in zip(bounds.items(), ("none", "tab:orange", "tab:green")):
+      if b > a and stage != "A":
+        ax.axvspan(a, b, color=colour, alpha=0.1, label=f"stage {stage}")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
