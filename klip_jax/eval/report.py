@@ -110,7 +110,8 @@ def _retrieval_grid(test, scores: np.ndarray, rows: int = 6, top: int = 3):
       axes[r, 1].text(0, 1 - 0.34 * k, f"#{k + 1} [{mark}] " + "\n".join(textwrap.wrap(text, 125)),
                       va="top", fontsize=7, color="green" if j == r else "firebrick",
                       transform=axes[r, 1].transAxes)
-  fig.suptitle("Test chips and their top captions (ITC top-k, ITM re-ranked)")
+  fig.suptitle("Test chips and their top captions (ITC top-k, ITM re-ranked)", y=0.995)
+  fig.subplots_adjust(top=0.95, hspace=0.35)
   return fig
 
 
