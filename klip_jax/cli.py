@@ -112,6 +112,27 @@ def _eval(args, overrides) -> None:
   print(f"results, report and plots in {os.path.join(args.workdir, 'eval')}")
 
 
+def _export(args, overrides) -> None:
+  from klip_jax.export import commands
+
+  config = _load_config(args.config, overrides) if args.config else None
+  result = commands.export_workdir(args.workdir, args.out, step=args.step, config=config)
+  print(f"step {result['step']}: {result['retrieval']['path']} (BlipForImageTextRetrieval), "
+        f"{result['captioning']['path']} (BlipForConditionalGeneration)")
+
+
+def _import_hf(args, overrides) -> None:
+  from klip_jax.export import commands
+
+  result = commands.import_hf(args.hf_dir, _load_config(args.config, overrides), args.workdir)
+  print(f"{result['imported']} tensors imported into {result['init_params']}; "
+        f"klip train --workdir {args.workdir} starts from them")
+  for name, reason in result["not_imported"].items():
+    print(f"  kept klip_jax's own init for {name}: {reason}")
+  for note in result["adapted"]:
+    print(f"  adapted: {note}")
+
+
 def _captions_diff(args) -> None:
   from klip_jax.train import scio
 
@@ -254,6 +275,19 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--config", default="",
                   help="a config file instead of the workdir's saved config.json (for overrides)")
   ev.set_defaults(run=_eval, takes_overrides=True)
+
+  exp = commands.add_parser("export", help="Hugging Face BLIP (PyTorch) folders: retrieval/ and captioning/")
+  exp.add_argument("--workdir", required=True)
+  exp.add_argument("--out", required=True, help="folder to write (replaced only if an earlier export)")
+  exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  exp.add_argument("--config", default="", help="a config file instead of the workdir's config.json")
+  exp.set_defaults(run=_export, takes_overrides=True)
+
+  imp = commands.add_parser("import-hf", help="start a workdir from a Hugging Face BLIP checkpoint")
+  imp.add_argument("hf_dir", help="a save_pretrained folder, or one holding retrieval/ and captioning/")
+  imp.add_argument("--config", required=True, help="configs/*.py matching the checkpoint's widths")
+  imp.add_argument("--workdir", required=True)
+  imp.set_defaults(run=_import_hf, takes_overrides=True)
 
   captions = commands.add_parser("captions", help="inspect caption overlays").add_subparsers(
       dest="captions_command", required=True)

@@ -25,3 +25,7 @@ class DatasetError(KlipError):
 
 class TokenizerError(KlipError):
   """A tokenizer cannot be trained or loaded."""
+
+
+class ExportError(KlipError):
+  """A checkpoint cannot be exported or imported (missing files or optional dependencies)."""

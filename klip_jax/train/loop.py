@@ -6,6 +6,8 @@ Everything a run writes lives under its workdir:
   checkpoints/<step>/   orbax checkpoints: the train state AND the grain iterator state
   logs/                 TensorBoard event files
   metrics.jsonl         one JSON line per logged step
+  init_params/          parameters a fresh run starts from instead of a random init (written by
+                        `klip import-hf`; ignored once a checkpoint exists)
 A second invocation on the same workdir resumes from the latest checkpoint; with the same
 config and seed the result equals an uninterrupted run (the per-step RNG is folded from the
 seed and the step, and the data iterator is restored exactly).
@@ -107,6 +109,18 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract, shardings
   return manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
+def init_params_path(workdir: str) -> str:
+  """Where `klip import-hf` leaves the parameters a fresh run of `workdir` starts from."""
+  return os.path.join(os.path.abspath(workdir), "init_params")
+
+
+def restore_params(path: str, abstract, shardings):
+  """Parameters saved with orbax's StandardSave at `path`, sharded like `shardings`."""
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, target)
+
+
 def _log_metrics(writer: SummaryWriter, path: str, step: int, metrics: dict) -> None:
   with open(path, "a") as f:
     f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -150,7 +164,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   graph, abstract, shardings = state_lib.abstract_state(c, vocab, tx, run.mesh)
   manager = checkpoint_manager(workdir, c)
   start = manager.latest_step() or 0
-  if start:
+  imported = not start and os.path.isdir(init_params_path(workdir))
+  if start or imported:
     _check_resumable(c, workdir)
   write_atomic(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=2))
   stage = scio.stage_of(start, c.scio) if scio_on else "A"
@@ -160,6 +175,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     log.info("resumed from step %d", start)
   else:
     _, state, _ = state_lib.create(c, vocab, tx, run.mesh)
+    if imported:
+      params = restore_params(init_params_path(workdir), abstract.params, shardings.params)
+      momentum = None if state.momentum_params is None else jax.tree.map(
+          lambda x: x.copy(), state_lib.momentum_subset(params))
+      state = state.replace(params=params, momentum_params=momentum)
+      log.info("starting from the parameters in %s", init_params_path(workdir))
   tokens = step_lib.TokenIds.from_codec(run.codec)
   writer = SummaryWriter(os.path.join(workdir, "logs"))
   metrics_path = os.path.join(workdir, "metrics.jsonl")

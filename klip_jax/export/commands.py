@@ -1,0 +1,221 @@
+"""`klip export` and `klip import-hf`: whole-workdir Hugging Face BLIP export and import.
+
+Export writes OUT/retrieval (BlipForImageTextRetrieval: vision tower, text encoder, ITC
+projections, ITM head) and OUT/captioning (BlipForConditionalGeneration: vision tower, text
+decoder, LM head), each with model.safetensors, config.json, the sentencepiece tokenizer.model
+and a README.md with the tokenisation recipe. Import initialises a workdir from HF BLIP weights:
+it writes WORKDIR/init_params, which `klip train` starts from when it has no checkpoint yet.
+Both write into a temporary folder and rename it into place, so a failure leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from klip_jax import config as config_lib
+from klip_jax.data import builder
+from klip_jax.errors import ConfigError, ExportError
+from klip_jax.export import hf
+from klip_jax.train import loop
+from klip_jax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+_MODELS = {"retrieval": ("BlipForImageTextRetrieval", hf.retrieval_entries),
+           "captioning": ("BlipForConditionalGeneration", hf.captioning_entries)}
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+  """Move the finished folder `tmp` to `final`, replacing an earlier one."""
+  old = f"{final}.old-{os.getpid()}"
+  if os.path.exists(final):
+    os.replace(final, old)
+  os.replace(tmp, final)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _readme(name: str, config: ml_collections.ConfigDict, codec, tokens: hf.SpecialTokens,
+            step: int, temperature: float, db_stats: tuple[float, float] | None) -> str:
+  special = sorted(codec.special_ids)
+  if db_stats is None:
+    pixels = "DB_MEAN, DB_STD = ...  # the training set's dB statistics (builder metadata)"
+  else:
+    pixels = f"DB_MEAN, DB_STD = {db_stats[0]:.6f}, {db_stats[1]:.6f}  # the training set's dB statistics"
+  size = config.model.vision.image_size
+  usage = {
+      "retrieval": f"""amplitude = ...  # a {size}x{size} uint16 SAR chip
+model = BlipForImageTextRetrieval.from_pretrained("{name}")
+ids, mask = tokenize(["a caption"])  # [CLS] first: unimodal text for ITC
+out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(amplitude), use_itm_head=False)
+cosine = out.itm_score  # [images, texts]; contrastive logits = cosine / {temperature:.6f}
+ids[:, 0] = ENC  # [ENC] first: image-grounded text for ITM
+match = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(amplitude)).itm_score.softmax(-1)[:, 1]""",
+      "captioning": f"""amplitude = ...  # a {size}x{size} uint16 SAR chip
+model = BlipForConditionalGeneration.from_pretrained("{name}")
+out = model.generate(pixel_values=pixels(amplitude), max_length=MAX_LEN, num_beams=1,
+                     do_sample=False, suppress_tokens=[PAD, DEC])  # starts with [DEC], ends at [SEP]
+caption = sp.decode([i for i in out[0].tolist() if i not in SPECIAL])"""}[name]
+  return f"""# klip_jax export: {_MODELS[name][0]}
+
+Exported from a klip_jax checkpoint at step {step}. The model reads single-channel SAR: give it
+the standardised dB image replicated to 3 channels (the patch embedding holds a third of the
+single-channel kernel per channel), {size}x{size} pixels. Text uses the sentencepiece model in
+`tokenizer.model`, not a BERT tokenizer: [PAD]={tokens.pad} [DEC]={tokens.dec} (decoder start, bos)
+[SEP]={tokens.sep} (end, eos) [CLS]={tokens.cls} (unimodal text) [ENC]={tokens.enc} (image-grounded text).
+
+```python
+import numpy as np
+import sentencepiece as spm
+import torch
+from transformers import {_MODELS[name][0]}
+
+sp = spm.SentencePieceProcessor(model_file="{name}/tokenizer.model")
+PAD, DEC, SEP, CLS, ENC = {tokens.pad}, {tokens.dec}, {tokens.sep}, {tokens.cls}, {tokens.enc}
+SPECIAL = {set(special)}
+MAX_LEN = {config.data.max_len}
+{pixels}
+
+
+def tokenize(captions, first=CLS):
+  rows = [[first] + sp.encode(c)[:MAX_LEN - 2] + [SEP] for c in captions]
+  ids = torch.full((len(rows), max(map(len, rows))), PAD)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)] = torch.tensor(row)
+  return ids, (ids != PAD).long()
+
+
+def pixels(amplitude):  # uint16 SAR amplitude [H, W] -> [1, 3, H, W]
+  db = 20 * np.log10(np.maximum(amplitude.astype(np.float32), 1.0))
+  grey = torch.from_numpy((db - DB_MEAN) / DB_STD)
+  return grey[None, None].expand(1, 3, -1, -1)
+
+
+{usage}
+```
+"""
+
+
+def export_workdir(workdir: str, out: str, step: int | None = None,
+                   config: ml_collections.ConfigDict | None = None) -> dict:
+  """Export a workdir's checkpoint (default: the latest) as HF BLIP retrieval and captioning
+  models under `out`; returns what was written.
+
+  `config` defaults to the run's workdir/config.json. `out` must be new, empty or an earlier
+  export (it is replaced).
+  """
+  _, _, safetensors = hf.require()
+  if os.path.exists(out) and not (os.path.isdir(out) and set(os.listdir(out)) <= set(_MODELS)):
+    raise ExportError(f"{out} exists and is not an earlier export; choose a new --out.")
+  config = config_lib.load_saved(os.path.join(workdir, "config.json")) if config is None else config
+  run, _, state = loop.restore(config, workdir, step)
+  flat = hf.flatten(jax.device_get(state.params.to_pure_dict()), config.model)
+  tokens = hf.SpecialTokens.from_codec(run.codec)
+  stats = builder.metadata(run.data_dir)
+  db_stats = (stats["db_mean"], stats["db_std"]) if "db_mean" in stats else None
+  temperature = float(np.clip(flat["temp"], *config.model.temp_range))
+  out = os.path.abspath(out)
+  tmp = f"{out}.tmp-{os.getpid()}"
+  written = {"step": int(state.step)}
+  try:
+    for name, (architecture, entries) in _MODELS.items():
+      folder = os.path.join(tmp, name)
+      os.makedirs(folder)
+      tensors = hf.to_hf(flat, entries(config.model))
+      safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+      blip = hf.blip_config(config.model, run.codec.vocab_size, tokens)
+      blip.architectures = [architecture]
+      blip.save_pretrained(folder)
+      with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(run.codec.sp.serialized_model_proto())
+      with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(_readme(name, config, run.codec, tokens, written["step"], temperature, db_stats))
+      written[name] = {"path": os.path.join(out, name), "tensors": len(tensors)}
+    _replace_dir(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  log.info("exported step %d of %s to %s", written["step"], workdir, out)
+  return written
+
+
+def _read_tensors(folder: str) -> dict[str, np.ndarray]:
+  torch, _, safetensors = hf.require()
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.exists(os.path.join(folder, "model.safetensors")):
+    files = ["model.safetensors"]
+  elif os.path.exists(os.path.join(folder, "pytorch_model.bin")):
+    files = []
+  else:
+    raise ExportError(f"{folder} holds no model.safetensors(.index.json) or pytorch_model.bin.")
+  state = {}
+  for name in files:
+    state.update(safetensors.torch.load_file(os.path.join(folder, name)))
+  if not files:
+    state = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
+
+
+def _read_checkpoint(folder: str) -> hf.Checkpoint:
+  _, transformers, _ = hf.require()
+  path = os.path.join(folder, "config.json")
+  if not os.path.exists(path):
+    raise ExportError(f"{folder} has no config.json; give a folder written by save_pretrained "
+                      "(or one with retrieval/ and captioning/ such folders).")
+  with open(path) as f:
+    model_type = json.load(f).get("model_type")
+  if model_type != "blip":
+    raise ExportError(f"{folder} holds a {model_type!r} model, not a BLIP (model_type 'blip') one.")
+  return hf.Checkpoint(folder, transformers.BlipConfig.from_pretrained(folder), _read_tensors(folder))
+
+
+def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Initialise `workdir` from HF BLIP weights: writes workdir/init_params (and config.json),
+  which `klip train` starts from; returns what was and was not imported.
+
+  `hf_dir` is one save_pretrained folder (retrieval or captioning) or a folder holding
+  retrieval/ and captioning/ ones (as `export_workdir` writes); see hf.import_plan for which
+  tensors come from where.
+  """
+  hf.require()
+  folders = [os.path.join(hf_dir, n) for n in _MODELS if os.path.isdir(os.path.join(hf_dir, n))] or [hf_dir]
+  sources = [_read_checkpoint(folder) for folder in folders]
+  for source in sources:
+    hf.check_compatible(config.model, source)
+  run = loop.setup(config, workdir)
+  manager = loop.checkpoint_manager(workdir, config)
+  steps = sorted(manager.all_steps())
+  manager.close()
+  if steps:
+    raise ExportError(f"{workdir} already has checkpoints (steps {steps}), which klip train would "
+                      "resume from; import into a new --workdir.")
+  tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
+  _, state, shardings = state_lib.create(config, run.codec.vocab_size, tx, run.mesh)
+  fresh = jax.device_get(state.params.to_pure_dict())
+  flat, report = hf.from_hf(hf.import_plan(config.model, sources), hf.flatten(fresh, config.model))
+  values = jax.tree.map(jax.device_put, hf.unflatten(flat, fresh, config.model),
+                        shardings.params.to_pure_dict())
+  nnx.replace_by_pure_dict(state.params, values)
+  path = loop.init_params_path(workdir)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(tmp, state.params)
+    _replace_dir(tmp, path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  loop.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  log.info("imported %d tensors from %s into %s", len(report.imported), hf_dir, path)
+  return {"init_params": path, "sources": [s.name for s in sources], "imported": len(report.imported),
+          "not_imported": report.not_imported, "adapted": report.adapted}

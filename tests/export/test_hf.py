@@ -1,0 +1,234 @@
+"""Hugging Face BLIP export/import: parity against transformers (the independent reference).
+
+Both directions start from non-trivial random weights (init_std 0.1 in the tiny config, random
+biases and LayerNorm scales) so a wrong mapping cannot pass by accident. "Base shapes" tests use
+configs/base.py's widths, heads, image size and position table but, to stay fast on CPU, fp32,
+ONE layer per tower and a 300-token vocabulary. Max abs differences are logged at INFO: run
+`pytest tests/export -o log_cli=true --log-cli-level=INFO` to see them.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from klip_jax import config as config_lib
+from klip_jax.data.tokenizer import TextCodec
+from klip_jax.errors import ConfigError, ExportError
+from klip_jax.export import commands, hf
+from klip_jax.train import loop
+from klip_jax.train import state as state_lib
+from tests.export import parity
+
+GEN_LEN = 10
+TIED = {"text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"}
+HF_CLASSES = {"retrieval": transformers.BlipForImageTextRetrieval,
+              "captioning": transformers.BlipForConditionalGeneration}
+ENTRIES = {"retrieval": hf.retrieval_entries, "captioning": hf.captioning_entries}
+
+
+@pytest.fixture
+def tiny(tiny_data, tiny_tokenizer):
+  config = config_lib.load("configs/tiny.py")
+  config.data.update(data_dir=tiny_data, tokenizer=tiny_tokenizer)
+  return config
+
+
+def _base_shapes():
+  config = config_lib.load("configs/base.py")
+  config.model.dtype = "float32"
+  config.model.vision.depth = config.model.text.depth = 1
+  return config, 300
+
+
+def _hf_from_klip(config, vocab, params):
+  """transformers models holding klip_jax `params`, through the export mapping."""
+  flat = hf.flatten(params, config.model)
+  blip = hf.blip_config(config.model, vocab, parity.TOKENS)
+  models = {}
+  for name, cls in HF_CLASSES.items():
+    model = cls(blip).eval()
+    tensors = {k: torch.from_numpy(v) for k, v in hf.to_hf(flat, ENTRIES[name](config.model)).items()}
+    result = model.load_state_dict(tensors, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= TIED, result
+    models[name] = model
+  return models
+
+
+def _random_hf(config, vocab, seed, *, shared_decoder):
+  """Random transformers BLIP models; with `shared_decoder` the captioning decoder shares all
+  but its self-attention with the retrieval text encoder, as a BLIP-pretrained pair does."""
+  blip = hf.blip_config(config.model, vocab, parity.TOKENS)
+  torch.manual_seed(seed)
+  models = {name: cls(blip).eval() for name, cls in HF_CLASSES.items()}
+  for i, model in enumerate(models.values()):
+    parity.perturb_torch(model, seed + i)
+  retrieval, captioning = models["retrieval"], models["captioning"]
+  captioning.vision_model.load_state_dict(retrieval.vision_model.state_dict())
+  if shared_decoder:
+    encoder = {k: v for k, v in retrieval.text_encoder.state_dict().items() if ".attention." not in k}
+    result = captioning.text_decoder.bert.load_state_dict(encoder, strict=False)
+    assert all(".attention." in k or k.endswith("position_ids") for k in result.missing_keys)
+  return models
+
+
+def _checkpoints(models):
+  return [hf.Checkpoint(name, model.config, {k: v.numpy() for k, v in model.state_dict().items()})
+          for name, model in models.items()]
+
+
+def _klip_from_hf(config, vocab, models):
+  template = parity.random_params(config, vocab, seed=99)
+  plan = hf.import_plan(config.model, _checkpoints(models))
+  flat, report = hf.from_hf(plan, hf.flatten(template, config.model))
+  return hf.unflatten(flat, template, config.model), report
+
+
+def _compare(config, vocab, klip_params, models, label, tokens=parity.TOKENS):
+  x = parity.inputs(config, vocab, tokens, seed=5)
+  ours = parity.klip_outputs(config, vocab, klip_params, x, tokens, GEN_LEN)
+  theirs = parity.hf_outputs(models["retrieval"], models["captioning"], x, tokens, GEN_LEN)
+  return parity.assert_parity(ours, theirs, label)
+
+
+def test_export_workdir_loads_in_transformers_and_matches(tiny, tmp_path):
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
+  run = loop.setup(tiny, workdir)
+  vocab, tokens = run.codec.vocab_size, hf.SpecialTokens.from_codec(run.codec)
+  tx, _ = state_lib.make_optimizer(tiny.optim, tiny.train.steps)
+  _, abstract, shardings = state_lib.abstract_state(tiny, vocab, tx, run.mesh)
+  # A "trained" state: random parameters, zero optimizer state, at step 7.
+  state = jax.tree.map(lambda a, s: jax.device_put(np.full(a.shape, 7 if a.dtype == np.int32 else 0, a.dtype), s),
+                       abstract, shardings)
+  params = parity.random_params(tiny, vocab, seed=1)
+  nnx.replace_by_pure_dict(state.params, jax.tree.map(jax.device_put, params, shardings.params.to_pure_dict()))
+  with loop.checkpoint_manager(workdir, tiny) as manager:
+    manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  loop.write_atomic(os.path.join(workdir, "config.json"), tiny.to_json_best_effort())
+
+  written = commands.export_workdir(workdir, out)  # the config comes from workdir/config.json
+
+  assert written["step"] == 7 and sorted(os.listdir(out)) == ["captioning", "retrieval"]
+  models = {}
+  for name, cls in HF_CLASSES.items():
+    folder = os.path.join(out, name)
+    assert {"model.safetensors", "config.json", "tokenizer.model", "README.md"} <= set(os.listdir(folder))
+    models[name], info = cls.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert TextCodec(os.path.join(folder, "tokenizer.model"), 8).vocab_size == vocab
+    with open(os.path.join(folder, "README.md")) as f:
+      readme = f.read()
+    assert f"PAD, DEC, SEP, CLS, ENC = {tokens.pad}, {tokens.dec}, {tokens.sep}, {tokens.cls}, {tokens.enc}" in readme
+  text = models["captioning"].config.text_config
+  assert (text.bos_token_id, text.sep_token_id, text.pad_token_id) == (tokens.dec, tokens.sep, tokens.pad)
+  _compare(tiny, vocab, params, models, "export tiny", tokens)
+
+
+def test_import_hf_initialises_a_workdir_that_matches(tiny, tmp_path):
+  codec = TextCodec(tiny.data.tokenizer, tiny.data.max_len)
+  tokens = hf.SpecialTokens.from_codec(codec)
+  models = _random_hf(tiny, codec.vocab_size, seed=4, shared_decoder=True)
+  for name, model in models.items():
+    model.save_pretrained(str(tmp_path / "hf" / name))
+
+  result = commands.import_hf(str(tmp_path / "hf"), tiny, str(tmp_path / "run"))
+
+  assert result["not_imported"] == {"temp": "no BLIP counterpart"}
+  assert any("summed to one channel" in note for note in result["adapted"])
+  with open(tmp_path / "run" / "config.json") as f:
+    assert json.load(f)["model"] == json.loads(tiny.to_json_best_effort())["model"]
+  # Read back the way klip train does when it starts from imported weights.
+  tx, _ = state_lib.make_optimizer(tiny.optim, tiny.train.steps)
+  run = loop.setup(tiny, str(tmp_path / "run"))
+  _, abstract, shardings = state_lib.abstract_state(tiny, codec.vocab_size, tx, run.mesh)
+  params = loop.restore_params(result["init_params"], abstract.params, shardings.params)
+  _compare(tiny, codec.vocab_size, jax.device_get(params.to_pure_dict()), models, "import tiny", tokens)
+
+
+def test_other_layouts_export_and_import(tiny):
+  # A separate decoder, split q/k/v vision attention, scanned towers, tanh GELU, other epsilons:
+  # all expressed through the HF config or a layout change, never by editing numbers.
+  tiny.model.share_decoder = False
+  tiny.model.vision.update(fused_qkv=False, scan_layers=True, approximate_gelu=True, ln_eps=1e-6)
+  tiny.model.text.update(scan_layers=True, approximate_gelu=True, ln_eps=1e-7)
+  params = parity.random_params(tiny, 64, seed=2)
+  models = _hf_from_klip(tiny, 64, params)
+  assert models["captioning"].config.vision_config.hidden_act == "gelu_pytorch_tanh"
+  _compare(tiny, 64, params, models, "export tiny (separate decoder, split qkv, scan, tanh)")
+  models = _random_hf(tiny, 64, seed=6, shared_decoder=False)
+  params, report = _klip_from_hf(tiny, 64, models)
+  assert set(report.not_imported) == {"temp", "text/lm_head/transform/kernel", "text/lm_head/transform/bias",
+                                      "text/lm_head/norm/scale", "text/lm_head/norm/bias", "text/lm_head/bias"}
+  _compare(tiny, 64, params, models, "import tiny (separate decoder, split qkv, scan, tanh)")
+
+
+def test_base_shapes_export_and_import():
+  config, vocab = _base_shapes()
+  params = parity.random_params(config, vocab, seed=3)
+  _compare(config, vocab, params, _hf_from_klip(config, vocab, params), "export base shapes")
+  models = _random_hf(config, vocab, seed=7, shared_decoder=True)
+  params, _ = _klip_from_hf(config, vocab, models)
+  _compare(config, vocab, params, models, "import base shapes")
+
+
+def test_import_keeps_fresh_embeddings_for_another_vocabulary(tiny):
+  models = _random_hf(tiny, 80, seed=8, shared_decoder=True)
+  template = parity.random_params(tiny, 64, seed=9)
+  plan = hf.import_plan(tiny.model, _checkpoints(models))
+  flat, report = hf.from_hf(plan, hf.flatten(template, tiny.model))
+  skipped = {"text/word_embed/embedding", "text/lm_head/bias"}
+  assert set(report.not_imported) == skipped | {"temp"}
+  assert all("vocabulary differs" in report.not_imported[k] for k in skipped)
+  for k in skipped:
+    np.testing.assert_array_equal(flat[k], hf.flatten(template, tiny.model)[k])
+
+
+def test_import_from_another_image_size_and_rgb(tiny):
+  # The checkpoint is 48 px (6x6 patches), the config 32 px (4x4): positions are interpolated
+  # and the RGB patch kernel becomes one channel that sees a grey image as RGB does.
+  config_48 = config_lib.load("configs/tiny.py")
+  config_48.model.vision.image_size = 48
+  models = _random_hf(config_48, 64, seed=10, shared_decoder=True)
+  params, report = _klip_from_hf(tiny, 64, models)
+  pos = params["vision"]["pos_embed"]
+  assert pos.shape == (1, 17, 64)
+  hf_pos = models["retrieval"].vision_model.embeddings.position_embedding.detach().numpy()
+  np.testing.assert_array_equal(pos[:, 0], hf_pos[:, 0])
+  assert any("6x6 -> 4x4" in note for note in report.adapted)
+  model, _ = parity.klip_model(tiny, 64, params)
+  grey = np.random.default_rng(0).standard_normal((2, 32, 32, 1)).astype(np.float32)
+  ours = np.asarray(model.vision.patch_embed(grey)).reshape(2, 16, 64)
+  with torch.no_grad():
+    rgb = torch.from_numpy(np.repeat(grey.transpose(0, 3, 1, 2), 3, axis=1))
+    theirs = models["retrieval"].vision_model.embeddings.patch_embedding(rgb).flatten(2).transpose(1, 2)
+  np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-4)
+
+
+def test_a_mismatched_width_names_the_config_field(tiny, tmp_path):
+  other = config_lib.load("configs/tiny.py")
+  other.model.text.update(width=96, heads=3)
+  blip = hf.blip_config(other.model, 64, parity.TOKENS)
+  transformers.BlipForImageTextRetrieval(blip).save_pretrained(str(tmp_path / "hf"))
+  with pytest.raises(ConfigError, match=r"config\.model\.text\.width=64 .*text_config\.hidden_size=96"):
+    commands.import_hf(str(tmp_path / "hf"), tiny, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_missing_export_dependencies_say_how_to_install(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, "transformers", None)
+  with pytest.raises(ExportError, match=r"pip install -e '\.\[export\]'"):
+    commands.export_workdir(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_export_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
+  (tmp_path / "notes.txt").write_text("keep me")
+  with pytest.raises(ExportError, match="not an earlier export"):
+    commands.export_workdir(str(tmp_path / "run"), str(tmp_path))
+  assert (tmp_path / "notes.txt").read_text() == "keep me"
