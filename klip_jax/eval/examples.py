@@ -35,10 +35,6 @@ class Split:
   def __len__(self) -> int:
     return len(self.records)
 
-  @property
-  def scene_types(self) -> np.ndarray:
-    return np.asarray([r["scene_type"] for r in self.records])
-
 
 def true_text(record: dict) -> tuple[list[str], str, list[tuple[int, int]]]:
   """(true keywords, true caption, its keyword spans) of a record."""
