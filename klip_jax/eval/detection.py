@@ -19,16 +19,13 @@ import numpy as np
 import optax
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from scipy.special import expit
 
 log = logging.getLogger(__name__)
 
 HIDDEN = 128
 COCO_MAX_DETS = 100  # COCOeval's per-image, per-class cap for stats[1]
 _HEAT_PRIOR_BIAS = -math.log((1 - 0.1) / 0.1)  # CenterNet: start every heatmap cell at p = 0.1
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-  return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 def map_at_50(gt_boxes: list[np.ndarray], gt_classes: list[np.ndarray], det_boxes: list[np.ndarray],
@@ -168,12 +165,12 @@ def decode(outputs: np.ndarray, *, image_size: int, num_classes: int,
   outputs = np.asarray(outputs, np.float64)
   n, grid = outputs.shape[0], outputs.shape[1]
   cell = image_size / grid
-  heat = _sigmoid(outputs[..., :num_classes])
+  heat = expit(outputs[..., :num_classes])
   padded = np.pad(heat, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
   pooled = np.max([padded[:, dy:dy + grid, dx:dx + grid] for dy in range(3) for dx in range(3)], axis=0)
   peak = heat == pooled
   size = np.exp(np.clip(outputs[..., num_classes:num_classes + 2], -10, 10)) * cell
-  offset = _sigmoid(outputs[..., num_classes + 2:])
+  offset = expit(outputs[..., num_classes + 2:])
   all_boxes, all_classes, all_scores = [], [], []
   for i in range(n):
     flat = np.where(peak[i], heat[i], -1.0).reshape(-1)  # index = (row * g + col) * C + class

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from klip_jax.data import builder, world  # noqa: E402
-from klip_jax.train import scio  # noqa: E402
+from klip_jax.train import loop, scio  # noqa: E402
 
 HEADLINES = {
     "retrieval": ("r_mean", "i2t_r1", "t2i_r1", "itc_r_mean"),
@@ -80,10 +80,7 @@ def write(folder: str, results: dict, details: dict, test, i2t_scores, metrics_p
   if questions:
     text += ["VQA questions (zero-shot, ranked answers):", *questions, ""]
   text += [f"![{name}]({name})" for name in plots]
-  tmp = os.path.join(folder, f"report.md.tmp-{os.getpid()}")
-  with open(tmp, "w") as f:
-    f.write("\n".join(text) + "\n")
-  os.replace(tmp, os.path.join(folder, "report.md"))
+  loop.write_atomic(os.path.join(folder, "report.md"), "\n".join(text) + "\n")
 
 
 def _save(folder: str, name: str, fig) -> str:

@@ -15,9 +15,6 @@ from klip_jax.eval import metrics
 from klip_jax.eval.examples import Split
 from klip_jax.eval.runner import ModelRunner
 
-_PAIRS_PER_CALL = 4096  # host memory bound: image tokens are gathered per pair
-
-
 def rerank(similarity: np.ndarray, k: int, score_pairs) -> np.ndarray:
   """Scores [Q, C] where each query's top-k candidates by `similarity` hold
   score_pairs(query_idx, candidate_idx) + similarity and the rest -inf."""
@@ -26,8 +23,7 @@ def rerank(similarity: np.ndarray, k: int, score_pairs) -> np.ndarray:
   top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
   queries = np.repeat(np.arange(q), k)
   candidates = top.reshape(-1)
-  itm = np.concatenate([score_pairs(queries[s:s + _PAIRS_PER_CALL], candidates[s:s + _PAIRS_PER_CALL])
-                        for s in range(0, len(queries), _PAIRS_PER_CALL)])
+  itm = score_pairs(queries, candidates)
   scores = np.full((q, c), -np.inf, np.float32)
   scores[queries, candidates] = itm + similarity[queries, candidates]
   return scores
@@ -40,7 +36,7 @@ def evaluate(runner: ModelRunner, split: Split, image_tokens: np.ndarray, image_
   ids = split.text_ids
 
   def i2t_pairs(images, texts):
-    return runner.itm_logits(image_tokens[images], ids[texts])[:, 1]
+    return runner.itm_logits(image_tokens, ids[texts], rows=images)[:, 1]
 
   i2t = rerank(similarity, rerank_k, i2t_pairs)
   t2i = rerank(similarity.T, rerank_k, lambda texts, images: i2t_pairs(images, texts))

@@ -22,6 +22,8 @@ from klip_jax.model import decode
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train.step import TokenIds
 
+_PAIRS_PER_CALL = 4096  # pairs whose image tokens are gathered on the host at a time
+
 
 class ModelRunner:
   """Batched image/text encoders, ITM, decoder likelihoods and caption generation of one
@@ -72,17 +74,27 @@ class ModelRunner:
     pad = self.tokens.pad
     return self._call("text", lambda m, x: m.encode_text(x, x != pad)[1], ids)
 
-  def itm_logits(self, image_tokens: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Match/no-match logits [N, 2] of pairs (image_tokens[i], ids[i]); ids start with [CLS]."""
+  def _pairs(self, name: str, fn: Callable, image_tokens: np.ndarray, ids: np.ndarray,
+             rows: np.ndarray | None):
+    """fn over pairs (image_tokens[rows[i]], ids[i]) (rows default: i). The pairs' image tokens
+    are gathered a slice at a time: all of them at once would not fit host memory at base size."""
+    if rows is None:
+      return self._call(name, fn, image_tokens, ids)
+    return np.concatenate([self._call(name, fn, image_tokens[rows[s:s + _PAIRS_PER_CALL]],
+                                      ids[s:s + _PAIRS_PER_CALL])
+                           for s in range(0, len(rows), _PAIRS_PER_CALL)])
+
+  def itm_logits(self, image_tokens: np.ndarray, ids: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Match/no-match logits [N, 2] of the pairs (image rows[i], ids[i]); ids start with [CLS]."""
     pad, enc = self.tokens.pad, self.tokens.enc
 
     def fn(m, image, x):
       return m.itm_logits(x.at[:, 0].set(enc), x != pad, image.astype(m.vision.dtype))
-    return self._call("itm", fn, image_tokens, ids)
+    return self._pairs("itm", fn, image_tokens, ids, rows)
 
-  def token_logprobs(self, image_tokens: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """log p(ids[:, t] | image, ids[:, :t]) for t >= 1 under the causal decoder ([N, L - 1]);
-    ids start with any special token (replaced by [DEC]); padding positions give 0."""
+  def token_logprobs(self, image_tokens: np.ndarray, ids: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """log p(ids[:, t] | image rows[i], ids[:, :t]) for t >= 1 under the causal decoder
+    ([N, L - 1]); ids start with any special token (replaced by [DEC]); padding gives 0."""
     pad, dec = self.tokens.pad, self.tokens.dec
 
     def fn(m, image, x):
@@ -90,7 +102,7 @@ class ModelRunner:
       logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
       picked = jnp.take_along_axis(logp, x[:, 1:, None], axis=-1)[..., 0]
       return jnp.where(x[:, 1:] != pad, picked, 0.0)
-    return self._call("logprobs", fn, image_tokens, ids)
+    return self._pairs("logprobs", fn, image_tokens, ids, rows)
 
   def generate(self, image_tokens: np.ndarray, *, max_len: int, beam_size: int,
                length_penalty: float = 1.0) -> np.ndarray:

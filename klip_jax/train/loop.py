@@ -100,10 +100,13 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
           max_to_keep=config.train.keep, enable_async_checkpointing=True))
 
 
+def _sharded_target(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract, shardings, iterator=None):
   """The train state (sharded like `shardings`) and, if given, the iterator at `step`."""
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  items = {"state": ocp.args.StandardRestore(target)}
+  items = {"state": ocp.args.StandardRestore(_sharded_target(abstract, shardings))}
   if iterator is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(iterator)
   return manager.restore(step, args=ocp.args.Composite(**items))["state"]
@@ -116,9 +119,8 @@ def init_params_path(workdir: str) -> str:
 
 def restore_params(path: str, abstract, shardings):
   """Parameters saved with orbax's StandardSave at `path`, sharded like `shardings`."""
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(path, target)
+    return checkpointer.restore(path, _sharded_target(abstract, shardings))
 
 
 def _log_metrics(writer: SummaryWriter, path: str, step: int, metrics: dict) -> None:

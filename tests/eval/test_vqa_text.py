@@ -141,7 +141,8 @@ class FakeRunner:
     self.templates = knowledge.TEMPLATES[question.scene_type][question.field]
     self.rows = 0
 
-  def token_logprobs(self, image_tokens, ids):
+  def token_logprobs(self, image_tokens, ids, rows):
+    image_tokens = image_tokens[rows]
     out = np.full((len(ids), ids.shape[1] - 1), -5.0, np.float32)
     for r in range(len(ids)):
       keyword = self.favour[int(image_tokens[r, 0, 0])]
