@@ -13,7 +13,10 @@ setup(
     description="JAX/Flax reimplementation of FUSAR-KLIP (SAR vision-language pretraining with SCIO)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["klip_jax", "klip_jax.*"]),
+    # configs/ ships inside the package as klip_jax.configs, so `klip` finds its configs from
+    # any working directory and in non-editable installs too.
+    packages=[*find_packages(include=["klip_jax", "klip_jax.*"]), "klip_jax.configs"],
+    package_dir={"klip_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[
         f"jax=={JAX_VERSION}",
@@ -29,6 +32,7 @@ setup(
         "einops==0.8.2",
         "ml-collections==1.1.0",
         "absl-py>=2.1",
+        "etils[epath]>=1.7",  # klip_jax.io: atomic writes on local or bucket paths
         "tqdm>=4.66",
         "numpy>=1.26",
         "scipy>=1.11",
@@ -43,7 +47,7 @@ setup(
         "pycocoevalcap>=1.2",  # captioning BLEU / CIDEr
     ],
     extras_require={
-        "test": ["pytest>=8.0", "hypothesis>=6.100", *EXPORT],
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "ruff==0.17.6", *EXPORT],
         "export": EXPORT,
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
     },

@@ -1,11 +1,13 @@
-"""KLIP-base as in the paper: ViT-B/16 at 224 px + BERT-base, 180 text tokens."""
+"""KLIP-base as in the paper: ViT-B/16 + BERT-base, 180 text tokens.
 
-from klip_jax.config import default_config
+Variants: `base.py` (224 px chips), `base.py:384` (384 px, BLIP's fine-tuning resolution)."""
+
+from klip_jax.config import default_config, variant
 
 
 def get_config(arg=None):
-  del arg
   c = default_config()  # the defaults are the base model
+  c.model.vision.image_size = c.data.synth.image_size = int(variant(arg, ("224", "384")))
   c.model.dtype = "bfloat16"
   c.data.max_len = 180
   return c

@@ -14,15 +14,10 @@ import sys
 from klip_jax.errors import KlipError
 
 
-def _data_synth(args) -> None:
-  from klip_jax.data import builder, world
+def _data_synth(args, config) -> None:
+  from klip_jax.data import builder, prepare
 
-  settings = builder.SynthSettings(
-      num_examples={"train": args.num_train, "val": args.num_val, "test": args.num_test},
-      seed=args.seed, noise_rate=args.noise_rate,
-      world=world.WorldConfig(image_size=args.image_size,
-                              resolution_m=(args.resolution_min, args.resolution_max),
-                              looks=args.looks))
+  settings = prepare.synth_settings(config.data.synth)
   path = builder.build(args.out, settings)
   meta = builder.metadata(args.out)
   print(f"dataset at {path}: {settings.num_examples}, train dB mean {meta['db_mean']:.2f} "
@@ -39,13 +34,9 @@ def _data_ingest(args) -> None:
 
 
 def _data_tokenizer(args) -> None:
-  from klip_jax.data import builder, records, tokenizer
+  from klip_jax.data import prepare
 
-  source = builder.open_split(args.data, "train")
-  captions = (records.from_example(source[i], decode_rasters=False)["caption"]
-              for i in range(len(source)))
-  tokenizer.train_sentencepiece(captions, args.vocab_size, args.out)
-  codec = tokenizer.TextCodec(args.out, max_len=8)
+  codec = prepare.train_tokenizer(args.data, args.vocab_size, args.out)
   print(f"tokenizer at {args.out}: {codec.vocab_size} pieces (at most {args.vocab_size} asked)")
 
 
@@ -69,11 +60,11 @@ def _bench_pipeline(args) -> None:
   print(json.dumps(result))
 
 
-def _pretrain(args, overrides) -> None:
+def _pretrain(args, config) -> None:
   from klip_jax.eval import report
-  from klip_jax.train import pretrain
+  from klip_jax.jobs import pretrain
 
-  results = pretrain.pretrain(_load_config(args.config, overrides), args.workdir, stop_at=args.stop_at)
+  results = pretrain.pretrain(config, args.workdir, stop_at=args.stop_at)
   if results is None:
     print(f"stopped at step {args.stop_at}; run the same command again to continue")
   else:
@@ -81,50 +72,42 @@ def _pretrain(args, overrides) -> None:
     print(f"results, report and plots in {os.path.join(args.workdir, 'eval')}")
 
 
-def _workdir_config(workdir: str):
-  from klip_jax import config as config_lib
+def _train(args, config) -> None:
+  from klip_jax.jobs import train
 
-  return config_lib.load_saved(os.path.join(workdir, "config.json"))
-
-
-def _relabel(args) -> None:
-  from klip_jax.train import loop, scio
-
-  run, graph, state = loop.restore(_workdir_config(args.workdir), args.workdir)
-  entries = scio.relabel_restored(run, graph, state, args.split)
-  round_index = max(scio.rounds(args.workdir), default=0) + 1
-  path = scio.write_overlay(args.workdir, round_index, entries)
-  print(f"round {round_index} ({len(entries)} captions, step {int(state.step)}) -> {path}")
-  print(json.dumps(scio.repair_metrics(entries)))
+  print(json.dumps(train.train(config, args.workdir, stop_at=args.stop_at)))
 
 
-def _eval(args, overrides) -> None:
-  from klip_jax.eval import benchmark, report
+def _relabel(args, config) -> None:
+  from klip_jax.jobs import relabel
 
-  if overrides and not args.config:
-    from klip_jax.errors import ConfigError
-    raise ConfigError("config overrides need --config (without it the workdir's saved config is used).")
-  config = _load_config(args.config, overrides) if args.config else _workdir_config(args.workdir)
+  out = relabel.relabel(config, args.workdir, args.split)
+  print(f"round {out['round']} ({out['captions']} captions, step {out['step']}) -> {out['path']}")
+  print(json.dumps(out["metrics"]))
+
+
+def _eval(args, config) -> None:
+  from klip_jax.eval import report, suite
+
   if args.tasks:
     config.eval.tasks = args.tasks
-  results = benchmark.run(config, args.workdir, step=args.step)
+  results = suite.run(config, args.workdir, step=args.step)
   print(report.table(results, {}))
   print(f"results, report and plots in {os.path.join(args.workdir, 'eval')}")
 
 
-def _export(args, overrides) -> None:
+def _export(args, config) -> None:
   from klip_jax.export import commands
 
-  config = _load_config(args.config, overrides) if args.config else None
   result = commands.export_workdir(args.workdir, args.out, step=args.step, config=config)
   print(f"step {result['step']}: {result['retrieval']['path']} (BlipForImageTextRetrieval), "
         f"{result['captioning']['path']} (BlipForConditionalGeneration)")
 
 
-def _import_hf(args, overrides) -> None:
+def _import_hf(args, config) -> None:
   from klip_jax.export import commands
 
-  result = commands.import_hf(args.hf_dir, _load_config(args.config, overrides), args.workdir)
+  result = commands.import_hf(args.hf_dir, config, args.workdir)
   print(f"{result['imported']} tensors imported into {result['init_params']}; "
         f"klip train --workdir {args.workdir} starts from them")
   for name, reason in result["not_imported"].items():
@@ -156,55 +139,33 @@ def _captions_diff(args) -> None:
   print(f"{shown} changed captions shown (limit {args.limit})")
 
 
-def _bench_train(args, overrides) -> None:
+def _bench_train(args, config) -> None:
   from klip_jax.bench import train as bench_train
 
-  config = _load_config(args.config, overrides)
   print(json.dumps(bench_train.throughput(config, args.vocab_size, args.steps)))
 
 
-def _bench_memory(args, overrides) -> None:
-  import os
-
-  # Virtual CPU devices must be requested before jax initialises its backend.
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={args.host_devices}")
+def _bench_memory(args, config) -> None:
   from klip_jax.bench import train as bench_train
 
-  config = _load_config(args.config, overrides)
   devices = bench_train.tpu_devices(args.topology) if args.topology else None
   for shape in args.mesh:
     mesh_shape = tuple(int(x) for x in shape.split(","))
     print(json.dumps(bench_train.compiled_memory(config, args.vocab_size, mesh_shape, devices)))
 
 
-def _load_config(path: str, overrides: list[str]):
-  """A config file with `--config.a.b=value` overrides, parsed by ml_collections' flags."""
-  from absl import flags
-  from ml_collections import config_flags
-
+def _config(args, overrides: list[str]):
+  """The command's config, loaded (and every problem in it reported) before any work starts:
+  --config FILE[:variant] with overrides, else the workdir's saved config.json."""
+  from klip_jax import config as config_lib
   from klip_jax.errors import ConfigError
 
-  if not path:
-    raise ConfigError("give a config file: --config configs/tiny.py")
-  bad = [o for o in overrides if not o.startswith("--config.")]
-  if bad:
-    raise ConfigError(f"unrecognised arguments {bad}; config overrides look like --config.train.steps=50")
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", default=path, flag_values=values)
-  try:
-    values(["klip", f"--config={path}", *overrides])
-  except (flags.Error, KeyError, TypeError, ValueError, AttributeError) as e:
-    reason = e.args[0] if isinstance(e, KeyError) and e.args else e
-    raise ConfigError(f"bad config {path} {' '.join(overrides)}: {reason}") from None
-  return values.config
-
-
-def _train(args, overrides) -> None:
-  from klip_jax.train import loop
-
-  last = loop.train(_load_config(args.config, overrides), args.workdir, stop_at=args.stop_at)
-  print(json.dumps(last))
+  if args.config:
+    return config_lib.load(args.config, overrides)
+  if overrides:
+    raise ConfigError(f"config overrides {overrides} need --config (without it the workdir's saved "
+                      "config is used).")
+  return config_lib.load_saved(os.path.join(args.workdir, "config.json"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -213,18 +174,10 @@ def _parser() -> argparse.ArgumentParser:
 
   data = commands.add_parser("data", help="build, tokenise and look at datasets").add_subparsers(
       dest="data_command", required=True)
-  synth = data.add_parser("synth", help="write the embedded synthetic SAR world as ArrayRecord")
+  synth = data.add_parser("synth", help="write the embedded synthetic SAR world as ArrayRecord "
+                                         "(sizes, noise, image size: config.data.synth)")
   synth.add_argument("--out", required=True, help="dataset folder")
-  synth.add_argument("--num-train", type=int, default=2000)
-  synth.add_argument("--num-val", type=int, default=200)
-  synth.add_argument("--num-test", type=int, default=200)
-  synth.add_argument("--seed", type=int, default=0)
-  synth.add_argument("--noise-rate", type=float, default=0.0,
-                     help="fraction of caption clauses given a wrong keyword")
-  synth.add_argument("--image-size", type=int, default=128)
-  synth.add_argument("--resolution-min", type=float, default=1.0, help="metres per pixel")
-  synth.add_argument("--resolution-max", type=float, default=10.0, help="metres per pixel")
-  synth.add_argument("--looks", type=int, default=4, help="number of looks of the speckle")
+  _config_arg(synth, "demo.py", "its data.synth section; e.g. --config.data.synth.num_train=2000")
   synth.set_defaults(run=_data_synth)
 
   ing = data.add_parser("ingest", help="write real chips listed in a JSONL manifest as ArrayRecord")
@@ -247,47 +200,47 @@ def _parser() -> argparse.ArgumentParser:
   show.set_defaults(run=_data_show)
 
   train = commands.add_parser("train", help="train KLIP (resumes from the workdir's latest checkpoint)")
-  train.add_argument("--config", required=True, help="configs/*.py; override fields with --config.a.b=v")
+  _config_arg(train, None, "required")
   train.add_argument("--workdir", required=True)
   train.add_argument("--distributed", action="store_true",
                       help="multi-host: call jax.distributed.initialize() first (see launch/)")
   train.add_argument("--stop-at", type=int, default=None,
                      help="stop (checkpointed) at this step; running again resumes exactly")
-  train.set_defaults(run=_train, takes_overrides=True)
+  train.set_defaults(run=_train)
 
   pre = commands.add_parser("pretrain", help="the main job: data, tokenizer, SCIO A->B->C, evaluation")
-  pre.add_argument("--config", default="configs/demo.py")
+  _config_arg(pre, "demo.py", "the README's main job")
   pre.add_argument("--workdir", required=True)
   pre.add_argument("--distributed", action="store_true",
                       help="multi-host: call jax.distributed.initialize() first (see launch/)")
   pre.add_argument("--stop-at", type=int, default=None)
-  pre.set_defaults(run=_pretrain, takes_overrides=True)
+  pre.set_defaults(run=_pretrain)
 
   rel = commands.add_parser("relabel", help="one SCIO round over a split from the latest checkpoint")
   rel.add_argument("--workdir", required=True)
   rel.add_argument("--split", default="train")
+  _config_arg(rel, "", "default: the workdir's saved config.json")
   rel.set_defaults(run=_relabel)
 
   ev = commands.add_parser("eval", help="the downstream benchmark: results.json, report.md, plots")
   ev.add_argument("--workdir", required=True)
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   ev.add_argument("--tasks", default="", help="comma-separated subset (default: config.eval.tasks)")
-  ev.add_argument("--config", default="",
-                  help="a config file instead of the workdir's saved config.json (for overrides)")
-  ev.set_defaults(run=_eval, takes_overrides=True)
+  _config_arg(ev, "", "default: the workdir's saved config.json")
+  ev.set_defaults(run=_eval)
 
   exp = commands.add_parser("export", help="Hugging Face BLIP (PyTorch) folders: retrieval/ and captioning/")
   exp.add_argument("--workdir", required=True)
   exp.add_argument("--out", required=True, help="folder to write (replaced only if an earlier export)")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  exp.add_argument("--config", default="", help="a config file instead of the workdir's config.json")
-  exp.set_defaults(run=_export, takes_overrides=True)
+  _config_arg(exp, "", "default: the workdir's saved config.json")
+  exp.set_defaults(run=_export)
 
   imp = commands.add_parser("import-hf", help="start a workdir from a Hugging Face BLIP checkpoint")
   imp.add_argument("hf_dir", help="a save_pretrained folder, or one holding retrieval/ and captioning/")
-  imp.add_argument("--config", required=True, help="configs/*.py matching the checkpoint's widths")
+  _config_arg(imp, None, "one matching the checkpoint's widths, e.g. configs/base.py")
   imp.add_argument("--workdir", required=True)
-  imp.set_defaults(run=_import_hf, takes_overrides=True)
+  imp.set_defaults(run=_import_hf)
 
   captions = commands.add_parser("captions", help="inspect caption overlays").add_subparsers(
       dest="captions_command", required=True)
@@ -309,13 +262,13 @@ def _parser() -> argparse.ArgumentParser:
   pipe.add_argument("--workers", type=int, default=0)
   pipe.set_defaults(run=_bench_pipeline)
   step = bench.add_parser("train", help="steps/s and images/s of the train step (random inputs)")
-  step.add_argument("--config", required=True)
+  _config_arg(step, None, "required")
   step.add_argument("--vocab-size", type=int, default=2000)
   step.add_argument("--steps", type=int, default=20)
-  step.set_defaults(run=_bench_train, takes_overrides=True)
+  step.set_defaults(run=_bench_train)
 
   memory = bench.add_parser("memory", help="compiled per-device memory of the train step (AOT)")
-  memory.add_argument("--config", required=True)
+  _config_arg(memory, None, "required")
   memory.add_argument("--vocab-size", type=int, default=2000)
   memory.add_argument("--host-devices", type=int, default=8,
                       help="virtual CPU devices to compile for")
@@ -323,21 +276,37 @@ def _parser() -> argparse.ArgumentParser:
                       help="compile for a TPU topology instead, e.g. v5e:2x4 (needs the [tpu] extra)")
   memory.add_argument("--mesh", nargs="+", default=["1,8,1", "8,1,1"],
                       help="data,fsdp,tensor sizes; one compile each")
-  memory.set_defaults(run=_bench_memory, takes_overrides=True)
+  memory.set_defaults(run=_bench_memory)
   return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:
+  """--config FILE[:variant] (a shipped config's name or any path) plus --config.a.b=v overrides."""
+  from klip_jax.config import CONFIG_DIR
+
+  parser.add_argument("--config", required=default is None,
+                      default=os.path.join(CONFIG_DIR, default) if default else "",
+                      help=f"a get_config(arg) file, FILE or FILE:variant ({what}); override any "
+                           "field with --config.a.b=value")
+  parser.set_defaults(takes_config=True)
 
 
 def main(argv: list[str] | None = None) -> int:
   args, overrides = _parser().parse_known_args(argv)
-  if getattr(args, "distributed", False):
-    import jax
-
-    jax.distributed.initialize()  # multi-host: every host runs the same command (launch/)
+  if overrides and not getattr(args, "takes_config", False):
+    _parser().parse_args(argv)  # exits with argparse's message for the unknown arguments
+  if getattr(args, "host_devices", None):
+    # Virtual CPU devices must be requested before jax initialises its backend.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.host_devices}")
   try:
-    if getattr(args, "takes_overrides", False):
-      args.run(args, overrides)
-    elif overrides:
-      _parser().parse_args(argv)  # exits with argparse's message for the unknown arguments
+    if getattr(args, "takes_config", False):
+      config = _config(args, overrides)  # every config problem surfaces here, before any work
+      if getattr(args, "distributed", False):
+        import jax
+
+        jax.distributed.initialize()  # multi-host: every host runs the same command (launch/)
+      args.run(args, config)
     else:
       args.run(args)
   except KlipError as e:

@@ -1,9 +1,9 @@
 """The run configuration: defaults, validation, and loading `configs/*.py` files.
 
 A config file defines `get_config(arg=None) -> ConfigDict`, usually by calling
-`default_config()` and changing what differs (see configs/tiny.py). Every field can be
-overridden from the command line as `--config.train.steps=100`. `validate` fails early with a
-message that names the field.
+`default_config()` and changing what differs (see configs/tiny.py); `arg` selects a variant
+(`--config=configs/demo.py:offline`). Every field can be overridden from the command line as
+`--config.train.steps=100`. `validate` fails early with a message that names the field.
 """
 
 from __future__ import annotations
@@ -11,10 +11,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
-from klip_jax.errors import ConfigError
+from klip_jax.errors import ConfigError, KlipError
+
+# The shipped configs (the repository's configs/, installed as klip_jax.configs), found from
+# any working directory.
+CONFIG_DIR = os.path.dirname(importlib.util.find_spec("klip_jax.configs").origin)
 
 # Logical axis -> mesh axes (MaxText style). Parameters: embed is FSDP-sharded, mlp/heads/vocab
 # tensor-parallel; activations keep the batch on (data, fsdp).
@@ -68,7 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
       flip=True,
       gain_jitter_db=1.0,
       synth=dict(num_train=20000, num_val=1000, num_test=1000, noise_rate=0.2, seed=0,
-                 image_size=224, resolution_min=1.0, resolution_max=10.0),
+                 image_size=224, resolution_min=1.0, resolution_max=10.0, looks=4),
   ))
   # Self-Consistent Iterative Optimization: stage A (all losses on the original caption), B
   # (reconstruction on the caption minus the flagged clause), C (all losses on the corrected
@@ -82,9 +89,13 @@ def default_config() -> ml_collections.ConfigDict:
       max_fill=24,  # keyword tokens rewritten at most per caption
       relabel_batch_size=64,
   ))
-  # The downstream benchmark (`klip eval`, klip_jax/eval/benchmark.py).
+  # Evaluation (klip_jax/eval/registry.py): the full benchmark (`klip eval`, the end of
+  # `klip pretrain`) runs `tasks`; the cheap ones among them also run on the val split every
+  # `every` train steps (0: never), logged to TensorBoard and metrics.jsonl.
   c.eval = ml_collections.ConfigDict(dict(
-      tasks="all",  # or a comma-separated subset of klip_jax.eval.benchmark.TASKS
+      tasks="all",  # or a comma-separated subset of klip_jax.eval.registry.TASKS
+      every=1000,
+      periodic_examples=256,  # first N val chips the in-training evaluation reads (0: all)
       batch_size=64,
       test_examples=0,  # first N test chips (0: all)
       train_examples=1024,  # first N train chips: probes, detection head, answer vocabularies
@@ -133,23 +144,56 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _require(c.momentum.queue_size >= 0 and c.momentum.queue_size % c.train.batch_size == 0,
              "momentum.queue_size", f"{c.momentum.queue_size} must be a multiple of train.batch_size "
              f"({c.train.batch_size}) so whole batches are enqueued.")
-  for name in ("batch_size", "rerank_k", "beam_size", "caption_steps", "vqa_questions", "vqa_candidates", "detection_steps",
-               "probe_max_patches", "train_examples"):
+  for name in ("batch_size", "rerank_k", "beam_size", "caption_steps", "vqa_questions", "vqa_candidates",
+               "detection_steps", "probe_max_patches", "train_examples"):
     _require(c.eval[name] >= 1, f"eval.{name}", f"must be >= 1, got {c.eval[name]}.")
+  _require(c.eval.every >= 0, "eval.every", f"must be >= 0 (0: no in-training evaluation), got {c.eval.every}.")
+  _require(c.eval.periodic_examples >= 0, "eval.periodic_examples", "must be >= 0 (0: the whole val split).")
   _require(len(c.mesh.shape) == 3 and list(c.mesh.axes) == ["data", "fsdp", "tensor"],
            "mesh.shape", "give three sizes for the (data, fsdp, tensor) axes; -1 fills one axis.")
 
 
-def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Import a config file and call its get_config(arg)."""
-  if not os.path.exists(path):
-    raise ConfigError(f"no config file at {path}; see configs/ for examples.")
-  spec = importlib.util.spec_from_file_location(f"klip_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path} defines no get_config(arg) function.")
-  return module.get_config(arg)
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The config of `spec` ("configs/demo.py" or "configs/demo.py:variant", the variant handed to
+  its get_config(arg)) with `--config.a.b=value` overrides, parsed by ml_collections'
+  config_flags. Every problem (no such file, a file that fails to import, an unknown field or
+  a bad value) is one ConfigError line, raised before any work starts."""
+  path = spec.split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise ConfigError(f"no config file {path!r} (from --config={spec}); give a path such as "
+                      f"{os.path.join(CONFIG_DIR, 'demo.py')}.")
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    raise ConfigError(f"unrecognised arguments {bad}; config overrides look like --config.train.steps=50")
+  argv = ["klip", f"--config={spec}", *overrides]
+  # A FlagValues of its own per load, not absl's process-wide FLAGS: config_flags defines one
+  # flag per overridden field at parse time, so a second load in the same process (tests, jobs
+  # that read several configs) would collide on the global one.
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv, lock_config=False)
+  try:
+    values(argv)
+    config = values.config
+  except KlipError:
+    raise
+  except (flags.Error, KeyError, TypeError, ValueError, AttributeError, OSError, SyntaxError,
+          ImportError, NameError) as e:
+    reason = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+    raise ConfigError(f"bad config {spec} {' '.join(overrides)}: {type(e).__name__}: {reason}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config(arg) must return an ml_collections.ConfigDict, "
+                      f"got {type(config).__name__}.")
+  return config
+
+
+def variant(arg: str | None, choices: Sequence[str]) -> str:
+  """The variant a config file was asked for (`--config=FILE:variant`); the first choice when
+  none was given, a ConfigError naming the choices for an unknown one."""
+  if arg in (None, ""):
+    return choices[0]
+  if arg not in choices:
+    raise ConfigError(f"unknown config variant {arg!r}; choose one of {', '.join(choices)}.")
+  return arg
 
 
 def load_saved(path: str) -> ml_collections.ConfigDict:

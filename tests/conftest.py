@@ -6,9 +6,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
+import pytest
 
-from klip_jax.data import builder, records, tokenizer, world  # noqa: E402
+from klip_jax.data import builder, records, tokenizer, world
 
 TINY_WORLD = world.WorldConfig(image_size=48, resolution_m=(2.0, 10.0), max_targets=4)
 TINY_SETTINGS = builder.SynthSettings({"train": 48, "val": 12, "test": 12}, seed=3,

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from klip_jax.data.tokenizer import TokenIds
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
 
-def _tokens(vocab_size: int) -> step_lib.TokenIds:
-  return step_lib.TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, sep=3, separator=7, vocab_size=vocab_size)
+def _tokens(vocab_size: int) -> TokenIds:
+  return TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, sep=3, separator=7, vocab_size=vocab_size)
 
 
 def _batch_shapes(config: ml_collections.ConfigDict) -> dict:

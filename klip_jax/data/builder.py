@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator, Protocol
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -38,7 +39,7 @@ class SynthSettings:
   num_examples: dict  # split -> count
   seed: int = 0
   noise_rate: float = 0.0
-  world: world.WorldConfig = world.WorldConfig()
+  world: world.WorldConfig = dataclasses.field(default_factory=world.WorldConfig)
 
   def as_metadata(self) -> dict:
     return {"num_examples": dict(self.num_examples), "seed": self.seed,

@@ -26,10 +26,10 @@ import numpy as np
 import pyproj
 from PIL import Image
 
-from klip_jax.data import knowledge, records, world
+from klip_jax.data import knowledge, records, targets
 from klip_jax.errors import RecordError
 
-_CLASS_INDEX = {c.name: i for i, c in enumerate(world.TARGET_CLASSES)}
+_CLASS_INDEX = {c.name: i for i, c in enumerate(targets.TARGET_CLASSES)}
 
 
 def _read_raster(path: str) -> tuple[np.ndarray, dict]:

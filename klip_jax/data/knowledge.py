@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from klip_jax.data import gazetteer, world
+from klip_jax.data import gazetteer, targets, terrain, world
 
 SEPARATOR = "$"
 
@@ -43,11 +43,11 @@ _LAYOUT = {"farmland": "a patchwork of field parcels", "river": "a winding linea
            "hills": "undulating ridges and valleys", "urban": "a regular street grid",
            "harbor": "piers reaching into the water", "sea": "an almost uniform water surface",
            "airport": "long straight paved strips"}
-_FUNCTION = {world.WATER: "water supply and navigation",
-             world.VEGETATION: "agricultural production",
-             world.BARE: "ecological conservation",
-             world.URBAN: "residential and commercial activity",
-             world.ROAD: "transportation", world.RUNWAY: "air transport"}
+_FUNCTION = {terrain.WATER: "water supply and navigation",
+             terrain.VEGETATION: "agricultural production",
+             terrain.BARE: "ecological conservation",
+             terrain.URBAN: "residential and commercial activity",
+             terrain.ROAD: "transportation", terrain.RUNWAY: "air transport"}
 _BUILDINGS = ("densely built", "sparsely scattered", "absent")
 _ROADS = ("dense and grid-like", "sparse with a few straight roads", "absent")
 _WATER = ("absent", "a winding river", "an enclosed lake", "open sea", "small ponds")
@@ -140,7 +140,7 @@ def _region_name(mask: np.ndarray) -> str:
 
 
 def _cover_fractions(landcover: np.ndarray) -> np.ndarray:
-  return np.bincount(landcover.ravel(), minlength=len(world.LANDCOVER)) / landcover.size
+  return np.bincount(landcover.ravel(), minlength=len(terrain.LANDCOVER)) / landcover.size
 
 
 def join_words(items: list[str]) -> str:
@@ -157,12 +157,12 @@ def landform_fields(chip: world.Chip) -> dict[str, str]:
   else:
     distribution = f"uniform {_COVER_NAMES[dominant]}"
     boundary = "no distinct regions"
-  urban = frac[world.URBAN]
+  urban = frac[terrain.URBAN]
   buildings = _BUILDINGS[0] if urban >= 0.3 else _BUILDINGS[1] if urban >= 0.03 else _BUILDINGS[2]
-  road = frac[world.ROAD]
+  road = frac[terrain.ROAD]
   roads = _ROADS[0] if road >= 0.1 else _ROADS[1] if road >= 0.005 else _ROADS[2]
   water_kind = {"river": 1, "lake": 2, "coast": 3, "harbor": 3, "sea": 3}.get(chip.scene_kind, 4)
-  water = _WATER[water_kind] if frac[world.WATER] >= 0.01 else _WATER[0]
+  water = _WATER[water_kind] if frac[terrain.WATER] >= 0.01 else _WATER[0]
   return {"terrain": _TERRAIN[chip.scene_kind], "functionality": _FUNCTION[dominant],
           "distribution": distribution, "layout": _LAYOUT[chip.scene_kind],
           "boundary": boundary, "buildings": buildings, "roads": roads, "water": water}
@@ -180,7 +180,7 @@ def _orientation(headings_deg: list[float]) -> str:
 
 def target_fields(chip: world.Chip) -> dict[str, str]:
   classes = [t.cls for t in chip.targets]
-  main = world.TARGET_CLASSES[int(np.bincount(classes).argmax())]
+  main = targets.TARGET_CLASSES[int(np.bincount(classes).argmax())]
   cells = [CELL_NAMES[i] for i in np.flatnonzero(chip.grid.ravel())]
   if main.category == "aircraft":
     environment = _ENVIRONMENT[2]
@@ -230,7 +230,7 @@ _VOCABULARY = {
     ("landform", "roads"): _ROADS,
     ("landform", "water"): _WATER,
     ("target", "feature"): _ORIENTATION,
-    ("target", "category"): tuple(c.plural for c in world.TARGET_CLASSES),
+    ("target", "category"): tuple(c.plural for c in targets.TARGET_CLASSES),
     ("target", "distribution"): tuple(_TARGET_DISTRIBUTION.values()),
     ("target", "environment"): _ENVIRONMENT,
 }
@@ -238,7 +238,7 @@ _VOCABULARY = {
 
 def landcover_prompts(cover: int) -> list[str]:
   """The functionality clause, in each of its templates, of a scene whose dominant land cover
-  is `cover` (an index into world.LANDCOVER): zero-shot classification prompts."""
+  is `cover` (an index into terrain.LANDCOVER): zero-shot classification prompts."""
   return [template.format(_FUNCTION[cover]) for template in TEMPLATES["landform"]["functionality"]]
 
 

@@ -239,6 +239,12 @@ def build(options: PipelineOptions, codec: TextCodec, *, process_index: int | No
   return it
 
 
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+  """`x` padded to `size` rows with copies of its first (so a jitted call sees one shape and
+  compiles once; callers drop the padded rows' outputs)."""
+  return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
+
+
 def _pad_batch(items: list[dict], size: int) -> dict:
   """Stack items and pad to `size` rows with copies of the first, marked invalid."""
   padding = [{**items[0], "valid": np.bool_(False)}] * (size - len(items))

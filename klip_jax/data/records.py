@@ -30,7 +30,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from klip_jax.data import knowledge, world
+from klip_jax.data import knowledge, targets, terrain, world
 from klip_jax.errors import RecordError
 
 GEO_FLOATS = ("lon", "lat", "resolution_m", "incidence_deg")
@@ -55,10 +55,10 @@ def truth_from_targets(shape, boxes, box_classes, landcover=None) -> dict:
     grid[min(int(3 * cy / shape[0]), 2), min(int(3 * cx / shape[1]), 2)] = 1
   known = landcover is not None
   landcover = np.asarray(landcover, np.uint8) if known else np.full(shape, UNKNOWN_LANDCOVER, np.uint8)
-  dominant = int(np.bincount(landcover.ravel(), minlength=len(world.LANDCOVER))[:len(world.LANDCOVER)].argmax()) \
+  dominant = int(np.bincount(landcover.ravel(), minlength=len(terrain.LANDCOVER))[:len(terrain.LANDCOVER)].argmax()) \
       if known else UNKNOWN_CLASS
   return {"landcover": landcover, "boxes": boxes, "box_classes": box_classes,
-          "counts": np.bincount(box_classes, minlength=len(world.TARGET_CLASSES)).astype(np.int32),
+          "counts": np.bincount(box_classes, minlength=len(targets.TARGET_CLASSES)).astype(np.int32),
           "dominant": dominant, "grid": grid, "corrupted": np.zeros(0, np.int32), "true_keywords": []}
 
 
@@ -186,9 +186,9 @@ def _validate_truth(record, rid, image_shape, num_clauses) -> None:
   _array(record, "truth.landcover", rid, np.uint8, 2, image_shape)
   boxes = _array(record, "truth.boxes", rid, np.float32, 2, (None, 4))
   _array(record, "truth.box_classes", rid, np.int32, 1, (len(boxes),))
-  _array(record, "truth.counts", rid, np.int32, 1, (len(world.TARGET_CLASSES),))
+  _array(record, "truth.counts", rid, np.int32, 1, (len(targets.TARGET_CLASSES),))
   _array(record, "truth.grid", rid, np.uint8, 2, (3, 3))
-  _number(record, "truth.dominant", rid, UNKNOWN_CLASS, len(world.LANDCOVER) - 1)
+  _number(record, "truth.dominant", rid, UNKNOWN_CLASS, len(terrain.LANDCOVER) - 1)
   corrupted = _array(record, "truth.corrupted", rid, np.int32, 1)
   if corrupted.size and (corrupted.min() < 0 or corrupted.max() >= num_clauses):
     _fail(rid, "truth.corrupted", f"holds clause indices outside 0..{num_clauses - 1}.")
@@ -215,10 +215,10 @@ def tfds_features():
   import tensorflow_datasets as tfds  # heavy; only the builder and readers need it
 
   text, blob = tfds.features.Text, lambda: tfds.features.Tensor(shape=(), dtype=np.object_)
-  tensor = lambda shape, dtype: tfds.features.Tensor(shape=shape, dtype=dtype)  # noqa: E731
+  tensor = lambda shape, dtype: tfds.features.Tensor(shape=shape, dtype=dtype)
   # tf.train.Example keeps floats as float32 (a metre of longitude, 3 cm of UTM easting); raw
   # bytes keep the float64 geo-referencing exact.
-  exact = lambda shape: tfds.features.Tensor(shape=shape, dtype=np.float64,  # noqa: E731
+  exact = lambda shape: tfds.features.Tensor(shape=shape, dtype=np.float64,
                                              encoding=tfds.features.Encoding.BYTES)
   geo = {key: exact(()) for key in GEO_FLOATS}
   geo.update({key: tfds.features.Scalar(np.int64) for key in GEO_INTS})

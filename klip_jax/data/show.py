@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from klip_jax.data import builder, knowledge, records  # noqa: E402
+from klip_jax import io
+from klip_jax.data import builder, knowledge, records
 
 
 def contact_sheet(data_dir: str, split: str, indices: list[int], out_path: str) -> None:
@@ -29,7 +29,7 @@ def contact_sheet(data_dir: str, split: str, indices: list[int], out_path: str) 
     r = records.from_example(source[index])
     db = builder.to_db(r["image"])
     ax.imshow(db, cmap="gray", vmin=np.percentile(db, 1), vmax=np.percentile(db, 99.5))
-    for (x0, y0, x1, y1), cls in zip(r["truth"]["boxes"], r["truth"]["box_classes"]):
+    for x0, y0, x1, y1 in r["truth"]["boxes"]:
       ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="red", lw=0.8))
     geo = r["geo"]
     title = (f"{r['id']}  {geo['city']}, {geo['country']}\n{geo['platform']} {geo['band']}-{geo['polarization']} "
@@ -42,9 +42,7 @@ def contact_sheet(data_dir: str, split: str, indices: list[int], out_path: str) 
       clauses.append(textwrap.fill(f"{i}. {clause}{mark}", 75))
     ax.text(0, -0.02, "\n".join(clauses), transform=ax.transAxes, va="top", fontsize=6.5, family="monospace")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  tmp = f"{out_path}.tmp-{os.getpid()}.png"
-  fig.savefig(tmp, dpi=90)
+  with io.atomic_path(out_path) as tmp, tmp.open("wb") as f:
+    fig.savefig(f, dpi=90, format="png")
   plt.close(fig)
-  os.replace(tmp, out_path)
 

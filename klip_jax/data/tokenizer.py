@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import io
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from io import BytesIO
 
 import numpy as np
 import sentencepiece as spm
 
+from klip_jax import io
 from klip_jax.data.knowledge import SEPARATOR
 from klip_jax.errors import TokenizerError
 
@@ -35,7 +36,7 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, out_path: str 
   `vocab_size` is an upper bound: template captions hold fewer distinct pieces than a real
   corpus, and the model takes its vocabulary size from the trained tokenizer.
   """
-  buffer = io.BytesIO()
+  buffer = BytesIO()
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(captions), model_writer=buffer, vocab_size=vocab_size,
@@ -47,12 +48,7 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, out_path: str 
     raise TokenizerError(f"sentencepiece could not train a {vocab_size}-piece vocabulary: {e}. "
                          "Raise --vocab-size above the number of distinct characters, or check that "
                          "the captions are not empty.") from None
-  out_path = os.fspath(out_path)
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  tmp = f"{out_path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(buffer.getvalue())
-  os.replace(tmp, out_path)
+  io.write_bytes(out_path, buffer.getvalue())
 
 
 @dataclasses.dataclass
@@ -147,3 +143,31 @@ class TextCodec:
       else:
         current.append(i)
     return SEPARATOR.join(clauses)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+  """The special token ids the model's steps, decoders and exports need, as static ints."""
+
+  pad: int
+  cls: int
+  enc: int
+  dec: int
+  mask: int
+  sep: int
+  separator: int  # "$", between clauses
+  vocab_size: int
+  # Pieces that continue a word (no leading "▁"): a rewritten keyword may not start with one,
+  # so the corrected caption's text is the same whether it is kept as ids or re-tokenised.
+  continuations: tuple[int, ...] = ()
+
+  @classmethod
+  def from_codec(cls, codec: TextCodec) -> TokenIds:
+    continuations = tuple(i for i in range(codec.vocab_size)
+                          if not codec.sp.id_to_piece(i).startswith("▁") and i not in codec.special_ids)
+    return cls(codec.pad_id, codec.cls_id, codec.enc_id, codec.dec_id, codec.mask_id, codec.sep_id,
+               codec.separator_id, codec.vocab_size, continuations)
+
+  def special(self) -> tuple[int, ...]:
+    """Ids a decoder must never write into a keyword."""
+    return tuple(sorted({self.pad, self.cls, self.enc, self.dec, self.mask, self.sep, self.separator}))

@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from klip_jax.data import pipeline
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.eval import metrics
-from klip_jax.eval.examples import Split
 from klip_jax.eval.runner import ModelRunner
+from klip_jax.eval.truth import Split
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import losses
 
@@ -54,7 +55,7 @@ def finetune(runner: ModelRunner, train: Split, *, steps: int, lr: float, seed: 
   params = jax.tree.map(jnp.copy, runner.params)
   with mesh_lib.logical_context(runner.mesh, runner.rules):
     opt_state = tx.init(params)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="caption fine-tune", unit="step", leave=False):
       rows = rng.choice(len(train), runner.batch_size, replace=len(train) < runner.batch_size)
       batch = pipeline.global_batch({"image": train.images[rows], "ids": train.text_ids[rows]}, runner.mesh)
       params, opt_state, _ = step(params, opt_state, batch["image"], batch["ids"])

@@ -20,6 +20,9 @@ import optax
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy.special import expit
+from tqdm import tqdm
+
+from klip_jax.data import pipeline
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +248,7 @@ def _predict(params, tokens: np.ndarray, batch_size: int) -> np.ndarray:
   outs = []
   for start in range(0, len(tokens), batch_size):
     chunk = tokens[start:start + batch_size]
-    padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
-    outs.append(np.asarray(run(params, padded))[:len(chunk)])
+    outs.append(np.asarray(run(params, pipeline.pad_rows(chunk, batch_size)))[:len(chunk)])
   return np.concatenate(outs)
 
 
@@ -288,7 +290,7 @@ def evaluate(train_tokens: np.ndarray, train_boxes: list[np.ndarray], train_clas
   rng = np.random.default_rng(seed)
   n, batch = len(train_x), min(batch_size, len(train_x))
   loss = jnp.nan
-  for _ in range(steps):
+  for _ in tqdm(range(steps), desc="detection head", unit="step", leave=False):
     params, opt_state, loss = train_step(params, opt_state, train_x, target, rng.choice(n, batch, replace=False))
   final_loss = float(loss)
 

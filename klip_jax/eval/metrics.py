@@ -1,7 +1,7 @@
 """The benchmark's metrics, on plain numpy arrays, each with the level a model without image
 information reaches (chance or majority), so every number in the report has its floor beside it.
 
-Generic measures come from maintained libraries: scikit-learn (accuracy, confusion, F1,
+Generic measures come from maintained libraries: scikit-learn (accuracy, confusion, F1, ROC AUC,
 Jaccard), pycocoevalcap (BLEU, CIDEr) and pycocotools (detection AP, in `detection.py`).
 What is specific to the benchmark (recall@k over a score matrix, the chance levels) is here.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -59,8 +59,34 @@ def classification(pred: np.ndarray, truth: np.ndarray, train_labels: np.ndarray
           "balanced_accuracy": balanced[0],
           "chance_accuracy": float(skm.accuracy_score(truth, majority)),
           "chance_balanced_accuracy": balanced[1],
-          "num_examples": int(len(truth)),
+          "num_examples": len(truth),
           "confusion": confusion(pred, truth, num_classes)}
+
+
+CHANCE_AUC = 0.5  # a score that carries no information about the label, ties included
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+  """Area under the ROC curve: the probability that a random label-1 item scores above a random
+  label-0 one (ties count half). NaN when only one class is present. Chance: 0.5."""
+  labels = np.asarray(labels, bool)
+  if labels.all() or not labels.any():
+    return float("nan")
+  return float(skm.roc_auc_score(labels, np.asarray(scores)))
+
+
+def binary_accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+  """Accuracy and balanced accuracy of predicting label 1 where score > threshold, with their
+  floors: the majority-class rate (always answering the more frequent label) and 0.5."""
+  labels = np.asarray(labels, bool)
+  pred = np.asarray(scores) > threshold
+  with warnings.catch_warnings():  # a predicted class absent from the labels is no error here
+    warnings.simplefilter("ignore", UserWarning)
+    balanced = float(skm.balanced_accuracy_score(labels, pred))
+  positive_rate = float(labels.mean())
+  return {"accuracy": float(skm.accuracy_score(labels, pred)), "balanced_accuracy": balanced,
+          "chance_accuracy": max(positive_rate, 1.0 - positive_rate),
+          "chance_balanced_accuracy": 0.5}
 
 
 def confusion(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> list[list[int]]:
@@ -88,7 +114,7 @@ def multilabel(pred: np.ndarray, truth: np.ndarray, train_truth: np.ndarray) -> 
           "f1": float(skm.f1_score(truth, pred, average="micro", zero_division=0)),
           "chance_exact_match": float(np.mean((truth == common).all(axis=1))),
           "chance_f1": float(skm.f1_score(truth, np.ones_like(truth), average="micro", zero_division=0)),
-          "num_examples": int(len(truth))}
+          "num_examples": len(truth)}
 
 
 def words(text: str) -> str:
@@ -121,4 +147,4 @@ def answer_ranking(scores: np.ndarray, answers: np.ndarray, train_answers: np.nd
   return {"accuracy": float(np.mean(scores.argmax(axis=1) == answers)),
           "chance_accuracy": float(np.mean((answers == common) & (answers >= 0))),
           "chance_uniform": 1.0 / scores.shape[1],
-          "num_questions": int(len(answers)), "num_candidates": int(scores.shape[1])}
+          "num_questions": len(answers), "num_candidates": int(scores.shape[1])}

@@ -17,10 +17,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from klip_jax.data import world
+from klip_jax.data import terrain
 from klip_jax.data.records import UNKNOWN_LANDCOVER
+from klip_jax.data.targets import TARGET_CLASSES
 from klip_jax.eval import metrics
-from klip_jax.eval.examples import NoTruth, Split
+from klip_jax.eval.truth import NoTruth, Split
 
 
 def fit(features: np.ndarray, labels: np.ndarray, seed: int):
@@ -34,7 +35,7 @@ def fit(features: np.ndarray, labels: np.ndarray, seed: int):
 def patch_grid(image_tokens: np.ndarray) -> np.ndarray:
   """ViT tokens [N, 1 + g*g, D] -> patch tokens [N, g, g, D]."""
   n, count, d = image_tokens.shape
-  g = int(round((count - 1) ** 0.5))
+  g = round((count - 1) ** 0.5)
   return image_tokens[:, 1:].reshape(n, g, g, d)
 
 
@@ -52,7 +53,7 @@ def target_classification(train: Split, train_tokens: np.ndarray, test: Split, t
     raise NoTruth("no target boxes in the train or test split")
   probe = fit(train_tokens[a, 0], train_labels[a], seed)
   return metrics.classification(probe.predict(test_tokens[b, 0]), test_labels[b], train_labels[a],
-                                len(world.TARGET_CLASSES))
+                                len(TARGET_CLASSES))
 
 
 def patch_labels(landcover: np.ndarray, g: int) -> np.ndarray:
@@ -60,14 +61,14 @@ def patch_labels(landcover: np.ndarray, g: int) -> np.ndarray:
   n, h, _ = landcover.shape
   p = h // g
   patches = landcover.reshape(n, g, p, g, p).transpose(0, 1, 3, 2, 4).reshape(n, g, g, p * p)
-  counts = np.stack([(patches == c).sum(-1) for c in range(len(world.LANDCOVER))], axis=-1)
+  counts = np.stack([(patches == c).sum(-1) for c in range(len(terrain.LANDCOVER))], axis=-1)
   return np.where(counts.sum(-1) > 0, counts.argmax(-1), -1)
 
 
 def segmentation(train: Split, train_tokens: np.ndarray, test: Split, test_tokens: np.ndarray,
                  seed: int, max_patches: int) -> dict:
   train_grid, test_grid = patch_grid(train_tokens), patch_grid(test_tokens)
-  g, num_classes = train_grid.shape[1], len(world.LANDCOVER)
+  g, num_classes = train_grid.shape[1], len(terrain.LANDCOVER)
   train_cover = np.stack([r["truth"]["landcover"] for r in train.records])
   test_cover = np.stack([r["truth"]["landcover"] for r in test.records])
   labels = patch_labels(train_cover, g).reshape(-1)
@@ -90,7 +91,7 @@ def segmentation(train: Split, train_tokens: np.ndarray, test: Split, test_token
           "pixel_accuracy": float(np.mean(pred[known_px] == truth)),
           "chance_miou": metrics.mean_iou(np.full_like(truth, majority), truth, num_classes),
           "chance_pixel_accuracy": float(np.mean(truth == majority)),
-          "probe_patches": int(len(chosen)), "num_images": int(len(test_cover)),
+          "probe_patches": len(chosen), "num_images": len(test_cover),
           "confusion": metrics.confusion(pred[known_px], truth, num_classes)}
 
 

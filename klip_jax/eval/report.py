@@ -2,23 +2,23 @@
 
 Plots: retrieval.png (test chips with their top re-ranked captions), confusion.png (zero-shot
 land cover, target probe, segmentation; rows normalised), training_curves.png (losses and
-accuracies from metrics.jsonl, SCIO stages shaded).
+accuracies from metrics.jsonl, SCIO stages shaded, and the in-training evaluations).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import textwrap
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from klip_jax.data import builder, world  # noqa: E402
-from klip_jax.train import loop, scio  # noqa: E402
+from klip_jax import io
+from klip_jax.data import builder, targets, terrain
+from klip_jax.train import scio
 
 HEADLINES = {
     "retrieval": ("r_mean", "i2t_r1", "t2i_r1", "itc_r_mean"),
@@ -28,17 +28,19 @@ HEADLINES = {
     "segmentation": ("miou", "pixel_accuracy"),
     "positioning": ("exact_match", "f1"),
     "detection": ("map50",),
+    "itm": ("auc", "balanced_accuracy", "accuracy"),
+    "screening": ("auc_rule", "auc_itc", "auc_itm"),
     "scio_repair": ("screening_precision", "screening_recall", "proofreading_accuracy",
                     "clean_clauses_changed_rate"),
 }
-_CONFUSIONS = {"zeroshot_landcover": world.LANDCOVER,
-               "target_classification": tuple(c.name for c in world.TARGET_CLASSES),
-               "segmentation": world.LANDCOVER}
+_CONFUSIONS = {"zeroshot_landcover": terrain.LANDCOVER,
+               "target_classification": tuple(c.name for c in targets.TARGET_CLASSES),
+               "segmentation": terrain.LANDCOVER}
 
 
 def chance(metrics: dict, metric: str) -> float | None:
-  """The chance level of `metric` ("chance_bleu4" serves "greedy_bleu4")."""
-  for key in (f"chance_{metric}", f"chance_{metric.split('_', 1)[-1]}"):
+  """The chance level of `metric` ("chance_bleu4" serves "greedy_bleu4", "chance_auc" "auc_itm")."""
+  for key in (f"chance_{metric}", f"chance_{metric.split('_', 1)[-1]}", f"chance_{metric.split('_', 1)[0]}"):
     if key in metrics:
       return metrics[key]
   return None
@@ -80,14 +82,13 @@ def write(folder: str, results: dict, details: dict, test, i2t_scores, metrics_p
   if questions:
     text += ["VQA questions (zero-shot, ranked answers):", *questions, ""]
   text += [f"![{name}]({name})" for name in plots]
-  loop.write_atomic(os.path.join(folder, "report.md"), "\n".join(text) + "\n")
+  io.write_text(os.path.join(folder, "report.md"), "\n".join(text) + "\n")
 
 
 def _save(folder: str, name: str, fig) -> str:
-  tmp = os.path.join(folder, f"tmp-{os.getpid()}-{name}")
-  fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+  with io.atomic_path(os.path.join(folder, name)) as tmp, tmp.open("wb") as f:
+    fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
   plt.close(fig)
-  os.replace(tmp, os.path.join(folder, name))
   return name
 
 
@@ -132,16 +133,24 @@ def _confusions(matrices: dict):
 
 
 def _curves(metrics_path: str, scio_config):
-  with open(metrics_path) as f:
-    logged = [json.loads(line) for line in f]
-  steps = np.asarray([m["step"] for m in logged])
-  panels = (("losses", ("loss", "loss_itc", "loss_itm", "loss_recon")),
-            ("accuracies", ("itc_acc", "itm_acc", "recon_acc")))
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+  """Training losses and accuracies, and the in-training evaluations' headline metrics."""
+  lines = io.read_jsonl(metrics_path)
+  logged = [m for m in lines if "eval" not in m]
+  evals = [m for m in lines if "eval" in m]
+  panels = [("losses", logged, ("loss", "loss_itc", "loss_itm", "loss_recon")),
+            ("accuracies", logged, ("itc_acc", "itm_acc", "recon_acc"))]
+  if evals:
+    tasks = sorted({t for m in evals for t in m["eval"]})
+    flat = [{"step": m["step"], **{f"{t}/{HEADLINES.get(t, ('accuracy',))[0]}":
+                                   m["eval"].get(t, {}).get(HEADLINES.get(t, ("accuracy",))[0], np.nan)
+                                   for t in tasks}} for m in evals]
+    panels.append(("in-training evaluation (val split)", flat, tuple(k for k in flat[0] if k != "step")))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4))
   bounds = scio.stage_bounds(scio_config) if scio.total_steps(scio_config) else {}
-  for ax, (title, keys) in zip(axes, panels):
+  for ax, (title, rows, keys) in zip(axes, panels):
+    steps = np.asarray([m["step"] for m in rows])
     for key in keys:
-      ax.plot(steps, [m.get(key, np.nan) for m in logged], label=key)
+      ax.plot(steps, [m.get(key, np.nan) for m in rows], label=key, marker="o" if rows is not logged else None)
     for (stage, (a, b)), colour in zip(bounds.items(), ("none", "tab:orange", "tab:green")):
       if b > a and stage != "A":
         ax.axvspan(a, b, color=colour, alpha=0.1, label=f"stage {stage}")

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from klip_jax.eval import metrics
-from klip_jax.eval.examples import Split
 from klip_jax.eval.runner import ModelRunner
+from klip_jax.eval.truth import Split
+
 
 def rerank(similarity: np.ndarray, k: int, score_pairs) -> np.ndarray:
   """Scores [Q, C] where each query's top-k candidates by `similarity` hold

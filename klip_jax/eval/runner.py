@@ -10,7 +10,7 @@ gather per-host outputs; see launch/README.md).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +18,9 @@ import numpy as np
 from flax import nnx
 
 from klip_jax.data import pipeline
+from klip_jax.data.tokenizer import TokenIds
 from klip_jax.model import decode
 from klip_jax.parallel import mesh as mesh_lib
-from klip_jax.train.step import TokenIds
 
 _PAIRS_PER_CALL = 4096  # pairs whose image tokens are gathered on the host at a time
 
@@ -36,7 +36,7 @@ class ModelRunner:
     self.graph, self.params, self.tokens, self.mesh, self.rules = graph, params, tokens, mesh, rules
     self._compiled: dict = {}
 
-  def with_params(self, params) -> "ModelRunner":
+  def with_params(self, params) -> ModelRunner:
     """The same calls on other parameters of the same model (e.g. fine-tuned ones)."""
     other = ModelRunner(self.graph, params, self.tokens, self.mesh, self.rules, self.batch_size)
     other._compiled = self._compiled  # same graph and shapes: reuse the compiled calls
@@ -58,7 +58,7 @@ class ModelRunner:
       for start in range(0, n, b):
         chunk = [a[start:start + b] for a in arrays]
         rows = len(chunk[0])
-        chunk = [np.concatenate([c, np.repeat(c[:1], b - rows, axis=0)]) for c in chunk]
+        chunk = [pipeline.pad_rows(c, b) for c in chunk]
         batch = pipeline.global_batch(dict(enumerate(chunk)), self.mesh)
         out = jax.device_get(step(self.params, *(batch[i] for i in range(len(chunk)))))
         outputs.append(jax.tree.map(lambda x, rows=rows: x[:rows], out))

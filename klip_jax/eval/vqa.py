@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from klip_jax.data import knowledge
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.eval import metrics
-from klip_jax.eval.examples import NoTruth, Split
 from klip_jax.eval.runner import ModelRunner
+from klip_jax.eval.truth import NoTruth, Split
 
 _REGION_SEP = " mainly in the "
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from klip_jax.data import knowledge, world
+from klip_jax.data import knowledge, terrain
 from klip_jax.data.records import UNKNOWN_CLASS
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.eval import metrics
-from klip_jax.eval.examples import NoTruth, Split
 from klip_jax.eval.runner import ModelRunner
+from klip_jax.eval.truth import NoTruth, Split
 
 
 def class_features(runner: ModelRunner, codec: TextCodec) -> np.ndarray:
   """Normalised prompt-ensemble text features [num_classes, E]."""
   features = []
-  for cover in range(len(world.LANDCOVER)):
+  for cover in range(len(terrain.LANDCOVER)):
     prompts = knowledge.landcover_prompts(cover)
     mean = runner.encode_texts(np.stack([codec.encode(p).ids for p in prompts])).mean(axis=0)
     features.append(mean / np.linalg.norm(mean))
@@ -41,4 +41,4 @@ def evaluate(runner: ModelRunner, codec: TextCodec, test: Split, image_feat: np.
     raise NoTruth("no land-cover masks in the test or train split")
   pred = (image_feat[known] @ class_features(runner, codec).T).argmax(axis=1)
   return metrics.classification(pred, truth[known], train_truth[train_truth != UNKNOWN_CLASS],
-                                len(world.LANDCOVER))
+                                len(terrain.LANDCOVER))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 
 import jax
 import ml_collections
@@ -23,10 +22,13 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from klip_jax import config as config_lib
-from klip_jax.data import builder
-from klip_jax.errors import ConfigError, ExportError
+from klip_jax import io
+from klip_jax.data import builder, prepare
+from klip_jax.data.tokenizer import TokenIds
+from klip_jax.errors import ExportError
 from klip_jax.export import hf
-from klip_jax.train import loop
+from klip_jax.parallel import mesh as mesh_lib
+from klip_jax.train import checkpoint
 from klip_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -35,16 +37,7 @@ _MODELS = {"retrieval": ("BlipForImageTextRetrieval", hf.retrieval_entries),
            "captioning": ("BlipForConditionalGeneration", hf.captioning_entries)}
 
 
-def _replace_dir(tmp: str, final: str) -> None:
-  """Move the finished folder `tmp` to `final`, replacing an earlier one."""
-  old = f"{final}.old-{os.getpid()}"
-  if os.path.exists(final):
-    os.replace(final, old)
-  os.replace(tmp, final)
-  shutil.rmtree(old, ignore_errors=True)
-
-
-def _readme(name: str, config: ml_collections.ConfigDict, codec, tokens: hf.SpecialTokens,
+def _readme(name: str, config: ml_collections.ConfigDict, codec, tokens: TokenIds,
             step: int, temperature: float, db_stats: tuple[float, float] | None) -> str:
   special = sorted(codec.special_ids)
   if db_stats is None:
@@ -117,32 +110,29 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
   if os.path.exists(out) and not (os.path.isdir(out) and set(os.listdir(out)) <= set(_MODELS)):
     raise ExportError(f"{out} exists and is not an earlier export; choose a new --out.")
   config = config_lib.load_saved(os.path.join(workdir, "config.json")) if config is None else config
-  run, _, state = loop.restore(config, workdir, step)
+  data = prepare.locate(config, workdir)
+  _, state = checkpoint.restore(config, workdir, data.codec.vocab_size,
+                                mesh_lib.make_mesh(config.mesh.shape), step)
   flat = hf.flatten(jax.device_get(state.params.to_pure_dict()), config.model)
-  tokens = hf.SpecialTokens.from_codec(run.codec)
-  stats = builder.metadata(run.data_dir)
+  tokens = TokenIds.from_codec(data.codec)
+  stats = builder.metadata(data.data_dir)
   db_stats = (stats["db_mean"], stats["db_std"]) if "db_mean" in stats else None
   temperature = float(np.clip(flat["temp"], *config.model.temp_range))
   out = os.path.abspath(out)
-  tmp = f"{out}.tmp-{os.getpid()}"
   written = {"step": int(state.step)}
-  try:
+  with io.atomic_path(out) as tmp:
     for name, (architecture, entries) in _MODELS.items():
-      folder = os.path.join(tmp, name)
+      folder = os.fspath(tmp / name)
       os.makedirs(folder)
       tensors = hf.to_hf(flat, entries(config.model))
       safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-      blip = hf.blip_config(config.model, run.codec.vocab_size, tokens)
+      blip = hf.blip_config(config.model, data.codec.vocab_size, tokens)
       blip.architectures = [architecture]
       blip.save_pretrained(folder)
-      with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
-        f.write(run.codec.sp.serialized_model_proto())
-      with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(_readme(name, config, run.codec, tokens, written["step"], temperature, db_stats))
+      (tmp / name / "tokenizer.model").write_bytes(data.codec.sp.serialized_model_proto())
+      (tmp / name / "README.md").write_text(
+          _readme(name, config, data.codec, tokens, written["step"], temperature, db_stats))
       written[name] = {"path": os.path.join(out, name), "tensors": len(tensors)}
-    _replace_dir(tmp, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   log.info("exported step %d of %s to %s", written["step"], workdir, out)
   return written
 
@@ -193,29 +183,26 @@ def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str) -> d
   sources = [_read_checkpoint(folder) for folder in folders]
   for source in sources:
     hf.check_compatible(config.model, source)
-  run = loop.setup(config, workdir)
-  manager = loop.checkpoint_manager(workdir, config)
-  steps = sorted(manager.all_steps())
-  manager.close()
+  config_lib.validate(config)
+  data = prepare.ensure(config, workdir)  # the tokenizer fixes the vocabulary the run will use
+  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  checkpoints = checkpoint.manager(workdir, config)
+  steps = sorted(checkpoints.all_steps())
+  checkpoints.close()
   if steps:
     raise ExportError(f"{workdir} already has checkpoints (steps {steps}), which klip train would "
                       "resume from; import into a new --workdir.")
   tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
-  _, state, shardings = state_lib.create(config, run.codec.vocab_size, tx, run.mesh)
+  _, state, shardings = state_lib.create(config, data.codec.vocab_size, tx, mesh)
   fresh = jax.device_get(state.params.to_pure_dict())
   flat, report = hf.from_hf(hf.import_plan(config.model, sources), hf.flatten(fresh, config.model))
   values = jax.tree.map(jax.device_put, hf.unflatten(flat, fresh, config.model),
                         shardings.params.to_pure_dict())
   nnx.replace_by_pure_dict(state.params, values)
-  path = loop.init_params_path(workdir)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(tmp, state.params)
-    _replace_dir(tmp, path)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  loop.write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  path = checkpoint.init_params_path(workdir)
+  with io.atomic_path(path) as tmp, ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(os.fspath(tmp), state.params)
+  io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   log.info("imported %d tensors from %s into %s", len(report.imported), hf_dir, path)
   return {"init_params": path, "sources": [s.name for s in sources], "imported": len(report.imported),
           "not_imported": report.not_imported, "adapted": report.adapted}

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from klip_jax.data.tokenizer import TokenIds
 from klip_jax.errors import ConfigError, ExportError
 from klip_jax.model import vit
 
@@ -51,22 +52,7 @@ def require() -> tuple[Any, Any, Any]:
   return torch, transformers, safetensors
 
 
-@dataclasses.dataclass(frozen=True)
-class SpecialTokens:
-  """The sentencepiece ids BLIP's text config and the tokenisation recipe need."""
-
-  pad: int
-  dec: int
-  sep: int
-  cls: int
-  enc: int
-
-  @classmethod
-  def from_codec(cls, codec) -> SpecialTokens:
-    return cls(codec.pad_id, codec.dec_id, codec.sep_id, codec.cls_id, codec.enc_id)
-
-
-def blip_config(model: ml_collections.ConfigDict, vocab_size: int, tokens: SpecialTokens):
+def blip_config(model: ml_collections.ConfigDict, vocab_size: int, tokens: TokenIds):
   """The transformers.BlipConfig that computes what the klip_jax model config computes.
 
   generate() starts with bos ([DEC]) and stops at sep ([SEP]); pad is [PAD].

@@ -9,7 +9,7 @@ a causal decoder, which is off by one, so we fill left to right instead.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ vs tanh GELU, LayerNorm epsilon, fused vs split q/k/v projections.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -173,7 +173,7 @@ def run_stack_cached(stacked, x: jax.Array, fn: Callable, scan: bool, caches, *s
   if not scan:
     outputs = []
     for i, layer in enumerate(stacked):
-      x, cache = fn(layer, x, None if caches is None else jax.tree.map(lambda c: c[i], caches), *shared)
+      x, cache = fn(layer, x, None if caches is None else jax.tree.map(lambda c, i=i: c[i], caches), *shared)
       outputs.append(cache)
     return x, jax.tree.map(lambda *cs: jnp.stack(cs), *outputs)
 

@@ -33,7 +33,7 @@ class VisionBlock(nnx.Module):
 
 def interpolate_positions(pos: jax.Array, grid: int) -> jax.Array:
   """[1, 1 + g*g, D] position embeddings -> [1, 1 + grid*grid, D] (class token kept)."""
-  old = int(round((pos.shape[1] - 1) ** 0.5))
+  old = round((pos.shape[1] - 1) ** 0.5)
   if old == grid:
     return pos
   patches = pos[:, 1:].reshape(1, old, old, -1)

@@ -7,7 +7,7 @@ model (explicit axis types would demand an out_sharding on every ambiguous op).
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

@@ -1,1 +1,2 @@
-"""Training: losses, train state and optimizer, the pure train step, and the driver loop."""
+"""Training: losses, train state and optimizer, the pure train and relabel steps, SCIO stages,
+checkpoints, metrics logs and the loop."""

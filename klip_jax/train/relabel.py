@@ -16,7 +16,7 @@ batch sharding as the train step.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax
 import jax
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from klip_jax.data.tokenizer import TokenIds
 from klip_jax.model import decode
 from klip_jax.parallel import mesh as mesh_lib
-from klip_jax.train.step import TokenIds
 
 
 @flax.struct.dataclass
@@ -95,7 +95,7 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
     flagged = screen(itc, itm, valid)
 
     chosen = jnp.maximum(flagged, 0)[:, None, None]
-    pick = lambda variants, original: jnp.where(  # noqa: E731
+    pick = lambda variants, original: jnp.where(
         (flagged >= 0)[:, None], jnp.take_along_axis(variants, chosen, axis=1)[:, 0], original)
     fill_mask = (keyword_mask > 0) & (clause_ids == flagged[:, None]) & (flagged >= 0)[:, None]
     corrected = ids

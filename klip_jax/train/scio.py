@@ -8,19 +8,20 @@ to a temporary folder and renamed, and never overwritten, so every round stays a
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
+from klip_jax import io
 from klip_jax.data import builder, knowledge, pipeline, records
-from klip_jax.data.tokenizer import TextCodec
+from klip_jax.data.prepare import RunData
+from klip_jax.data.tokenizer import TextCodec, TokenIds
 from klip_jax.errors import ConfigError, KlipError
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import relabel as relabel_lib
-from klip_jax.train.step import TokenIds, model_inputs
+from klip_jax.train.step import model_inputs
 
 STAGES = ("A", "B", "C")
 
@@ -72,14 +73,46 @@ def write_overlay(workdir: str, round_index: int, entries: list[dict]) -> str:
   if os.path.exists(folder):
     raise KlipError(f"{folder} already exists; caption rounds are never overwritten "
                     "(delete it yourself if you really mean to redo that round).")
-  tmp = f"{folder}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  with open(os.path.join(tmp, "overlay.jsonl"), "w") as f:
-    for entry in entries:
-      f.write(json.dumps(entry) + "\n")
-  os.replace(tmp, folder)
+  with io.atomic_path(folder) as tmp:
+    tmp.mkdir()
+    io.write_jsonl(tmp / "overlay.jsonl", entries)
   return path
+
+
+# Offline SCIO: the caption round each stage reads, and how.
+STAGE_OVERLAY = {"B": (1, "recon"), "C": (2, "caption")}
+
+
+def train_pipeline(config, data: RunData, overlay: str = "", overlay_use: str = ""):
+  """The training pipeline (shuffled, augmented), optionally reading a caption overlay."""
+  c = config
+  return pipeline.build(pipeline.PipelineOptions(
+      data.data_dir, "train", c.train.batch_size, seed=c.seed, worker_count=c.data.worker_count,
+      flip=c.data.flip, gain_jitter_db=c.data.gain_jitter_db, overlay=overlay,
+      overlay_use=overlay_use), data.codec)
+
+
+def stage_pipeline(config, data: RunData, workdir: str, stage: str):
+  """The train pipeline of a stage (offline SCIO stages read their caption overlay)."""
+  if config.scio.mode == "offline" and stage in STAGE_OVERLAY:
+    round_index, use = STAGE_OVERLAY[stage]
+    path = overlay_path(workdir, round_index)
+    if os.path.exists(path):
+      return train_pipeline(config, data, path, use)
+  return train_pipeline(config, data)
+
+
+def enter_offline_stage(config, data: RunData, workdir: str, stage: str, relabel, params, iterator, mesh):
+  """Write the stage's caption round unless an earlier (interrupted) run did, and continue the
+  data iterator, from where it stands, on the pipeline that reads that round."""
+  round_index, _ = STAGE_OVERLAY[stage]
+  if not os.path.exists(overlay_path(workdir, round_index)):
+    entries = relabel_split(relabel, params, data, "train", mesh, config.scio.relabel_batch_size)
+    write_overlay(workdir, round_index, entries)
+  position = iterator.get_state()
+  iterator = iter(stage_pipeline(config, data, workdir, stage))
+  iterator.set_state(position)
+  return iterator
 
 
 def _keyword_text(codec: TextCodec, ids: np.ndarray, mask: np.ndarray) -> str:
@@ -108,27 +141,30 @@ def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np
   return entries
 
 
-def relabel_split(relabel, params, data_dir: str, split: str, codec: TextCodec, mesh,
-                  batch_size: int) -> list[dict]:
+def relabel_split(relabel, params, data: RunData, split: str, mesh, batch_size: int,
+                  progress: bool = True) -> list[dict]:
   """Run the jitted relabel step over a whole split (no shuffle, no augmentation)."""
-  source = builder.open_split(data_dir, split)
-  options = pipeline.PipelineOptions(data_dir, split, batch_size, train=False)
+  source = builder.open_split(data.data_dir, split)
+  options = pipeline.PipelineOptions(data.data_dir, split, batch_size, train=False)
   entries = []
-  for batch in pipeline.build(options, codec):
-    inputs = pipeline.global_batch(model_inputs(batch), mesh)
-    result = relabel(params, inputs, jax.random.key(0))
-    entries += entries_from_result(codec, result, batch["index"], batch["valid"], source)
+  with tqdm(total=len(source), desc=f"relabel {split}", unit="caption", disable=not progress) as bar:
+    for batch in pipeline.build(options, data.codec):
+      inputs = pipeline.global_batch(model_inputs(batch), mesh)
+      result = relabel(params, inputs, jax.random.key(0))
+      new = entries_from_result(data.codec, result, batch["index"], batch["valid"], source)
+      entries += new
+      bar.update(len(new))
   return entries
 
 
-def relabel_restored(run, graph, state, split: str) -> list[dict]:
-  """One relabel pass over a split with a restored train state (klip relabel, evaluation)."""
-  config = run.config
-  with mesh_lib.logical_context(run.mesh, config.mesh.rules):
-    fn = relabel_lib.make_relabel_step(config, graph, TokenIds.from_codec(run.codec),
-                                       mesh_lib.shardings_of(state.params), run.mesh)
-    return relabel_split(fn, state.params, run.data_dir, split, run.codec, run.mesh,
-                         config.scio.relabel_batch_size)
+def relabel_restored(config, graph, params, data: RunData, split: str, mesh, *,
+                     proofread: bool = True, progress: bool = True) -> list[dict]:
+  """One relabel pass over a split with restored or in-training parameters (klip relabel,
+  evaluation)."""
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    fn = relabel_lib.make_relabel_step(config, graph, TokenIds.from_codec(data.codec),
+                                       mesh_lib.shardings_of(params), mesh, proofread=proofread)
+    return relabel_split(fn, params, data, split, mesh, config.scio.relabel_batch_size, progress)
 
 
 def repair_metrics(entries: list[dict]) -> dict:

@@ -12,8 +12,7 @@ loss is trained on (default: the same caption).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +20,10 @@ import ml_collections
 import optax
 from flax import nnx
 
+from klip_jax.data.tokenizer import TokenIds
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import losses
 from klip_jax.train.state import TrainState, momentum_subset, with_momentum
-
 
 # The batch keys every step reads (SCIO may add recon_* keys).
 MODEL_INPUTS = ("image", "text_ids", "keyword_mask", "clause_ids")
@@ -32,34 +31,6 @@ MODEL_INPUTS = ("image", "text_ids", "keyword_mask", "clause_ids")
 
 def model_inputs(batch: dict) -> dict:
   return {k: batch[k] for k in MODEL_INPUTS}
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenIds:
-  """The special token ids the step needs (from the tokenizer)."""
-
-  pad: int
-  cls: int
-  enc: int
-  dec: int
-  mask: int
-  sep: int
-  separator: int  # "$", between clauses
-  vocab_size: int
-  # Pieces that continue a word (no leading "▁"): a rewritten keyword may not start with one,
-  # so the corrected caption's text is the same whether it is kept as ids or re-tokenised.
-  continuations: tuple[int, ...] = ()
-
-  @classmethod
-  def from_codec(cls, codec) -> "TokenIds":
-    continuations = tuple(i for i in range(codec.vocab_size)
-                          if not codec.sp.id_to_piece(i).startswith("▁") and i not in codec.special_ids)
-    return cls(codec.pad_id, codec.cls_id, codec.enc_id, codec.dec_id, codec.mask_id, codec.sep_id,
-               codec.separator_id, codec.vocab_size, continuations)
-
-  def special(self) -> tuple[int, ...]:
-    """Ids a decoder must never write into a keyword."""
-    return tuple(sorted({self.pad, self.cls, self.enc, self.dec, self.mask, self.sep, self.separator}))
 
 
 def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, batch, rng):

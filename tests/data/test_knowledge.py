@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from klip_jax.data import knowledge, world
+from klip_jax.data import knowledge, targets, terrain, world
 
 CONFIG = world.WorldConfig(image_size=64)
 
@@ -18,9 +18,9 @@ def _chip(landcover, targets=(), pattern="", kind="lake"):
 
 
 def test_landform_fields_from_hand_built_truth():
-  lc = np.full((90, 90), world.VEGETATION, np.uint8)
-  lc[:, :20] = world.WATER  # 22% water along the left edge
-  lc[80:, 30:] = world.ROAD  # 10% (a wide road band)
+  lc = np.full((90, 90), terrain.VEGETATION, np.uint8)
+  lc[:, :20] = terrain.WATER  # 22% water along the left edge
+  lc[80:, 30:] = terrain.ROAD  # 10% (a wide road band)
   fields = knowledge.landform_fields(_chip(lc))
   assert fields["distribution"] == "water mainly in the middle left"
   assert fields["boundary"] == "vegetation and water"
@@ -32,12 +32,12 @@ def test_landform_fields_from_hand_built_truth():
 
 
 def test_target_fields_from_hand_built_truth():
-  lc = np.full((90, 90), world.WATER, np.uint8)
-  cargo = world.TARGET_CLASSES.index(next(c for c in world.TARGET_CLASSES if c.name == "cargo ship"))
-  targets = [world.Target(cargo, (10.0, 10.0), 121.0, 18.0, 44.0, (0, 0, 20, 20)),
-             world.Target(cargo, (45.0, 45.0), 150.0, 20.0, 226.0, (40, 40, 50, 50)),
-             world.Target(cargo, (80.0, 50.0), 99.0, 15.0, 41.0, (75, 45, 85, 55))]
-  fields = knowledge.target_fields(_chip(lc, targets, "scattered", kind="sea"))
+  lc = np.full((90, 90), terrain.WATER, np.uint8)
+  cargo = targets.TARGET_CLASSES.index(next(c for c in targets.TARGET_CLASSES if c.name == "cargo ship"))
+  ships = [targets.Target(cargo, (10.0, 10.0), 121.0, 18.0, 44.0, (0, 0, 20, 20)),
+           targets.Target(cargo, (45.0, 45.0), 150.0, 20.0, 226.0, (40, 40, 50, 50)),
+           targets.Target(cargo, (80.0, 50.0), 99.0, 15.0, 41.0, (75, 45, 85, 55))]
+  fields = knowledge.target_fields(_chip(lc, ships, "scattered", kind="sea"))
   assert fields == {"count": "3", "location": "upper left, centre and middle right",
                     "feature": "northeast-southwest", "size": "150", "category": "cargo ships",
                     "distribution": "scattered across the scene", "region": "venice, italy",

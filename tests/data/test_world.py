@@ -4,7 +4,7 @@ import numpy as np
 import pyproj
 import pytest
 
-from klip_jax.data import world
+from klip_jax.data import radar, targets, terrain, world
 
 CONFIG = world.WorldConfig(image_size=64)
 
@@ -20,18 +20,18 @@ def test_same_seed_same_bytes_other_seed_other_bytes():
 
 
 def test_mean_amplitude_orders_water_vegetation_urban():
-  means = {c: [] for c in (world.WATER, world.VEGETATION, world.URBAN)}
+  means = {c: [] for c in (terrain.WATER, terrain.VEGETATION, terrain.URBAN)}
   for i in range(150):
     chip = world.make_chip(0, i, CONFIG)
-    targets = np.zeros_like(chip.landcover, bool)
+    near_target = np.zeros_like(chip.landcover, bool)
     for t in chip.targets:  # bright hulls are not the land cover's own backscatter
       x0, y0, x1, y1 = t.box
-      targets[max(y0 - 3, 0):y1 + 3, max(x0 - 3, 0):x1 + 3] = True
+      near_target[max(y0 - 3, 0):y1 + 3, max(x0 - 3, 0):x1 + 3] = True
     for cls in means:
-      mask = (chip.landcover == cls) & ~targets
+      mask = (chip.landcover == cls) & ~near_target
       if mask.sum() > 100:
         means[cls].append(chip.image[mask].astype(float).mean())
-  water, vegetation, urban = (np.mean(means[c]) for c in (world.WATER, world.VEGETATION, world.URBAN))
+  water, vegetation, urban = (np.mean(means[c]) for c in (terrain.WATER, terrain.VEGETATION, terrain.URBAN))
   assert water < vegetation < urban, (water, vegetation, urban)
 
 
@@ -39,8 +39,8 @@ def test_mean_amplitude_orders_water_vegetation_urban():
 def test_homogeneous_region_speckle_matches_l_look_theory(looks):
   """Intensity of L-look speckle over a constant sigma0 has coefficient of variation 1/sqrt(L)."""
   size = 256
-  landcover = np.full((size, size), world.VEGETATION, np.uint8)
-  image = world.form_image(np.random.default_rng(0), landcover, None, None, [],
+  landcover = np.full((size, size), terrain.VEGETATION, np.uint8)
+  image = radar.form_image(np.random.default_rng(0), landcover, None, None, [],
                            np.zeros((size, size), bool), res=5.0, incidence=30.0, band="C",
                            pol="VV", looks=looks, nesz_db=-28.0)
   intensity = image.astype(np.float64) ** 2
@@ -52,11 +52,11 @@ def test_radar_shadow_length_is_height_times_tan_incidence():
   """A 10 m wall seen at 45 degrees with 1 m pixels hides the next 10 pixels of ground."""
   height = np.zeros((1, 40))
   height[0, 5] = 10.0
-  shadow = world.radar_shadow(height, res=1.0, incidence_deg=45.0)[0]
+  shadow = radar.radar_shadow(height, res=1.0, incidence_deg=45.0)[0]
   assert np.flatnonzero(shadow).tolist() == list(range(6, 16))
   # At 30 degrees the shadow is 10 * tan(30) = 5.77 m long: it ends at 11.77 m, so the pixel
   # centred at 11.5 m is the last one in shadow.
-  shadow = world.radar_shadow(height, res=1.0, incidence_deg=30.0)[0]
+  shadow = radar.radar_shadow(height, res=1.0, incidence_deg=30.0)[0]
   assert np.flatnonzero(shadow).tolist() == list(range(6, 12))
 
 
@@ -71,7 +71,7 @@ def _targets(n_chips=120):
 def test_target_pixel_extent_matches_size_over_resolution():
   checked = 0
   for chip, t in _targets():
-    cls = world.TARGET_CLASSES[t.cls]
+    cls = targets.TARGET_CLASSES[t.cls]
     if cls.category != "ship":
       continue
     res = chip.geo["resolution_m"]
@@ -95,7 +95,7 @@ def test_truth_is_consistent_with_targets():
     cx, cy = t.center_xy
     assert chip.grid[int(3 * cy / 128), int(3 * cx / 128)] == 1
     assert chip.counts.sum() == len(chip.targets)
-    allowed = world.WATER if world.TARGET_CLASSES[t.cls].category == "ship" else world.RUNWAY
+    allowed = terrain.WATER if targets.TARGET_CLASSES[t.cls].category == "ship" else terrain.RUNWAY
     assert chip.landcover[int(cy), int(cx)] == allowed
 
 
@@ -114,5 +114,5 @@ def test_landform_and_target_scenes_both_occur_with_all_landcover_classes():
   chips = [world.make_chip(4, i, CONFIG) for i in range(200)]
   assert {c.scene_type for c in chips} == {"landform", "target"}
   seen = set(np.unique(np.concatenate([c.landcover.ravel() for c in chips])))
-  assert seen == set(range(len(world.LANDCOVER)))
+  assert seen == set(range(len(terrain.LANDCOVER)))
   assert {c.scene_kind for c in chips} == set(world.SCENE_KINDS)

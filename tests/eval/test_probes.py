@@ -4,10 +4,10 @@ whose tokens do (or do not) carry the answer."""
 import numpy as np
 import pytest
 
-from klip_jax.data import world
 from klip_jax.data.records import UNKNOWN_LANDCOVER
+from klip_jax.data.targets import TARGET_CLASSES
 from klip_jax.eval import probes
-from klip_jax.eval.examples import NoTruth, Split
+from klip_jax.eval.truth import NoTruth, Split
 
 U = UNKNOWN_LANDCOVER
 DIM = 6
@@ -177,7 +177,7 @@ def test_target_classification_informative_tokens():
   # Chance: always the train majority; the class with p = 0.5 (class 0) here.
   assert out["chance_accuracy"] == pytest.approx(np.mean(truth == 0))
   assert out["chance_accuracy"] < 0.65
-  assert len(out["confusion"]) == len(world.TARGET_CLASSES)
+  assert len(out["confusion"]) == len(TARGET_CLASSES)
   assert np.sum(out["confusion"]) == 80
 
 

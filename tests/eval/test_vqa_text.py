@@ -7,8 +7,8 @@ import pytest
 
 from klip_jax.data import knowledge
 from klip_jax.data.tokenizer import TextCodec
-from klip_jax.eval import examples, vqa
-from klip_jax.eval.examples import NoTruth, Split
+from klip_jax.eval import vqa
+from klip_jax.eval.truth import NoTruth, Split, true_text
 
 TARGET = ["3", "upper left", "north-south", "120", "cargo ships", "isolated",
           "rotterdam, netherlands", "open sea"]
@@ -102,7 +102,7 @@ def test_true_text_restores_corrupted_keywords():
   caption, spans = knowledge.verbalise("target", noisy, [0] * 8)
   record = {"keywords": noisy, "caption": caption, "spans": np.asarray(spans, np.int32),
             "truth": {"corrupted": np.asarray([0, 4], np.int32), "true_keywords": ["3", "cargo ships"]}}
-  keywords, text, new_spans = examples.true_text(record)
+  keywords, text, new_spans = true_text(record)
   assert keywords == true
   assert text == ("the number of targets is 3 in total"
                   "$the targets are located in the upper left and centre of the image"
@@ -125,7 +125,7 @@ def test_true_text_without_corruption_is_unchanged():
     record = {"keywords": list(TARGET), "caption": caption, "spans": np.asarray(spans, np.int32)}
     if truth:
       record["truth"] = truth
-    keywords, text, new_spans = examples.true_text(record)
+    keywords, text, new_spans = true_text(record)
     assert keywords == TARGET and text == caption
     assert [tuple(map(int, s)) for s in new_spans] == spans
 

@@ -15,15 +15,16 @@ import numpy as np
 import torch
 from flax import nnx, traverse_util
 
-from klip_jax.export import hf
+from klip_jax.data.tokenizer import TokenIds
 from klip_jax.model import decode
 from klip_jax.model.klip import KLIP
 from klip_jax.parallel import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
-# What a small vocabulary's special ids look like (the real ones come from the codec).
-TOKENS = hf.SpecialTokens(pad=0, dec=2, sep=3, cls=4, enc=5)
+# What a small vocabulary's special ids look like (the real ones come from the codec); the
+# vocabulary size varies per test and is passed on its own.
+TOKENS = TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, sep=3, separator=7, vocab_size=0)
 FIRST_ORDINARY = 8
 
 
@@ -78,7 +79,7 @@ def klip_model(config, vocab_size: int, params: dict) -> tuple[KLIP, jax.shardin
   return model, mesh
 
 
-def inputs(config, vocab_size: int, tokens: hf.SpecialTokens, seed: int, batch: int = 3) -> dict:
+def inputs(config, vocab_size: int, tokens: TokenIds, seed: int, batch: int = 3) -> dict:
   """Images [B, H, W, 1] and [CLS]-first padded captions of different lengths."""
   rng = np.random.default_rng(seed)
   size, length = config.model.vision.image_size, 12
@@ -92,7 +93,7 @@ def inputs(config, vocab_size: int, tokens: hf.SpecialTokens, seed: int, batch: 
 
 
 @functools.cache
-def _compiled_outputs(config_json: str, vocab_size: int, tokens: hf.SpecialTokens, gen_len: int):
+def _compiled_outputs(config_json: str, vocab_size: int, tokens: TokenIds, gen_len: int):
   """(config, mesh, jitted params, images, ids, pad -> outputs), compiled once per model config."""
   config = ml_collections.ConfigDict(json.loads(config_json))
   mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -116,7 +117,7 @@ def _compiled_outputs(config_json: str, vocab_size: int, tokens: hf.SpecialToken
   return config, mesh, run
 
 
-def klip_outputs(config, vocab_size: int, params: dict, x: dict, tokens: hf.SpecialTokens,
+def klip_outputs(config, vocab_size: int, params: dict, x: dict, tokens: TokenIds,
                  gen_len: int) -> dict:
   """ITC features, cosine matrix, ITM logits, decoder logits and greedy captions of klip_jax."""
   config, mesh, run = _compiled_outputs(config.to_json_best_effort(), vocab_size, tokens, gen_len)
@@ -126,7 +127,7 @@ def klip_outputs(config, vocab_size: int, params: dict, x: dict, tokens: hf.Spec
 
 
 @torch.no_grad()
-def hf_outputs(retrieval, captioning, x: dict, tokens: hf.SpecialTokens, gen_len: int) -> dict:
+def hf_outputs(retrieval, captioning, x: dict, tokens: TokenIds, gen_len: int) -> dict:
   """The same outputs from transformers: a grey image replicated to RGB, NCHW."""
   pixels = torch.from_numpy(np.repeat(x["images"].transpose(0, 3, 1, 2), 3, axis=1))
   ids, mask = torch.from_numpy(x["ids"]).long(), torch.from_numpy(x["pad"]).long()

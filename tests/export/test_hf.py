@@ -15,17 +15,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import torch
-import transformers
 from flax import nnx
 
 from klip_jax import config as config_lib
-from klip_jax.data.tokenizer import TextCodec
+from klip_jax import io
+from klip_jax.data import prepare
+from klip_jax.data.tokenizer import TextCodec, TokenIds
 from klip_jax.errors import ConfigError, ExportError
 from klip_jax.export import commands, hf
-from klip_jax.train import loop
+from klip_jax.parallel import mesh as mesh_lib
+from klip_jax.train import checkpoint
 from klip_jax.train import state as state_lib
-from tests.export import parity
+
+# torch and transformers come with the optional export extra (pip install -e ".[export]").
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tests.export import parity  # noqa: E402  (imports torch: after the skips above)
+
+pytestmark = pytest.mark.slow  # parity runs PyTorch next to XLA
 
 GEN_LEN = 10
 TIED = {"text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"}
@@ -100,18 +108,18 @@ def _compare(config, vocab, klip_params, models, label, tokens=parity.TOKENS):
 
 def test_export_workdir_loads_in_transformers_and_matches(tiny, tmp_path):
   workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
-  run = loop.setup(tiny, workdir)
-  vocab, tokens = run.codec.vocab_size, hf.SpecialTokens.from_codec(run.codec)
+  codec = prepare.ensure(tiny, workdir).codec
+  vocab, tokens = codec.vocab_size, TokenIds.from_codec(codec)
   tx, _ = state_lib.make_optimizer(tiny.optim, tiny.train.steps)
-  _, abstract, shardings = state_lib.abstract_state(tiny, vocab, tx, run.mesh)
+  _, abstract, shardings = state_lib.abstract_state(tiny, vocab, tx, mesh_lib.make_mesh(tiny.mesh.shape))
   # A "trained" state: random parameters, zero optimizer state, at step 7.
   state = jax.tree.map(lambda a, s: jax.device_put(np.full(a.shape, 7 if a.dtype == np.int32 else 0, a.dtype), s),
                        abstract, shardings)
   params = parity.random_params(tiny, vocab, seed=1)
   nnx.replace_by_pure_dict(state.params, jax.tree.map(jax.device_put, params, shardings.params.to_pure_dict()))
-  with loop.checkpoint_manager(workdir, tiny) as manager:
+  with checkpoint.manager(workdir, tiny) as manager:
     manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-  loop.write_atomic(os.path.join(workdir, "config.json"), tiny.to_json_best_effort())
+  io.write_text(os.path.join(workdir, "config.json"), tiny.to_json_best_effort())
 
   written = commands.export_workdir(workdir, out)  # the config comes from workdir/config.json
 
@@ -133,7 +141,7 @@ def test_export_workdir_loads_in_transformers_and_matches(tiny, tmp_path):
 
 def test_import_hf_initialises_a_workdir_that_matches(tiny, tmp_path):
   codec = TextCodec(tiny.data.tokenizer, tiny.data.max_len)
-  tokens = hf.SpecialTokens.from_codec(codec)
+  tokens = TokenIds.from_codec(codec)
   models = _random_hf(tiny, codec.vocab_size, seed=4, shared_decoder=True)
   for name, model in models.items():
     model.save_pretrained(str(tmp_path / "hf" / name))
@@ -146,9 +154,9 @@ def test_import_hf_initialises_a_workdir_that_matches(tiny, tmp_path):
     assert json.load(f)["model"] == json.loads(tiny.to_json_best_effort())["model"]
   # Read back the way klip train does when it starts from imported weights.
   tx, _ = state_lib.make_optimizer(tiny.optim, tiny.train.steps)
-  run = loop.setup(tiny, str(tmp_path / "run"))
-  _, abstract, shardings = state_lib.abstract_state(tiny, codec.vocab_size, tx, run.mesh)
-  params = loop.restore_params(result["init_params"], abstract.params, shardings.params)
+  mesh = mesh_lib.make_mesh(tiny.mesh.shape)
+  _, abstract, shardings = state_lib.abstract_state(tiny, codec.vocab_size, tx, mesh)
+  params = checkpoint.restore_params(result["init_params"], abstract.params, shardings.params)
   _compare(tiny, codec.vocab_size, jax.device_get(params.to_pure_dict()), models, "import tiny", tokens)
 
 

@@ -73,5 +73,5 @@ def test_greedy_generation_equals_full_forward_and_beam_scores_no_worse():
           done[row] = ids[row, t + 1] == 3
   np.testing.assert_array_equal(greedy, ids)
   np.testing.assert_allclose(greedy_logp, logp, rtol=1e-5)
-  length = lambda x: np.maximum((x != 0).sum(1), 1)  # noqa: E731  ([DEC] counts as position 0)
+  length = lambda x: np.maximum((x != 0).sum(1), 1)
   assert np.all(beam_logp / length(beam) >= greedy_logp / length(greedy) - 1e-5)

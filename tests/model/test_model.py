@@ -65,7 +65,7 @@ def test_unimodal_text_ignores_the_image_and_multimodal_uses_it(setup):
 
 
 def test_padding_does_not_leak_into_real_tokens(setup):
-  config, mesh, model, images, ids = setup
+  config, mesh, model, _images, ids = setup
   pad = jnp.arange(12)[None] < 8
   other = ids.at[:, 8:].set(3)
   with mesh_lib.logical_context(mesh, config.mesh.rules):
@@ -100,7 +100,7 @@ def test_decoder_shares_everything_but_self_attention():
     shared = nnx.state(KLIP(config.model, VOCAB, rngs=nnx.Rngs(params=0)), nnx.Param)
     config.model.share_decoder = False
     untied = nnx.state(KLIP(config.model, VOCAB, rngs=nnx.Rngs(params=0)), nnx.Param)
-  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   layers = shared["text"]["layers"]
   assert "causal_attn" in layers[0] and "decoder" not in shared
   assert "decoder" in untied and "causal_attn" not in untied["text"]["layers"][0]

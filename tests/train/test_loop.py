@@ -2,17 +2,23 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from tensorboardX.proto import event_pb2
 
 from klip_jax import config as config_lib
-from klip_jax.data import pipeline
+from klip_jax.data import pipeline, prepare
+from klip_jax.data.tokenizer import TokenIds
+from klip_jax.jobs import train as train_job
 from klip_jax.parallel import mesh as mesh_lib
-from klip_jax.train import loop
+from klip_jax.train import checkpoint, loop
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
@@ -32,11 +38,12 @@ def _checkpoint(workdir, step):
   return params, data
 
 
+@pytest.mark.slow
 def test_resume_in_a_new_process_equals_an_uninterrupted_run(tiny_data, tiny_tokenizer, tmp_path):
   overrides = [f"--config.data.data_dir={tiny_data}", f"--config.data.tokenizer={tiny_tokenizer}",
                "--config.data.max_len=96", "--config.model.vision.image_size=48",
                "--config.train.steps=6", "--config.train.batch_size=8", "--config.train.log_every=1",
-               "--config.train.ckpt_every=3", "--config.momentum.queue_size=16"]
+               "--config.train.ckpt_every=3", "--config.momentum.queue_size=16", "--config.eval.every=0"]
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   _klip("train", "--config", "configs/tiny.py", "--workdir", straight, *overrides)
   _klip("train", "--config", "configs/tiny.py", "--workdir", resumed, "--stop-at", "3", *overrides)
@@ -50,7 +57,7 @@ def test_resume_in_a_new_process_equals_an_uninterrupted_run(tiny_data, tiny_tok
   for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(a, b)
   assert data_a and data_a == data_b  # the iterators stand at the same place of the same order
-  lines = lambda w: [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]  # noqa: E731
+  lines = lambda w: [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
   a, b = lines(straight), lines(resumed)
   assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
   for x, y in zip(a, b):
@@ -58,17 +65,18 @@ def test_resume_in_a_new_process_equals_an_uninterrupted_run(tiny_data, tiny_tok
   assert os.listdir(os.path.join(straight, "logs"))[0].startswith("events.out.tfevents")
 
 
-def _evaluate(config, run, graph, state):
+def _evaluate(config, data, mesh, graph, state):
   """Mean metrics over the whole (64-example) train split, without augmentation."""
-  tokens = step_lib.TokenIds.from_codec(run.codec)
-  options = pipeline.PipelineOptions(run.data_dir, "train", 16, train=False)
-  with mesh_lib.logical_context(run.mesh, config.mesh.rules):
+  tokens = TokenIds.from_codec(data.codec)
+  options = pipeline.PipelineOptions(data.data_dir, "train", 16, train=False)
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
     evaluate = jax.jit(step_lib.eval_step_fn(config, graph, tokens))
     results = [jax.device_get(evaluate(state, step_lib.model_inputs(batch), jax.random.key(0)))
-               for batch in pipeline.build(options, run.codec)]
+               for batch in pipeline.build(options, data.codec)]
   return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_64_examples(tmp_path):
   config = config_lib.load("configs/tiny.py")
   config.data.synth.update(num_train=64, num_val=16, num_test=16, noise_rate=0.0)
@@ -76,12 +84,51 @@ def test_tiny_model_overfits_64_examples(tmp_path):
   config.momentum.update(enabled=False)
   config.optim.update(lr=2e-3, warmup_steps=20, weight_decay=0.0, grad_clip=1000.0)
   config.train.update(steps=400, batch_size=16, log_every=100, ckpt_every=400)
+  config.eval.every = 0
   workdir = str(tmp_path / "overfit")
-  loop.train(config, workdir, progress=False)
-  run, graph, state = loop.restore(config, workdir)
+  train_job.train(config, workdir, progress=False)
+  data = prepare.locate(config, workdir)
+  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  graph, state = checkpoint.restore(config, workdir, data.codec.vocab_size, mesh)
   tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
-  _, initial, _ = state_lib.create(config, run.codec.vocab_size, tx, run.mesh)
-  before, after = _evaluate(config, run, graph, initial), _evaluate(config, run, graph, state)
+  _, initial, _ = state_lib.create(config, data.codec.vocab_size, tx, mesh)
+  before, after = _evaluate(config, data, mesh, graph, initial), _evaluate(config, data, mesh, graph, state)
   assert after["itc_acc"] > 0.95, after
   assert after["itm_acc"] > 0.95, after
   assert after["loss_recon"] < 0.2 * before["loss_recon"], (before, after)
+
+
+def test_the_loop_runs_its_evaluation_hook_at_the_configured_steps(tiny_data, tiny_tokenizer, tmp_path):
+  config = config_lib.load("configs/tiny.py:48px")
+  config.data.update(data_dir=tiny_data, tokenizer=tiny_tokenizer, max_len=96)
+  config.train.update(steps=5, batch_size=8, log_every=5, ckpt_every=5)
+  config.momentum.update(queue_size=16)
+  config.eval.every = 2
+  calls = []
+
+  def evaluate(step, graph, params):
+    calls.append(step)
+    assert isinstance(params, nnx.State)
+    return {"fake": {"metric": step / 10}}
+
+  workdir = str(tmp_path / "run")
+  loop.train(config, workdir, prepare.locate(config, workdir), progress=False, evaluate=evaluate)
+  assert calls == [2, 4]
+  lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [m for m in lines if "eval" in m] == [{"step": 2, "eval": {"fake": {"metric": 0.2}}},
+                                               {"step": 4, "eval": {"fake": {"metric": 0.4}}}]
+  assert [m["step"] for m in lines if "eval" not in m] == [5]
+  logs = os.path.join(workdir, "logs")
+  tags = set().union(*(_event_tags(os.path.join(logs, name)) for name in os.listdir(logs)))
+  assert {"eval/fake/metric", "train/loss"} <= tags
+
+
+def _event_tags(path: str) -> set[str]:
+  """Scalar tags of a TensorBoard event file, read as TFRecords: [u64 length][u32 crc][Event][u32 crc]."""
+  data, tags, at = open(path, "rb").read(), set(), 0
+  while at < len(data):
+    (length,) = struct.unpack("<Q", data[at:at + 8])
+    event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+    tags |= {v.tag for v in event.summary.value}
+    at += 12 + length + 4
+  return tags

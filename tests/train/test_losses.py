@@ -126,4 +126,5 @@ def test_reconstruction_counts_only_selected_positions_with_causal_shift():
   # Changing logits at unselected positions changes nothing.
   other = logits.copy()
   other[0, 4] += 5.0
-  np.testing.assert_allclose(losses.reconstruction(jnp.asarray(other), jnp.asarray(targets), jnp.asarray(selected))[0], loss)
+  np.testing.assert_allclose(
+      losses.reconstruction(jnp.asarray(other), jnp.asarray(targets), jnp.asarray(selected))[0], loss)

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from klip_jax import config as config_lib
-from klip_jax.eval import benchmark
-from klip_jax.train import pretrain, scio
+from klip_jax.eval import registry
+from klip_jax.jobs import pretrain
+from klip_jax.train import scio
 
 
 def _config(tiny_data, tiny_tokenizer, mode):
@@ -20,10 +21,13 @@ def _config(tiny_data, tiny_tokenizer, mode):
   c.train.update(batch_size=8, log_every=1, ckpt_every=4)
   c.eval.update(batch_size=16, caption_steps=2, detection_steps=10, vqa_questions=4, vqa_candidates=8)
   if mode == "offline":  # the online run covers every task; this one the SCIO-specific ones
-    c.eval.update(tasks="retrieval,scio_repair", random_baseline=False)
+    c.eval.update(tasks="retrieval,scio_repair", random_baseline=False, every=0)
+  else:  # the cheap evaluators also run during training, at steps 3 and 6
+    c.eval.update(every=3, periodic_examples=8)
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["online", "offline"])
 def test_pretrain_runs_all_stages_and_the_benchmark(tiny_data, tiny_tokenizer, tmp_path, mode):
   workdir = str(tmp_path / mode)
@@ -33,14 +37,22 @@ def test_pretrain_runs_all_stages_and_the_benchmark(tiny_data, tiny_tokenizer, t
     assert scio.rounds(workdir) == []  # stage B's round is written when B starts
     config = _config(tiny_data, tiny_tokenizer, mode)
   results = pretrain.pretrain(config, workdir, progress=False)
-  stages = [json.loads(line)["stage"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert stages == [0, 0, 0, 0, 1, 1, 2, 2]
+  lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [m["stage"] for m in lines if "eval" not in m] == [0, 0, 0, 0, 1, 1, 2, 2]
+  evals = [m for m in lines if "eval" in m]
+  if mode == "online":  # in-training evaluation at the configured steps, cheap tasks only
+    assert [m["step"] for m in evals] == [3, 6]
+    for m in evals:
+      assert set(m["eval"]) == {"retrieval", "itm", "zeroshot_landcover", "screening"}
+      assert 0 <= m["eval"]["itm"]["auc"] <= 1 and m["eval"]["retrieval"]["chance_r1"] == 1 / 8
+  else:
+    assert evals == []
   assert scio.rounds(workdir) == ([1, 2] if mode == "offline" else [])
 
   folder = os.path.join(workdir, "eval")
   saved = json.load(open(os.path.join(folder, "results.json")))
   assert saved["step"] == 8 and saved == json.loads(json.dumps(results))
-  tasks = list(benchmark.TASKS) if mode == "online" else ["retrieval", "scio_repair"]
+  tasks = list(registry.TASKS) if mode == "online" else ["retrieval", "scio_repair"]
   assert list(saved["tasks"]) == tasks
   for name, metrics in saved["tasks"].items():
     assert "skipped" not in metrics, name
@@ -53,10 +65,12 @@ def test_pretrain_runs_all_stages_and_the_benchmark(tiny_data, tiny_tokenizer, t
   report = open(os.path.join(folder, "report.md")).read()
   assert all(f"| {name} |" in report for name in tasks)
   plots = ["retrieval.png", "training_curves.png"] + (["confusion.png"] if mode == "online" else [])
+  if mode == "online":
+    assert saved["tasks"]["screening"]["clauses"] > 0 and 0 <= saved["tasks"]["screening"]["auc_rule"] <= 1
   for name in plots:
     assert f"({name})" in report
     assert Image.open(os.path.join(folder, name)).format == "PNG"
   if mode == "online":
-    assert set(saved["random_init"]) == set(tasks) - {"scio_repair"}
+    assert set(saved["random_init"]) == set(tasks) - {"scio_repair", "screening"}
     captions = [json.loads(line) for line in open(os.path.join(folder, "captions_test.jsonl"))]
     assert len(captions) == 12 and {"reference", "greedy", "beam"} <= set(captions[0])

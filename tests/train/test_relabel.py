@@ -8,7 +8,8 @@ import pytest
 
 from klip_jax import config as config_lib
 from klip_jax.data import pipeline
-from klip_jax.data.tokenizer import TextCodec
+from klip_jax.data.prepare import RunData
+from klip_jax.data.tokenizer import TextCodec, TokenIds
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import relabel, scio
 from klip_jax.train import state as state_lib
@@ -84,10 +85,11 @@ def _setup(tiny_data, tiny_tokenizer, n=8, **loss):
   return config, codec, mesh, tx, schedule, graph, state, shardings, batch
 
 
+@pytest.mark.slow  # a parity / end-to-end run: the full suite's tier
 def test_decoder_fill_restores_a_memorised_keyword(tiny_data, tiny_tokenizer):
   config, codec, mesh, tx, schedule, graph, state, shardings, batch = _setup(
       tiny_data, tiny_tokenizer, itc=0.0, itm=0.0, recon=1.0)
-  tokens = step_lib.TokenIds.from_codec(codec)
+  tokens = TokenIds.from_codec(codec)
   inputs = {k: batch[k] for k in MODEL_INPUTS}
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     train = step_lib.make_train_step(config, graph, tx, schedule, tokens, shardings, mesh)
@@ -96,6 +98,7 @@ def test_decoder_fill_restores_a_memorised_keyword(tiny_data, tiny_tokenizer):
     assert float(metrics["recon_acc"]) > 0.99
 
     from flax import nnx
+
     from klip_jax.model import decode
 
     @jax.jit
@@ -113,12 +116,12 @@ def test_decoder_fill_restores_a_memorised_keyword(tiny_data, tiny_tokenizer):
 
 
 def test_online_and_offline_give_identical_corrected_captions(tiny_data, tiny_tokenizer, tmp_path):
-  config, codec, mesh, tx, schedule, graph, state, shardings, batch = _setup(tiny_data, tiny_tokenizer, n=12)
-  tokens = step_lib.TokenIds.from_codec(codec)
+  config, codec, mesh, _tx, _schedule, graph, state, shardings, batch = _setup(tiny_data, tiny_tokenizer, n=12)
+  tokens = TokenIds.from_codec(codec)
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     fn = relabel.make_relabel_step(config, graph, tokens, shardings.params, mesh)
     online = jax.device_get(fn(state.params, {k: batch[k] for k in MODEL_INPUTS}, jax.random.key(0)))
-    entries = scio.relabel_split(fn, state.params, tiny_data, "train", codec, mesh, 12)
+    entries = scio.relabel_split(fn, state.params, RunData(tiny_data, codec), "train", mesh, 12, progress=False)
   assert (online.flagged >= 0).sum() >= 2  # a random model still flags some clauses
   scio.write_overlay(str(tmp_path), 1, entries)
   with pytest.raises(Exception, match="never overwritten"):
@@ -145,9 +148,10 @@ def test_repair_metrics_on_hand_made_entries():
   assert m["clean_clauses_changed_rate"] == pytest.approx(1 / 7)
 
 
+@pytest.mark.slow  # a parity / end-to-end run: the full suite's tier
 def test_relabel_on_the_eight_device_mesh_equals_one_device(tiny_data, tiny_tokenizer):
-  config, codec, mesh1, tx, schedule, graph, state, shardings, batch = _setup(tiny_data, tiny_tokenizer)
-  tokens = step_lib.TokenIds.from_codec(codec)
+  config, codec, mesh1, tx, _schedule, graph, state, shardings, batch = _setup(tiny_data, tiny_tokenizer)
+  tokens = TokenIds.from_codec(codec)
   inputs = {k: batch[k] for k in MODEL_INPUTS}
   with mesh_lib.logical_context(mesh1, config.mesh.rules):
     one = jax.device_get(relabel.make_relabel_step(config, graph, tokens, shardings.params, mesh1)(

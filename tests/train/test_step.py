@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from klip_jax import config as config_lib
+from klip_jax.data.tokenizer import TokenIds
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
 VOCAB = 120
-TOKENS = step_lib.TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, sep=3, separator=7, vocab_size=VOCAB)
+TOKENS = TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, sep=3, separator=7, vocab_size=VOCAB)
 
 
 def _config(**optim):
@@ -68,6 +69,7 @@ def _assert_trees_close(a, b, atol):
     np.testing.assert_allclose(y, x, atol=atol, rtol=atol)
 
 
+@pytest.mark.slow  # a parity / end-to-end run: the full suite's tier
 def test_eight_device_mesh_equals_one_device(one_and_eight):
   (state1, metrics1, params1), (state8, metrics8, params8) = one_and_eight
   for m1, m8 in zip(metrics1, metrics8):
@@ -107,7 +109,7 @@ def test_params_are_sharded_as_the_rules_say(one_and_eight):
 def test_gradient_accumulation_updates_every_k_steps():
   # Updates land on micro-steps 2 and 4; the first one runs at warmup's lr of 0.
   _, _, params = _run(_config(grad_accum=2), (1, 1, 1), [_batch(i) for i in range(4)])
-  leaf = lambda p: np.asarray(p["itm_head"]["kernel"])  # noqa: E731
+  leaf = lambda p: np.asarray(p["itm_head"]["kernel"])
   np.testing.assert_array_equal(leaf(params[0]), leaf(params[2]))
   np.testing.assert_array_equal(leaf(params[3]), leaf(params[2]))
   assert np.abs(leaf(params[4]) - leaf(params[3])).max() > 0
@@ -119,7 +121,7 @@ def test_weight_decay_only_on_kernels():
   tx, _ = state_lib.make_optimizer(config.optim, 10)
   _, state, _ = state_lib.create(config, VOCAB, tx, mesh)
   mask = state_lib.decay_mask(state.params)
-  value = lambda variable: variable.get_value()  # noqa: E731
+  value = lambda variable: variable.get_value()
   assert value(mask["text"]["layers"][0]["fc1"]["kernel"]) is True
   assert value(mask["vision"]["blocks"][0]["attn"]["qkv"]["kernel"]) is True
   assert value(mask["text"]["layers"][0]["fc1"]["bias"]) is False

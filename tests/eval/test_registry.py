@@ -1,23 +1,39 @@
-"""The benchmark's task selection, config checks, CLI errors and report table (no model)."""
+"""The evaluator registry's task selection and declarations, eval config checks, and the
+report table (no model)."""
+
+import json
 
 import pytest
 
-from klip_jax import cli
 from klip_jax import config as config_lib
 from klip_jax.errors import ConfigError
-from klip_jax.eval import benchmark, report
+from klip_jax.eval import registry, report
 
 
 def test_parse_tasks():
-  assert benchmark.parse_tasks("all") == list(benchmark.TASKS)
-  assert benchmark.parse_tasks(" retrieval, vqa_count ") == ["retrieval", "vqa_count"]
+  assert registry.parse_tasks("all") == list(registry.TASKS)
+  assert registry.parse_tasks(" retrieval, vqa_count ") == ["retrieval", "vqa_count"]
   with pytest.raises(ConfigError, match="unknown eval task.*'retrival'.*retrieval"):
-    benchmark.parse_tasks("retrival")
+    registry.parse_tasks("retrival")
 
 
-def test_thirteen_task_families_and_scio():
-  assert len(benchmark.TASKS) == 14 and benchmark.TASKS[-1] == "scio_repair"
-  assert sum(t.startswith("vqa_") for t in benchmark.TASKS) == 6
+def test_thirteen_task_families_plus_matching_and_scio():
+  assert len(registry.TASKS) == 16
+  assert sum(t.startswith("vqa_") for t in registry.TASKS) == 6
+  assert {"itm", "screening", "scio_repair"} <= set(registry.TASKS)
+
+
+def test_cheap_evaluators_are_the_in_training_ones():
+  assert registry.cheap_tasks("all") == ["retrieval", "itm", "zeroshot_landcover", "screening"]
+  assert registry.cheap_tasks("captioning,itm,vqa_count") == ["itm"]  # the config still picks
+
+
+def test_declared_needs():
+  needs = {name: set(e.needs) for name, e in registry.REGISTRY.items()}
+  # Tasks of the trained model alone: no random-init baseline is evaluated for them.
+  assert {n for n, s in needs.items() if "trained" in s} == {"screening", "scio_repair"}
+  assert "decoder" in needs["captioning"] and "decoder" in needs["vqa_count"]
+  assert "train" not in needs["retrieval"] and "train" in needs["segmentation"]
 
 
 def test_eval_config_is_validated():
@@ -25,19 +41,14 @@ def test_eval_config_is_validated():
   c.eval.rerank_k = 0
   with pytest.raises(ConfigError, match="eval.rerank_k"):
     config_lib.validate(c)
-
-
-def test_cli_eval_without_a_run_is_a_clear_error(tmp_path, capsys):
-  assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
-  assert "config.json" in capsys.readouterr().err
-  assert cli.main(["eval", "--workdir", str(tmp_path), "--config.eval.seed=1"]) == 2
-  assert "need --config" in capsys.readouterr().err
+  c = config_lib.load("configs/tiny.py")
+  c.eval.every = -1
+  with pytest.raises(ConfigError, match="eval.every"):
+    config_lib.validate(c)
 
 
 def test_saved_config_gains_new_sections(tmp_path):
   """A run saved before a config section existed still loads, with that section's defaults."""
-  import json
-
   saved = json.loads(config_lib.load("configs/tiny.py").to_json_best_effort())
   del saved["eval"]
   (tmp_path / "config.json").write_text(json.dumps(saved))
@@ -51,10 +62,12 @@ def test_report_table_rows_baseline_and_chance():
       "captioning": {"greedy_bleu4": 0.5, "greedy_cider": 1.25, "beam_bleu4": 0.6, "beam_cider": 1.5,
                      "chance_bleu4": 0.2, "chance_cider": 0.75},
       "vqa_count": {"accuracy": 0.75, "chance_accuracy": 0.25},
+      "screening": {"auc_rule": 0.625, "auc_itc": 0.5, "auc_itm": 0.875, "chance_auc": 0.5},
       "detection": {"skipped": 1.0}},
       "random_init": {"vqa_count": {"accuracy": 0.125}}}
   table = report.table(results, {"detection": {"skipped": "no target boxes"}})
   assert "| captioning | greedy_bleu4 | 0.500 | — | 0.200 |" in table
   assert "| captioning | beam_cider | 1.500 | — | 0.750 |" in table
   assert "| vqa_count | accuracy | 0.750 | 0.125 | 0.250 |" in table
+  assert "| screening | auc_itm | 0.875 | — | 0.500 |" in table
   assert "| detection | skipped: no target boxes |" in table

@@ -1,5 +1,5 @@
-"""The examples a benchmark task reads: records in split order, their model inputs, and the
-TRUE text.
+"""The examples an evaluator reads, with their ground truth: records in split order, their
+model inputs, and the TRUE text.
 
 Caption noise (the synthetic world's, or real captions with recorded corrections) is undone
 here: a corrupted clause gets its true keyword back, so retrieval, captioning and VQA are
@@ -34,6 +34,11 @@ class Split:
 
   def __len__(self) -> int:
     return len(self.records)
+
+  def head(self, n: int) -> Split:
+    """The first n examples."""
+    return Split(self.name, self.records[:n], self.images[:n], self.keywords[:n], self.captions[:n],
+                 self.text_ids[:n])
 
 
 def true_text(record: dict) -> tuple[list[str], str, list[tuple[int, int]]]:

@@ -1,4 +1,5 @@
-"""`klip pretrain`, the main job: data + tokenizer, SCIO stages A -> B -> C, then the benchmark.
+"""`klip pretrain`, the main job: data + tokenizer, SCIO stages A -> B -> C (with the cheap
+evaluators along the way), then the full benchmark.
 
 With no data given it synthesises the embedded world (caption noise from the config), trains
 the tokenizer, trains through the three stages, and runs the downstream benchmark
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from klip_jax.eval import benchmark
-from klip_jax.train import loop, scio
+from klip_jax.eval import suite
+from klip_jax.jobs import train as train_job
+from klip_jax.train import scio
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None,
@@ -21,7 +23,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | 
   total = scio.total_steps(config.scio)
   if total:
     config.train.steps = total
-  loop.train(config, workdir, stop_at=stop_at, progress=progress)
+  train_job.train(config, workdir, stop_at=stop_at, progress=progress)
   if stop_at is not None and stop_at < config.train.steps:
     return None
-  return benchmark.run(config, workdir)
+  return suite.run(config, workdir, progress=progress)

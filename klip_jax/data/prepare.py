@@ -1,0 +1,71 @@
+"""A run's dataset and tokenizer, from its config: made when training needs them, only located
+when something restores a checkpoint.
+
+`config.data.data_dir` names a dataset (the embedded world from `klip data synth`, or real
+chips from `klip data ingest`); empty means the embedded world synthesised from
+`config.data.synth` into WORKDIR/data. `config.data.tokenizer` names a sentencepiece model;
+empty means WORKDIR/tokenizer.model, trained on the train split's captions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+
+from klip_jax.data import builder, records, tokenizer, world
+from klip_jax.errors import DatasetError
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+  """Where a run's examples are and how its text is encoded."""
+
+  data_dir: str
+  codec: tokenizer.TextCodec
+
+
+def synth_settings(synth: ml_collections.ConfigDict) -> builder.SynthSettings:
+  """The builder settings of `config.data.synth`."""
+  return builder.SynthSettings(
+      num_examples={"train": synth.num_train, "val": synth.num_val, "test": synth.num_test},
+      seed=synth.seed, noise_rate=synth.noise_rate,
+      world=world.WorldConfig(image_size=synth.image_size, looks=synth.looks,
+                              resolution_m=(synth.resolution_min, synth.resolution_max)))
+
+
+def train_tokenizer(data_dir: str, vocab_size: int, out: str) -> tokenizer.TextCodec:
+  """Train a sentencepiece model on the train split's captions and write it to `out`."""
+  source = builder.open_split(data_dir, "train")
+  captions = (records.from_example(source[i], decode_rasters=False)["caption"] for i in range(len(source)))
+  tokenizer.train_sentencepiece(captions, vocab_size, out)
+  return tokenizer.TextCodec(out, max_len=8)
+
+
+def _paths(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
+  return (config.data.data_dir or os.path.join(workdir, "data"),
+          config.data.tokenizer or os.path.join(workdir, "tokenizer.model"))
+
+
+def ensure(config: ml_collections.ConfigDict, workdir: str) -> RunData:
+  """The run's data, synthesising the embedded world and training the tokenizer if absent."""
+  data_dir, tok_path = _paths(config, workdir)
+  if not config.data.data_dir:
+    builder.build(data_dir, synth_settings(config.data.synth))
+  if not os.path.exists(tok_path):
+    train_tokenizer(data_dir, config.data.vocab_size, tok_path)
+  return RunData(data_dir, tokenizer.TextCodec(tok_path, config.data.max_len))
+
+
+def locate(config: ml_collections.ConfigDict, workdir: str) -> RunData:
+  """The run's existing data; builds nothing (restoring a checkpoint must not synthesise a
+  dataset or retrain a tokenizer behind the user's back)."""
+  data_dir, tok_path = _paths(config, workdir)
+  if not os.path.exists(builder.dataset_path(data_dir) / "dataset_info.json"):
+    raise DatasetError(f"no dataset at {data_dir} for {workdir}; the run's data was moved or never "
+                       "built. Point --config.data.data_dir at it, or train in this workdir first.")
+  if not os.path.exists(tok_path):
+    raise DatasetError(f"no tokenizer at {tok_path} for {workdir}; point --config.data.tokenizer at "
+                       "the run's tokenizer.model, or train in this workdir first.")
+  return RunData(data_dir, tokenizer.TextCodec(tok_path, config.data.max_len))

@@ -1,0 +1,251 @@
+"""The evaluators, by name: what each needs and costs, chosen in the config.
+
+Every task is one `Evaluator`: a function of an `EvalContext` returning `{metric: number}` (and
+non-numeric details), the things it needs, and its cost. `config.eval.tasks` picks the tasks
+of the full benchmark (`klip eval`, the end of `klip pretrain`); the cheap ones among them
+also run every `config.eval.every` steps while the model trains (`eval.periodic`), as
+big_vision's evaluators do.
+
+Needs:
+  trained   the trained model's own outputs (no random-init baseline is run for it)
+  decoder   the image-grounded causal decoder
+  train     examples of the train split (probes, heads, answer vocabularies, majority levels)
+  landcover / boxes / corruption   ground truth the split must record (else: skipped)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable
+
+import ml_collections
+import numpy as np
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from klip_jax.data import knowledge, targets
+from klip_jax.data.prepare import RunData
+from klip_jax.errors import ConfigError
+from klip_jax.eval import captioning, detection, matching, probes, retrieval, screening, vqa, zeroshot
+from klip_jax.eval.runner import ModelRunner
+from klip_jax.eval.truth import NoTruth, Split, load_split
+from klip_jax.train import scio
+
+log = logging.getLogger(__name__)
+
+NEEDS = ("trained", "decoder", "train", "landcover", "boxes", "corruption")
+COSTS = ("cheap", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  name: str
+  run: Callable[[EvalContext], dict]
+  needs: tuple[str, ...]
+  cost: str  # "cheap": runs during training too; "full": only in the benchmark
+
+
+class Examples:
+  """The evaluated split and a train prefix, each loaded on first use and then shared by every
+  parameter set (and every in-training evaluation) that reads them."""
+
+  def __init__(self, config: ml_collections.ConfigDict, data: RunData, split: str, limit: int):
+    self.config, self.data, self.split, self.limit = config, data, split, limit
+
+  @functools.cached_property
+  def test(self) -> Split:
+    """The evaluated split (the test split in the benchmark, val during training)."""
+    return load_split(self.data.data_dir, self.split, self.data.codec, self.limit)
+
+  @functools.cached_property
+  def train(self) -> Split:
+    return load_split(self.data.data_dir, "train", self.data.codec, self.config.eval.train_examples)
+
+
+class EvalContext:
+  """What evaluators read for one parameter set; features are computed on first use, so a
+  cheap in-training evaluation computes only what its tasks need."""
+
+  def __init__(self, config: ml_collections.ConfigDict, data: RunData, runner: ModelRunner,
+               examples: Examples, *, trained_state=None, progress: bool = True):
+    self.config, self.data, self.runner, self.examples = config, data, runner, examples
+    self.trained_state = trained_state  # (graph, params) of the trained model, for SCIO tasks
+    self.progress = progress
+    self.outputs: dict = {}  # what tasks leave for the suite to write (captions, relabel entries)
+
+  def with_params(self, params, trained_state=None) -> EvalContext:
+    """The same examples with another parameter set (compiled calls are shared too)."""
+    return EvalContext(self.config, self.data, self.runner.with_params(params), self.examples,
+                       trained_state=trained_state, progress=self.progress)
+
+  @property
+  def test(self) -> Split:
+    return self.examples.test
+
+  @property
+  def train(self) -> Split:
+    return self.examples.train
+
+  @functools.cached_property
+  def test_encoded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image tokens, image ITC features, text ITC features) of the evaluated split."""
+    tokens, image_feat = self.runner.encode_images(self.test.images)
+    return tokens, image_feat, self.runner.encode_texts(self.test.text_ids)
+
+  @functools.cached_property
+  def train_tokens(self) -> np.ndarray:
+    return self.runner.encode_images(self.train.images)[0]
+
+
+REGISTRY: dict[str, Evaluator] = {}
+
+
+def register(name: str, *, needs: tuple[str, ...] = (), cost: str = "full"):
+  assert set(needs) <= set(NEEDS) and cost in COSTS, (name, needs, cost)
+
+  def add(fn: Callable[[EvalContext], dict]) -> Callable[[EvalContext], dict]:
+    REGISTRY[name] = Evaluator(name, fn, tuple(needs), cost)
+    return fn
+  return add
+
+
+@register("retrieval", cost="cheap")
+def _retrieval(ctx: EvalContext) -> dict:
+  tokens, image_feat, text_feat = ctx.test_encoded
+  out, ctx.outputs["i2t_scores"] = retrieval.evaluate(ctx.runner, ctx.test, tokens, image_feat, text_feat,
+                                                      ctx.config.eval.rerank_k)
+  return out
+
+
+@register("itm", cost="cheap")
+def _itm(ctx: EvalContext) -> dict:
+  return matching.evaluate(ctx.runner, ctx.test, *ctx.test_encoded, seed=ctx.config.eval.seed)
+
+
+@register("captioning", needs=("decoder", "train"))
+def _captioning(ctx: EvalContext) -> dict:
+  e = ctx.config.eval
+  tuned = ctx.runner.with_params(captioning.finetune(ctx.runner, ctx.train, steps=e.caption_steps,
+                                                     lr=e.caption_lr, seed=e.seed))
+  shown = ctx.test.head(e.caption_examples or len(ctx.test))
+  out, ctx.outputs["captions"] = captioning.evaluate(
+      tuned, ctx.data.codec, shown, tuned.encode_images(shown.images)[0], ctx.train.captions,
+      max_len=ctx.data.codec.max_len, beam_size=e.beam_size, seed=e.seed)
+  out["finetune_steps"] = e.caption_steps
+  return out
+
+
+@register("zeroshot_landcover", needs=("train", "landcover"), cost="cheap")
+def _zeroshot_landcover(ctx: EvalContext) -> dict:
+  return zeroshot.evaluate(ctx.runner, ctx.data.codec, ctx.test, ctx.test_encoded[1], ctx.train)
+
+
+@register("target_classification", needs=("train",))
+def _target_classification(ctx: EvalContext) -> dict:
+  return probes.target_classification(ctx.train, ctx.train_tokens, ctx.test, ctx.test_encoded[0],
+                                      ctx.config.eval.seed)
+
+
+@register("segmentation", needs=("train", "landcover"))
+def _segmentation(ctx: EvalContext) -> dict:
+  return probes.segmentation(ctx.train, ctx.train_tokens, ctx.test, ctx.test_encoded[0], ctx.config.eval.seed,
+                             ctx.config.eval.probe_max_patches)
+
+
+@register("positioning", needs=("train", "boxes"))
+def _positioning(ctx: EvalContext) -> dict:
+  return probes.positioning(ctx.train, ctx.train_tokens, ctx.test, ctx.test_encoded[0], ctx.config.eval.seed)
+
+
+def _boxes(split: Split):
+  return ([r["truth"]["boxes"] for r in split.records], [r["truth"]["box_classes"] for r in split.records])
+
+
+@register("detection", needs=("train", "boxes"))
+def _detection(ctx: EvalContext) -> dict:
+  train_boxes, train_classes = _boxes(ctx.train)
+  if not sum(len(b) for b in train_boxes):
+    raise NoTruth("no target boxes in the train split")
+  test_boxes, test_classes = _boxes(ctx.test)
+  return detection.evaluate(
+      probes.patch_grid(ctx.train_tokens), train_boxes, train_classes,
+      probes.patch_grid(ctx.test_encoded[0]), test_boxes, test_classes,
+      image_size=ctx.test.images.shape[1], num_classes=len(targets.TARGET_CLASSES),
+      steps=ctx.config.eval.detection_steps, seed=ctx.config.eval.seed)
+
+
+def _vqa(question: str) -> Callable[[EvalContext], dict]:
+  def run(ctx: EvalContext) -> dict:
+    e = ctx.config.eval
+    return vqa.evaluate(question, ctx.runner, ctx.data.codec, ctx.test, ctx.test_encoded[0], ctx.train,
+                        max_questions=e.vqa_questions, max_candidates=e.vqa_candidates)
+  return run
+
+
+for _question in vqa.QUESTIONS:
+  register(_question, needs=("decoder", "train"))(_vqa(_question))
+
+
+@register("screening", needs=("trained", "corruption"), cost="cheap")
+def _screening(ctx: EvalContext) -> dict:
+  """Per-clause screening AUC of SCIO's signals on the val split's noisy captions (captions the
+  model never trained on)."""
+  graph, params = ctx.trained_state
+  entries = scio.relabel_restored(ctx.config, graph, params, ctx.data, "val", ctx.runner.mesh,
+                                  proofread=False, progress=ctx.progress)
+  return screening.evaluate(entries)
+
+
+@register("scio_repair", needs=("trained", "decoder", "corruption"))
+def _scio_repair(ctx: EvalContext) -> dict:
+  graph, params = ctx.trained_state
+  entries = scio.relabel_restored(ctx.config, graph, params, ctx.data, "train", ctx.runner.mesh,
+                                  progress=ctx.progress)
+  out = scio.repair_metrics(entries)
+  if not out["corrupted_clauses"]:
+    raise NoTruth("the train split records no corrupted clauses to repair")
+  clauses = sum(len(e["caption"].split(knowledge.SEPARATOR)) for e in entries)
+  out["chance_screening_precision"] = out["corrupted_clauses"] / clauses  # flagging at random
+  ctx.outputs["relabel_entries"] = entries
+  return out
+
+
+TASKS = tuple(REGISTRY)
+
+
+def parse_tasks(spec: str) -> list[str]:
+  """"all" or a comma-separated subset of TASKS."""
+  if spec.strip() in ("", "all"):
+    return list(TASKS)
+  tasks = [t.strip() for t in spec.split(",") if t.strip()]
+  unknown = [t for t in tasks if t not in REGISTRY]
+  if unknown:
+    raise ConfigError(f"unknown eval task(s) {unknown}; choose from {', '.join(TASKS)} or 'all'.")
+  return tasks
+
+
+def cheap_tasks(spec: str) -> list[str]:
+  """The cheap tasks among `spec`: the ones that run during training."""
+  return [t for t in parse_tasks(spec) if REGISTRY[t].cost == "cheap"]
+
+
+def evaluate(ctx: EvalContext, tasks: list[str]) -> tuple[dict, dict]:
+  """(numeric results per task, non-numeric details per task) for one parameter set."""
+  results, details = {}, {}
+  for name in tqdm(tasks, desc=f"eval {ctx.examples.split}", unit="task", disable=not ctx.progress, leave=False):
+    log.info("eval task %s", name)
+    try:
+      # One BLAS thread: scikit-learn's solvers beside XLA's busy thread pool otherwise run
+      # ~40x slower (measured: a probe fit 10.8 s -> 0.25 s on 2 cores).
+      with threadpool_limits(1):
+        out = REGISTRY[name].run(ctx)
+    except NoTruth as skip:
+      log.warning("task %s skipped: %s", name, skip)
+      results[name] = {"skipped": 1.0}
+      details[name] = {"skipped": str(skip)}
+      continue
+    details[name] = {k: out.pop(k) for k in [k for k, v in out.items() if not isinstance(v, (int, float))]}
+    results[name] = out
+  return results, details

@@ -1,0 +1,64 @@
+"""How well SCIO's screening signals single out corrupted caption clauses, read from relabel
+entries (`train.scio.entries_from_result`) alone: no model is run.
+
+Screening scores every leave-one-clause-out variant of a caption against its image by ITC
+similarity and ITM match probability, and flags a clause only when removing it raises both
+scores (`train.relabel.screen`). Per clause, each score's gain from removing it, the rule's
+continuous form min(ITC gain, ITM gain) (positive exactly when both scores rise) and the flag
+itself are ranked against which clauses were truly corrupted: their ROC AUCs show whether a
+signal orders corrupted clauses first, whatever threshold the rule puts on it. Only real
+variants count: clause k < the caption's clause count, in captions of at least 2 clauses (a
+caption's only clause is never removed; the table slots past its clauses hold meaningless
+scores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from klip_jax.data import knowledge
+from klip_jax.eval import metrics
+from klip_jax.eval.truth import NoTruth
+
+SIGNALS = {"itc": "itc_gain", "itm": "itm_gain", "rule": "rule", "flagged": "flagged"}
+
+
+def clause_table(entries: Sequence[dict]) -> dict:
+  """One row per screened clause, as arrays: `caption` (entry index), `clause` (k), `corrupted`,
+  `itc_gain` itc[1 + k] - itc[0], `itm_gain` likewise, `rule` min of the two, and `flagged`
+  (1 where the entry flagged clause k). Clauses past the tables' width (max_clauses) have no
+  variant and are left out like those of one-clause captions."""
+  columns = {name: [] for name in ("caption", "clause", "corrupted", "itc_gain", "itm_gain", "flagged")}
+  for index, entry in enumerate(entries):
+    itc, itm = np.asarray(entry["itc"], np.float64), np.asarray(entry["itm"], np.float64)
+    count = min(len(entry["caption"].split(knowledge.SEPARATOR)), len(itc) - 1)
+    if count < 2:
+      continue
+    clauses = np.arange(count)
+    columns["caption"].append(np.full(count, index))
+    columns["clause"].append(clauses)
+    columns["corrupted"].append(np.asarray([str(k) in entry["truth"] for k in clauses], bool))
+    columns["itc_gain"].append(itc[1:count + 1] - itc[0])
+    columns["itm_gain"].append(itm[1:count + 1] - itm[0])
+    columns["flagged"].append((clauses == entry["flagged"]).astype(np.int64))
+  dtypes = {"caption": np.int64, "clause": np.int64, "corrupted": bool, "flagged": np.int64}
+  table = {name: np.concatenate(parts) if parts else np.zeros(0, dtypes.get(name, np.float64))
+           for name, parts in columns.items()}
+  table["rule"] = np.minimum(table["itc_gain"], table["itm_gain"])
+  return table
+
+
+def evaluate(entries: Sequence[dict]) -> dict:
+  """ROC AUC of each screening signal for corrupted vs clean clauses, over the screened clauses."""
+  table = clause_table(entries)
+  corrupted = table["corrupted"]
+  if not corrupted.any():
+    raise NoTruth("no screened clause (clause of a caption with 2 or more) is recorded as corrupted")
+  if corrupted.all():
+    raise NoTruth("every screened clause is recorded as corrupted; screening AUC needs clean ones")
+  out = {f"auc_{name}": metrics.roc_auc(table[column], corrupted) for name, column in SIGNALS.items()}
+  out.update(chance_auc=metrics.CHANCE_AUC, corrupted_rate=float(corrupted.mean()),
+             clauses=len(corrupted))
+  return out

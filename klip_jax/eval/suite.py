@@ -1,0 +1,61 @@
+"""`klip eval`: the full downstream benchmark of a trained workdir, next to a randomly
+initialised model of the same config and the chance / majority level of every task.
+
+Runs the evaluators `config.eval.tasks` picks (`eval.registry`) on the test split, with a
+prefix of the train split for probes, heads and answer vocabularies, and writes WORKDIR/eval/:
+  results.json       {"step", "tasks": {task: {metric: number}}, "random_init": {...}}
+  details.json       confusion matrices and VQA question texts
+  captions_test.jsonl  generated captions (greedy, beam) beside the reference
+  relabel_train.jsonl  SCIO's screening/proofreading of every train caption (scio_repair)
+  report.md and PNG plots (report.py)
+A task whose ground truth the data lacks (e.g. real chips without land-cover masks) is
+reported as skipped, with the reason. The checkpoint's data must exist: nothing is built.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from klip_jax import io
+from klip_jax.data import prepare
+from klip_jax.data.tokenizer import TokenIds
+from klip_jax.eval import registry, report
+from klip_jax.eval.runner import ModelRunner
+from klip_jax.parallel import mesh as mesh_lib
+from klip_jax.train import checkpoint
+from klip_jax.train import state as state_lib
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
+        progress: bool = True) -> dict:
+  """Evaluate a workdir's checkpoint (default: the latest) and write WORKDIR/eval/."""
+  tasks = registry.parse_tasks(config.eval.tasks)
+  c = config
+  data = prepare.locate(c, workdir)
+  mesh = mesh_lib.make_mesh(c.mesh.shape)
+  graph, state = checkpoint.restore(c, workdir, data.codec.vocab_size, mesh, step)
+  runner = ModelRunner(graph, state.params, TokenIds.from_codec(data.codec), mesh, c.mesh.rules,
+                       c.eval.batch_size)
+  examples = registry.Examples(c, data, "test", c.eval.test_examples)
+  model = registry.EvalContext(c, data, runner, examples, trained_state=(graph, state.params),
+                               progress=progress)
+  results, details = registry.evaluate(model, tasks)
+  out = {"step": int(state.step), "tasks": results}
+  if c.eval.random_baseline:
+    tx, _ = state_lib.make_optimizer(c.optim, c.train.steps)
+    _, fresh, _ = state_lib.create(c, data.codec.vocab_size, tx, mesh)
+    out["random_init"], _ = registry.evaluate(
+        model.with_params(fresh.params), [t for t in tasks if "trained" not in registry.REGISTRY[t].needs])
+  folder = os.path.join(workdir, "eval")
+  io.write_json(os.path.join(folder, "results.json"), out)
+  io.write_json(os.path.join(folder, "details.json"), details)
+  if "captions" in model.outputs:
+    io.write_jsonl(os.path.join(folder, "captions_test.jsonl"), model.outputs["captions"])
+  if "relabel_entries" in model.outputs:
+    io.write_jsonl(os.path.join(folder, "relabel_train.jsonl"), model.outputs["relabel_entries"])
+  test = model.test if "i2t_scores" in model.outputs else None
+  report.write(folder, out, details, test, model.outputs.get("i2t_scores"),
+               os.path.join(workdir, "metrics.jsonl"), c.scio)
+  return out

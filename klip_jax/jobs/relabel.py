@@ -1,0 +1,21 @@
+"""`klip relabel`: one SCIO round over a split with a workdir's latest checkpoint, written as
+the next caption overlay (never overwriting an earlier round)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from klip_jax.data import prepare
+from klip_jax.parallel import mesh as mesh_lib
+from klip_jax.train import checkpoint, scio
+
+
+def relabel(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict:
+  """Relabel `split`; returns the round, its overlay path, the step and the repair metrics."""
+  data = prepare.locate(config, workdir)
+  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  graph, state = checkpoint.restore(config, workdir, data.codec.vocab_size, mesh)
+  entries = scio.relabel_restored(config, graph, state.params, data, split, mesh)
+  round_index = max(scio.rounds(workdir), default=0) + 1
+  return {"round": round_index, "path": scio.write_overlay(workdir, round_index, entries),
+          "step": int(state.step), "captions": len(entries), "metrics": scio.repair_metrics(entries)}

@@ -1,0 +1,95 @@
+"""Checkpoints of a run: orbax saves of the train state next to the grain iterator state.
+
+  WORKDIR/checkpoints/<step>/   state (sharded train state) + data (iterator position)
+  WORKDIR/init_params/          parameters a fresh run starts from (`klip import-hf`)
+Restoring reads arrays straight into the shardings of the current mesh, so a checkpoint
+written on one mesh resumes on another. Nothing here reads or builds data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from klip_jax.errors import ConfigError, DatasetError
+from klip_jax.train import state as state_lib
+
+# Config sections a checkpoint's arrays depend on: changing them cannot resume.
+_STATE_SECTIONS = ("model", "momentum")
+
+
+def manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      item_names=("state", "data"),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.train.keep, enable_async_checkpointing=True))
+
+
+def save(checkpoints: ocp.CheckpointManager, step: int, state, iterator) -> None:
+  """Save the state and the iterator position at `step` (asynchronously; orbax renames the
+  finished step folder into place, so an interrupted save is never restored)."""
+  checkpoints.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)), force=True)
+
+
+def sharded_target(abstract, shardings):
+  """ShapeDtypeStructs that tell orbax where each restored array goes."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def restore_state(checkpoints: ocp.CheckpointManager, step: int, abstract, shardings, iterator=None):
+  """The train state (sharded like `shardings`) and, if given, the iterator at `step`."""
+  items = {"state": ocp.args.StandardRestore(sharded_target(abstract, shardings))}
+  if iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+  return checkpoints.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def init_params_path(workdir: str) -> str:
+  """Where `klip import-hf` leaves the parameters a fresh run of `workdir` starts from."""
+  return os.path.join(os.path.abspath(workdir), "init_params")
+
+
+def restore_params(path: str, abstract, shardings):
+  """Parameters saved with orbax's StandardSave at `path`, sharded like `shardings`."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(path, sharded_target(abstract, shardings))
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int, mesh: jax.sharding.Mesh,
+            step: int | None = None):
+  """(graphdef, train state) of a workdir's checkpoint (default: the latest)."""
+  tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
+  graph, abstract, shardings = state_lib.abstract_state(config, vocab_size, tx, mesh)
+  checkpoints = manager(workdir, config)
+  step = checkpoints.latest_step() if step is None else step
+  if step is None or step not in checkpoints.all_steps():
+    raise DatasetError(f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints "
+                       f"(have {sorted(checkpoints.all_steps())}); train first with klip train.")
+  state = restore_state(checkpoints, step, abstract, shardings)
+  checkpoints.close()
+  return graph, state
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuse to continue a workdir whose checkpoints belong to another model config."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  now = json.loads(config.to_json_best_effort())
+  changed = [f"{section}.{key}" for section in _STATE_SECTIONS
+             for key in sorted(set(saved.get(section, {})) | set(now.get(section, {})))
+             if saved.get(section, {}).get(key) != now.get(section, {}).get(key)]
+  if changed:
+    raise ConfigError(f"{workdir} holds checkpoints of a different model: {', '.join(changed)} "
+                      "changed since they were written. Use a new --workdir, or the old values.")
