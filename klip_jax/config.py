@@ -74,6 +74,11 @@ def default_config() -> ml_collections.ConfigDict:
       worker_count=0,
       flip=True,
       gain_jitter_db=1.0,
+      # Extensions beyond the paper (off: the paper's method). clause_negatives: each caption's
+      # one-clause-wrong copy is an extra ITM negative of its image; clause_dropout: the share of
+      # captions trained with one clause removed (SCIO's screening variants in distribution).
+      clause_negatives=False,
+      clause_dropout=0.0,
       synth=dict(num_train=20000, num_val=1000, num_test=1000, noise_rate=0.2, seed=0,
                  image_size=224, resolution_min=1.0, resolution_max=10.0, looks=4),
   ))
@@ -139,6 +144,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(0 <= c.loss.mask_prob + c.loss.random_prob <= 1, "loss.mask_prob",
            "mask_prob + random_prob must lie in [0, 1].")
   _require(0 <= c.loss.extra_mask_rate <= 1, "loss.extra_mask_rate", "must lie in [0, 1].")
+  _require(0 <= c.data.clause_dropout < 1, "data.clause_dropout", "must lie in [0, 1).")
   if c.momentum.enabled:
     _require(0 < c.momentum.decay < 1, "momentum.decay", "must lie in (0, 1).")
     _require(c.momentum.queue_size >= 0 and c.momentum.queue_size % c.train.batch_size == 0,

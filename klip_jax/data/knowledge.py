@@ -266,6 +266,19 @@ def describe(chip: world.Chip, rng: np.random.Generator, noise_rate: float = 0.0
   return Knowledge(chip.scene_type, names, keywords, caption, spans, corrupted, true_keywords)
 
 
+def clause_negative(scene_type: str, field_names, keywords, caption: str, spans,
+                    rng: np.random.Generator) -> tuple[str, list[tuple[int, int]], int]:
+  """The caption with ONE clause's keyword swapped for a plausible wrong value of its field
+  (the same draw as caption noise): (caption, spans, changed clause). An ITM negative that
+  differs from its positive by one clause teaches exactly what SCIO's screening asks of ITM,
+  which whole-caption negatives never do."""
+  k = int(rng.integers(len(keywords)))
+  wrong = list(keywords)
+  wrong[k] = _wrong_value(field_names[k], scene_type, keywords[k], rng)
+  caption, spans = replace_keywords(caption, spans, wrong)
+  return caption, spans, k
+
+
 # ---------------------------------------------------------------------------------------------
 # Geometric augmentation must keep the text true: a flip moves what the caption calls upper
 # left, and turns a northeast-southwest axis into a northwest-southeast one.

@@ -46,6 +46,11 @@ class PipelineOptions:
   # keyword into the caption (stage C).
   overlay: str = ""
   overlay_use: str = ""
+  # Train-time text extensions beyond the paper (config.data): a one-clause-wrong copy of each
+  # caption as an ITM negative (neg_text_ids), and dropping one clause with this probability so
+  # SCIO's leave-one-clause-out variants are in distribution.
+  clause_negatives: bool = False
+  clause_dropout: float = 0.0
   read_threads: int = 2
   prefetch_buffer: int = 4  # batches
 
@@ -126,6 +131,14 @@ def remove_clause(caption: str, spans, index: int) -> tuple[str, list[tuple[int,
   return knowledge.SEPARATOR.join(text), new_spans
 
 
+def drop_clause(record: dict, index: int) -> dict:
+  """The record with clause `index` removed from its caption, keywords and field names."""
+  caption, spans = remove_clause(record["caption"], record["spans"], index)
+  keep = lambda items: [x for i, x in enumerate(items) if i != index]
+  return {**record, "caption": caption, "spans": np.asarray(spans, np.int32),
+          "keywords": keep(record["keywords"]), "field_names": keep(record["field_names"])}
+
+
 @dataclasses.dataclass
 class _Decode:
   overlay: dict  # example id -> {"flagged": k, "corrected_keyword": str}
@@ -150,6 +163,8 @@ class _Decode:
 class _Augment:
   flip: bool
   gain_jitter_db: float
+  clause_negatives: bool = False
+  clause_dropout: float = 0.0
 
   def __call__(self, item, rng: np.random.Generator):
     index, record = item
@@ -158,7 +173,16 @@ class _Augment:
         if rng.uniform() < 0.5:
           record = flip(record, axis)
     gain = rng.uniform(-self.gain_jitter_db, self.gain_jitter_db)
-    return index, {**record, "gain_db": gain}
+    record = {**record, "gain_db": gain}
+    clauses = len(record["keywords"])
+    # Not in SCIO stage B (its recon_clause indexes the full caption) nor for a one-clause caption.
+    if "recon_clause" not in record and clauses > 1 and rng.uniform() < self.clause_dropout:
+      record = drop_clause(record, int(rng.integers(clauses)))
+    if self.clause_negatives:  # from the (flipped, dropped) caption the positive pair shows
+      caption, spans, _ = knowledge.clause_negative(record["scene_type"], record["field_names"],
+                                                    record["keywords"], record["caption"], record["spans"], rng)
+      record["negative"] = (caption, spans)
+    return index, record
 
 
 @dataclasses.dataclass
@@ -175,6 +199,8 @@ class _Features:
     image = normalise(record["image"], self.db_mean - record.get("gain_db", 0.0), self.db_std)
     features = {"image": image, "text_ids": text.ids, "keyword_mask": text.keyword_mask,
                 "clause_ids": text.clause_ids, "index": np.int64(index), "valid": np.bool_(True)}
+    if "negative" in record:
+      features["neg_text_ids"] = self.codec.encode(*record["negative"]).ids
     if "recon_clause" in record:
       caption, spans = record["caption"], record["spans"]
       if record["recon_clause"] >= 0:
@@ -224,7 +250,8 @@ def build(options: PipelineOptions, codec: TextCodec, *, process_index: int | No
     ds = ds[process_index::process_count]
   ds = ds.map(_Decode(read_overlay(options.overlay) if options.overlay else {}, options.overlay_use))
   if options.train:
-    ds = ds.random_map(_Augment(options.flip, options.gain_jitter_db))
+    ds = ds.random_map(_Augment(options.flip, options.gain_jitter_db, options.clause_negatives,
+                                options.clause_dropout))
   ds = ds.map(_Features(codec, stats["db_mean"], stats["db_std"]))
   if options.train:
     ds = ds.batch(per_host, drop_remainder=True)

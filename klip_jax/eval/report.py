@@ -18,6 +18,7 @@ import numpy as np
 
 from klip_jax import io
 from klip_jax.data import builder, targets, terrain
+from klip_jax.eval import screening
 from klip_jax.train import scio
 
 HEADLINES = {
@@ -47,7 +48,7 @@ def chance(metrics: dict, metric: str) -> float | None:
 
 
 def _fmt(value) -> str:
-  return "—" if value is None else f"{value:.3f}"
+  return "—" if value is None or value != value else f"{value:.3f}"  # None, NaN: no level
 
 
 def table(results: dict, details: dict) -> str:
@@ -60,6 +61,17 @@ def table(results: dict, details: dict) -> str:
     for metric in HEADLINES.get(task, ("accuracy",)):
       rows.append(f"| {task} | {metric} | {_fmt(metrics.get(metric))} | "
                   f"{_fmt(baseline.get(task, {}).get(metric))} | {_fmt(chance(metrics, metric))} |")
+  return "\n".join(rows)
+
+
+def screening_table(per_field: dict) -> str:
+  """SCIO screening AUC per HCoT field (chance 0.5); image-blind fields are marked."""
+  rows = ["Screening AUC per HCoT field (val split's noisy captions; chance 0.500):", "",
+          "| field | clauses | corrupted | ITC gain | ITM gain | rule |", "|---|---|---|---|---|---|"]
+  for field, m in per_field.items():
+    blind = " (no chip can show it)" if tuple(field.split(".")) in screening.IMAGE_BLIND else ""
+    rows.append(f"| {field}{blind} | {m['clauses']} | {m['corrupted']} | {_fmt(m['auc_itc'])} | "
+                f"{_fmt(m['auc_itm'])} | {_fmt(m['auc_rule'])} |")
   return "\n".join(rows)
 
 
@@ -81,6 +93,8 @@ def write(folder: str, results: dict, details: dict, test, i2t_scores, metrics_p
           table(results, details), ""]
   if questions:
     text += ["VQA questions (zero-shot, ranked answers):", *questions, ""]
+  if "per_field" in details.get("screening", {}):
+    text += [screening_table(details["screening"]["per_field"]), ""]
   text += [f"![{name}]({name})" for name in plots]
   io.write_text(os.path.join(folder, "report.md"), "\n".join(text) + "\n")
 
@@ -138,7 +152,7 @@ def _curves(metrics_path: str, scio_config):
   logged = [m for m in lines if "eval" not in m]
   evals = [m for m in lines if "eval" in m]
   panels = [("losses", logged, ("loss", "loss_itc", "loss_itm", "loss_recon")),
-            ("accuracies", logged, ("itc_acc", "itm_acc", "recon_acc"))]
+            ("accuracies", logged, ("itc_acc", "itm_acc", "itm_balanced_acc", "itm_auc", "recon_acc"))]
   if evals:
     tasks = sorted({t for m in evals for t in m["eval"]})
     flat = [{"step": m["step"], **{f"{t}/{HEADLINES.get(t, ('accuracy',))[0]}":

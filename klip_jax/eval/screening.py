@@ -9,7 +9,9 @@ itself are ranked against which clauses were truly corrupted: their ROC AUCs sho
 signal orders corrupted clauses first, whatever threshold the rule puts on it. Only real
 variants count: clause k < the caption's clause count, in captions of at least 2 clauses (a
 caption's only clause is never removed; the table slots past its clauses hold meaningless
-scores).
+scores). Each HCoT field is also scored on its own (`per_field`, in details.json): a field no
+chip can show (`IMAGE_BLIND`: a target scene's city and country, from speckle) is reported
+apart instead of being averaged into what the image can show.
 """
 
 from __future__ import annotations
@@ -23,14 +25,18 @@ from klip_jax.eval import metrics
 from klip_jax.eval.truth import NoTruth
 
 SIGNALS = {"itc": "itc_gain", "itm": "itm_gain", "rule": "rule", "flagged": "flagged"}
+# (scene type, field) pairs no SAR chip can show.
+IMAGE_BLIND = {("target", "region")}
 
 
 def clause_table(entries: Sequence[dict]) -> dict:
   """One row per screened clause, as arrays: `caption` (entry index), `clause` (k), `corrupted`,
-  `itc_gain` itc[1 + k] - itc[0], `itm_gain` likewise, `rule` min of the two, and `flagged`
-  (1 where the entry flagged clause k). Clauses past the tables' width (max_clauses) have no
+  `itc_gain` itc[1 + k] - itc[0], `itm_gain` likewise, `rule` min of the two, `flagged`
+  (1 where the entry flagged clause k) and `field` ("scene_type.field", "" when the entry does
+  not say its scene type). Clauses past the tables' width (max_clauses) have no
   variant and are left out like those of one-clause captions."""
-  columns = {name: [] for name in ("caption", "clause", "corrupted", "itc_gain", "itm_gain", "flagged")}
+  columns = {name: [] for name in ("caption", "clause", "corrupted", "itc_gain", "itm_gain", "flagged",
+                                   "field")}
   for index, entry in enumerate(entries):
     itc, itm = np.asarray(entry["itc"], np.float64), np.asarray(entry["itm"], np.float64)
     count = min(len(entry["caption"].split(knowledge.SEPARATOR)), len(itc) - 1)
@@ -43,7 +49,10 @@ def clause_table(entries: Sequence[dict]) -> dict:
     columns["itc_gain"].append(itc[1:count + 1] - itc[0])
     columns["itm_gain"].append(itm[1:count + 1] - itm[0])
     columns["flagged"].append((clauses == entry["flagged"]).astype(np.int64))
-  dtypes = {"caption": np.int64, "clause": np.int64, "corrupted": bool, "flagged": np.int64}
+    names = knowledge.FIELDS.get(entry.get("scene_type", ""), ())
+    columns["field"].append(np.asarray([f"{entry['scene_type']}.{names[k]}" if k < len(names) else ""
+                                        for k in clauses], dtype=object))
+  dtypes = {"caption": np.int64, "clause": np.int64, "corrupted": bool, "flagged": np.int64, "field": object}
   table = {name: np.concatenate(parts) if parts else np.zeros(0, dtypes.get(name, np.float64))
            for name, parts in columns.items()}
   table["rule"] = np.minimum(table["itc_gain"], table["itm_gain"])
@@ -61,4 +70,13 @@ def evaluate(entries: Sequence[dict]) -> dict:
   out = {f"auc_{name}": metrics.roc_auc(table[column], corrupted) for name, column in SIGNALS.items()}
   out.update(chance_auc=metrics.CHANCE_AUC, corrupted_rate=float(corrupted.mean()),
              clauses=len(corrupted))
+  blind = np.isin(table["field"], [f"{scene}.{field}" for scene, field in IMAGE_BLIND])
+  for name, rows in (("visible", ~blind & (table["field"] != "")), ("image_blind", blind)):
+    if corrupted[rows].any() and not corrupted[rows].all():
+      out[f"auc_rule_{name}"] = metrics.roc_auc(table["rule"][rows], corrupted[rows])
+  out["per_field"] = {
+      field: {"clauses": int(rows.sum()), "corrupted": int(corrupted[rows].sum()),
+              **{f"auc_{name}": metrics.roc_auc(table[column][rows], corrupted[rows])
+                 for name, column in SIGNALS.items()}}
+      for field in sorted(set(table["field"]) - {""}) for rows in [table["field"] == field]}
   return out

@@ -24,6 +24,15 @@ def _normalise(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def clamp_temperature(params: nnx.State, temp_range: tuple[float, float]) -> nnx.State:
+  """`params` with the temperature parameter clipped to `temp_range` (after an optimizer step)."""
+  lo, hi = temp_range
+
+  def clamp(path, x):
+    return jnp.clip(x, lo, hi).astype(x.dtype) if getattr(path[0], "key", None) == "temp" else x
+  return jax.tree_util.tree_map_with_path(clamp, params)
+
+
 class KLIP(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, vocab_size: int, *, rngs: nnx.Rngs):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -38,10 +47,12 @@ class KLIP(nnx.Module):
     self.text_proj = layers.dense(cfg.text.width, cfg.embed_dim, ("embed", None), std=cfg.text.init_std, **kw)
     self.itm_head = layers.dense(cfg.text.width, 2, ("embed", None), std=cfg.text.init_std, **kw)
     self.temp = nnx.Param(jnp.asarray(cfg.temp_init, param_dtype))
-    self.temp_range = tuple(cfg.temp_range)
 
   def temperature(self) -> jax.Array:
-    return jnp.clip(self.temp[...].astype(jnp.float32), *self.temp_range)
+    """The ITC temperature. Kept inside `temp_range` by clamping the parameter after each
+    update (`clamp_temperature`), as BLIP does: clipping it here instead would zero its gradient
+    for good once an update pushed it out of range."""
+    return self.temp[...].astype(jnp.float32)
 
   def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """-> (image tokens [B, N, Dv], L2-normalised ITC feature [B, E] in fp32)."""

@@ -103,7 +103,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
                                               iterator, mesh)
       local = next(iterator)
       batch = pipeline.global_batch({k: np.asarray(local[k]) for k in local
-                                     if k in step_lib.MODEL_INPUTS or k.startswith("recon_")}, mesh)
+                                     if k in step_lib.MODEL_INPUTS or k.startswith(("recon_", "neg_"))}, mesh)
       if scio_on and stage in ("B", "C") and c.scio.mode == "online":
         result = relabel_fns[stage](state.params, step_lib.model_inputs(batch),
                                     jax.random.fold_in(base_rng, step))

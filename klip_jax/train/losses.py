@@ -69,6 +69,29 @@ def itm(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   return loss, jnp.mean(logits.argmax(-1) == labels)
 
 
+def ranking_auc(scores: jax.Array, labels: jax.Array) -> jax.Array:
+  """ROC AUC of `scores` [N] for binary `labels` [N]: the share of (positive, negative) pairs
+  ordered right, ties counting half (0.5 for a constant score; NaN-free, 0.5 if a class is
+  absent). Unlike accuracy at a threshold, it moves while a head still sits at its prior."""
+  pos, neg = labels > 0, labels <= 0
+  diff = scores[:, None] - scores[None, :]
+  wins = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
+  pairs = (pos[:, None] & neg[None, :]).astype(jnp.float32)
+  count = jnp.sum(pairs)
+  return jnp.where(count > 0, jnp.sum(wins * pairs) / jnp.maximum(count, 1.0), 0.5)
+
+
+def itm_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """ITM as a decision (balanced accuracy of argmax: a head at its prior scores 0.5 whatever
+  the batch's share of positives) and as a ranking (AUC of the match logit margin)."""
+  pred = logits.argmax(-1)
+  pos = labels > 0
+  recall_pos = jnp.sum((pred == 1) & pos) / jnp.maximum(jnp.sum(pos), 1)
+  recall_neg = jnp.sum((pred == 0) & ~pos) / jnp.maximum(jnp.sum(~pos), 1)
+  return {"itm_balanced_acc": (recall_pos + recall_neg) / 2,
+          "itm_auc": ranking_auc(logits[:, 1] - logits[:, 0], labels)}
+
+
 def select_positions(rng: jax.Array, keyword_mask: jax.Array, ordinary_mask: jax.Array,
                      extra_rate: float) -> jax.Array:
   """Positions to reconstruct: every keyword token, plus `extra_rate` of ordinary tokens."""
@@ -76,13 +99,25 @@ def select_positions(rng: jax.Array, keyword_mask: jax.Array, ordinary_mask: jax
   return (keyword_mask > 0) | (ordinary_mask & extra)
 
 
+def random_ordinary_ids(rng: jax.Array, shape, vocab_size: int, special_ids: tuple[int, ...],
+                        dtype=jnp.int32) -> jax.Array:
+  """Uniform draws over the vocabulary without `special_ids` ([PAD], [SEP], "$", ...): a draw
+  over the ordinary count is shifted past each special id at or below it, in ascending order."""
+  special = sorted(set(special_ids))
+  out = jax.random.randint(rng, shape, 0, vocab_size - len(special), dtype=dtype)
+  for s in special:
+    out = out + (out >= s).astype(dtype)
+  return out
+
+
 def corrupt(rng: jax.Array, ids: jax.Array, selected: jax.Array, *, mask_id: int,
-            vocab_size: int, mask_prob: float, random_prob: float) -> jax.Array:
+            vocab_size: int, mask_prob: float, random_prob: float,
+            special_ids: tuple[int, ...] = ()) -> jax.Array:
   """BERT-style corruption of the selected tokens: mask_prob -> [MASK], random_prob -> a
-  random token, the rest kept as they are."""
+  random ordinary token (never one of `special_ids`), the rest kept as they are."""
   rng_choice, rng_token = jax.random.split(rng)
   u = jax.random.uniform(rng_choice, ids.shape)
-  random_ids = jax.random.randint(rng_token, ids.shape, 0, vocab_size, dtype=ids.dtype)
+  random_ids = random_ordinary_ids(rng_token, ids.shape, vocab_size, special_ids, ids.dtype)
   out = jnp.where(selected & (u < mask_prob), mask_id, ids)
   return jnp.where(selected & (u >= mask_prob) & (u < mask_prob + random_prob), random_ids, out)
 

@@ -89,7 +89,8 @@ def train_pipeline(config, data: RunData, overlay: str = "", overlay_use: str = 
   return pipeline.build(pipeline.PipelineOptions(
       data.data_dir, "train", c.train.batch_size, seed=c.seed, worker_count=c.data.worker_count,
       flip=c.data.flip, gain_jitter_db=c.data.gain_jitter_db, overlay=overlay,
-      overlay_use=overlay_use), data.codec)
+      overlay_use=overlay_use, clause_negatives=c.data.clause_negatives,
+      clause_dropout=c.data.clause_dropout), data.codec)
 
 
 def stage_pipeline(config, data: RunData, workdir: str, stage: str):
@@ -127,7 +128,8 @@ def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np
   for row in np.flatnonzero(valid):
     record = records.from_example(source[int(indices[row])], decode_rasters=False)
     flagged = int(result.flagged[row])
-    entry = {"id": record["id"], "index": int(indices[row]), "caption": record["caption"],
+    entry = {"id": record["id"], "index": int(indices[row]), "scene_type": record["scene_type"],
+             "caption": record["caption"],
              "flagged": flagged, "itc": np.round(result.itc[row], 5).tolist(),
              "itm": np.round(result.itm[row], 5).tolist(), "original_keyword": "",
              "corrected_keyword": ""}

@@ -7,7 +7,8 @@ was (params, optimizer, momentum, queues) and is counted in `metrics["skipped"]`
 
 Batch keys: image [B, H, W, 1]; text_ids, keyword_mask, clause_ids [B, L]. The SCIO stages
 may add recon_ids / recon_keyword_mask / recon_clause_ids: the caption the reconstruction
-loss is trained on (default: the same caption).
+loss is trained on (default: the same caption); with config.data.clause_negatives, neg_text_ids
+[B, L] is each caption with one clause wrong, an extra ITM negative of its image.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import optax
 from flax import nnx
 
 from klip_jax.data.tokenizer import TokenIds
+from klip_jax.model.klip import clamp_temperature
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import losses
 from klip_jax.train.state import TrainState, momentum_subset, with_momentum
@@ -59,15 +61,19 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
   else:
     loss_itc, sim_i2t, sim_t2i = losses.itc(image_feat, text_feat, temp)
 
-  # ITM: positives, (negative image, text) and (image, negative text) pairs.
+  # ITM: positives, (negative image, text) and (image, negative text) pairs, and with
+  # config.data.clause_negatives (image, its caption with one clause wrong) pairs.
   neg_text, neg_image = losses.sample_hard_negatives(rng_itm, sim_i2t, sim_t2i)
   enc_ids = ids.at[:, 0].set(tokens.enc)
   b = ids.shape[0]
-  itm_logits = model.itm_logits(
-      jnp.concatenate([enc_ids, enc_ids, enc_ids[neg_text]]),
-      jnp.concatenate([pad, pad, pad[neg_text]]),
-      jnp.concatenate([image_tokens, image_tokens[neg_image], image_tokens]))
-  labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+  pair_ids = [enc_ids, enc_ids, enc_ids[neg_text]]
+  pair_images = [image_tokens, image_tokens[neg_image], image_tokens]
+  if "neg_text_ids" in batch:
+    pair_ids.append(batch["neg_text_ids"].at[:, 0].set(tokens.enc))
+    pair_images.append(image_tokens)
+  pair_ids = jnp.concatenate(pair_ids)
+  itm_logits = model.itm_logits(pair_ids, pair_ids != tokens.pad, jnp.concatenate(pair_images))
+  labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(pair_ids.shape[0] - b, jnp.int32)])
   loss_itm, itm_acc = losses.itm(itm_logits, labels)
 
   # Keyword reconstruction through the image-grounded causal decoder.
@@ -79,7 +85,8 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
   selected = selected.at[:, 0].set(False)
   dec_in = losses.corrupt(rng_corrupt, rec_ids, selected, mask_id=tokens.mask,
                           vocab_size=tokens.vocab_size, mask_prob=config.loss.mask_prob,
-                          random_prob=config.loss.random_prob).at[:, 0].set(tokens.dec)
+                          random_prob=config.loss.random_prob,
+                          special_ids=tokens.special()).at[:, 0].set(tokens.dec)
   logits = model.decoder_logits(dec_in, rec_pad, image_tokens)
   loss_rec, rec_acc, rec_count = losses.reconstruction(logits, rec_ids, selected)
 
@@ -87,7 +94,8 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
   total = w.itc * loss_itc + w.itm * loss_itm + w.recon * loss_rec
   metrics = {"loss": total, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_recon": loss_rec,
              "itc_acc": losses.itc_accuracy(sim_i2t, sim_t2i), "itm_acc": itm_acc,
-             "recon_acc": rec_acc, "recon_tokens": rec_count, "temp": temp}
+             "recon_acc": rec_acc, "recon_tokens": rec_count, "temp": temp,
+             **losses.itm_metrics(itm_logits, labels)}
   return total, (metrics, feats_m)
 
 
@@ -111,7 +119,7 @@ def train_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx,
     (loss, (metrics, feats_m)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = clamp_temperature(optax.apply_updates(state.params, updates), config.model.temp_range)
     new = dict(params=params, opt_state=opt_state)
     if momentum:
       applied = tx.has_updated(opt_state) if config.optim.grad_accum > 1 else True

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from klip_jax.data import builder, knowledge, pipeline, records
+from klip_jax.data import builder, gazetteer, knowledge, pipeline, records
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.errors import ConfigError
 
@@ -111,6 +111,7 @@ np.savez(out, **{f"{k}{i}": b[k] for i, b in enumerate(batches) for k in ("index
 """
 
 
+@pytest.mark.slow  # a subprocess resume
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_in_a_new_process_continues_exactly(tiny_data, tiny_tokenizer, codec, tmp_path, workers):
   options = pipeline.PipelineOptions(tiny_data, "train", batch_size=8, seed=5, worker_count=workers)
@@ -127,3 +128,61 @@ def test_resume_in_a_new_process_continues_exactly(tiny_data, tiny_tokenizer, co
   for i, batch in enumerate(expected):
     for key in ("index", "image", "text_ids"):
       np.testing.assert_array_equal(resumed[f"{key}{i}"], batch[key])
+
+
+def _clause_keywords(codec, ids) -> list[str]:
+  return codec.decode(ids).split(knowledge.SEPARATOR)
+
+
+def test_clause_negatives_differ_from_their_caption_in_exactly_one_clause(tiny_data, codec):
+  options = pipeline.PipelineOptions(tiny_data, "train", 16, seed=1, clause_negatives=True)
+  batch = next(iter(pipeline.build(options, codec)))
+  changed = []
+  for ids, neg in zip(batch["text_ids"], batch["neg_text_ids"]):
+    clauses, wrong = _clause_keywords(codec, ids), _clause_keywords(codec, neg)
+    assert len(clauses) == len(wrong) == 8
+    changed.append([k for k in range(8) if clauses[k] != wrong[k]])
+  assert all(len(c) == 1 for c in changed), changed
+  assert len({c[0] for c in changed}) > 3  # the swapped clause varies
+
+
+def _plausible(scene_type: str, field: str, value: str) -> bool:
+  covers, cells = knowledge._COVER_NAMES, knowledge.CELL_NAMES
+  if field == "region":
+    return value in {f"{c.name}, {c.country}".lower() for c in gazetteer.CITIES}
+  if field == "location":
+    return all(name in cells for name in knowledge._split_words(value))
+  if field == "boundary":
+    a, _, b = value.partition(" and ")
+    return a in covers and b in covers
+  if (scene_type, field) == ("landform", "distribution"):
+    cover, _, cell = value.partition(" mainly in the ")
+    return cover in covers and cell in cells
+  return value in knowledge._VOCABULARY[(scene_type, field)]
+
+
+def test_clause_negative_values_are_plausible_wrong_values_of_the_field(tiny_data):
+  source = builder.open_split(tiny_data, "train")
+  rng = np.random.default_rng(0)
+  for i in range(len(source)):
+    r = records.from_example(source[i], decode_rasters=False)
+    caption, spans, k = knowledge.clause_negative(r["scene_type"], r["field_names"], r["keywords"],
+                                                  r["caption"], r["spans"], rng)
+    new = [caption[a:b] for a, b in spans]
+    assert [j for j in range(8) if new[j] != r["keywords"][j]] == [k]
+    field, old = r["field_names"][k], r["keywords"][k]
+    if field in ("count", "size"):  # a nearby number: one or two steps away, never below 1
+      assert int(new[k]) >= 1 and int(new[k]) != int(old)
+    else:  # another value a caption of that field can hold
+      assert new[k] != old and _plausible(r["scene_type"], field, new[k]), (field, new[k])
+    # Everything outside the changed keyword is the original text.
+    a, b = r["spans"][k]
+    assert caption[:spans[k][0]] == r["caption"][:a] and caption[spans[k][1]:] == r["caption"][b:]
+
+
+def test_clause_dropout_removes_one_clause_at_the_configured_rate(tiny_data, codec):
+  options = pipeline.PipelineOptions(tiny_data, "train", 48, seed=2, clause_dropout=0.5, flip=False)
+  batches = iter(pipeline.build(options, codec))
+  counts = [len(_clause_keywords(codec, ids)) for _ in range(4) for ids in next(batches)["text_ids"]]
+  assert set(counts) <= {7, 8}
+  assert abs(np.mean(np.asarray(counts) == 7) - 0.5) < 0.12  # 192 draws: 0.5 +- 3.5 sigma

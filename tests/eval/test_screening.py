@@ -103,3 +103,24 @@ def test_no_truth_cases():
     screening.evaluate([clean, _entry("f", [0.0, 1.0, 1.0], [0.0, 1.0, 1.0], -1, {"0": "w"})])
   with pytest.raises(NoTruth):
     screening.evaluate([])
+
+
+def test_per_field_aucs_and_the_image_blind_field_apart():
+  # Two target captions of 8 clauses (count, location, feature, size, category, distribution,
+  # region, environment); ITC = ITM tables, so every gain is the rule's value.
+  def target(gains, truth):
+    table = [0.0, *gains]
+    return {**_entry("$".join("abcdefgh"), table, table, -1, truth), "scene_type": "target"}
+  entries = [target([0.5, 0, 0, 0, 0, 0, -0.5, 0], {"0": "9", "6": "oslo, norway"}),
+             target([0.25, 0, 0, 0, 0, 0, 0.5, 0], {})]
+  out = screening.evaluate(entries)
+  fields = out["per_field"]
+  assert len(fields) == 8 and fields["target.count"]["clauses"] == 2
+  assert fields["target.count"]["auc_rule"] == approx(1.0)  # corrupted 0.5 over clean 0.25
+  assert fields["target.region"]["auc_rule"] == approx(0.0)  # corrupted -0.5 under clean 0.5
+  assert math.isnan(fields["target.size"]["auc_rule"])  # no corrupted size clause
+  # Visible: count 0.5 (corrupted) above all 13 clean clauses. Image-blind: region alone.
+  assert out["auc_rule_visible"] == approx(1.0)
+  assert out["auc_rule_image_blind"] == approx(0.0)
+  # All 16: 0.5 beats 13 clean and ties 0.5 (13.5); -0.5 beats none -> 13.5 / (2 x 14).
+  assert out["auc_rule"] == approx(13.5 / 28)

@@ -109,6 +109,7 @@ def test_decoder_shares_everything_but_self_attention():
   assert count(untied) - count(shared) == count(shared["text"]) - 2 * causal
 
 
+@pytest.mark.slow  # a parity run: scan == loop
 def test_scanned_layers_compute_what_the_layer_loop_computes(setup):
   config, mesh, model, images, ids = setup
   scan_config = config.copy_and_resolve_references()

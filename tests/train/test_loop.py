@@ -98,6 +98,7 @@ def test_tiny_model_overfits_64_examples(tmp_path):
   assert after["loss_recon"] < 0.2 * before["loss_recon"], (before, after)
 
 
+@pytest.mark.slow  # a whole (short) training run
 def test_the_loop_runs_its_evaluation_hook_at_the_configured_steps(tiny_data, tiny_tokenizer, tmp_path):
   config = config_lib.load("configs/tiny.py:48px")
   config.data.update(data_dir=tiny_data, tokenizer=tiny_tokenizer, max_len=96)

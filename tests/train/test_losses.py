@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from klip_jax.train import losses
 
@@ -128,3 +129,33 @@ def test_reconstruction_counts_only_selected_positions_with_causal_shift():
   other[0, 4] += 5.0
   np.testing.assert_allclose(
       losses.reconstruction(jnp.asarray(other), jnp.asarray(targets), jnp.asarray(selected))[0], loss)
+
+
+def test_random_replacements_never_draw_a_special_token():
+  special = (0, 2, 3, 4, 5, 6, 7, 19)  # [PAD], [DEC], [SEP], [CLS], [ENC], [MASK], "$", and one past them
+  ids = jnp.full((400, 100), 30, jnp.int32)
+  selected = jnp.ones((400, 100), bool)
+  out = np.asarray(losses.corrupt(jax.random.key(5), ids, selected, mask_id=6, vocab_size=20,
+                                  mask_prob=0.0, random_prob=1.0, special_ids=special))
+  counts = np.bincount(out.ravel(), minlength=20)
+  assert counts[list(special)].sum() == 0
+  ordinary = [i for i in range(20) if i not in special]  # 12 ids, each 1/12 of 40000 draws
+  assert np.allclose(counts[ordinary] / out.size, 1 / len(ordinary), atol=0.005)
+
+
+def test_itm_auc_and_balanced_accuracy_match_scikit_learn():
+  from sklearn import metrics as skm
+
+  rng = np.random.default_rng(4)
+  labels = np.concatenate([np.ones(8, np.int32), np.zeros(16, np.int32)])
+  logits = rng.normal(size=(24, 2)).astype(np.float32)
+  logits[:3] = logits[3]  # ties between positives, and a tied positive/negative pair below
+  logits[10] = logits[3]
+  out = jax.device_get(losses.itm_metrics(jnp.asarray(logits), jnp.asarray(labels)))
+  margin = logits[:, 1] - logits[:, 0]
+  assert out["itm_auc"] == pytest.approx(skm.roc_auc_score(labels, margin), abs=1e-6)
+  assert out["itm_balanced_acc"] == pytest.approx(skm.balanced_accuracy_score(labels, logits.argmax(-1)))
+  # A head at its prior (always "no match") is 2/3 accurate on 1:2 batches but 0.5 balanced.
+  prior = jnp.asarray(np.tile([2.0, -1.0], (24, 1)), jnp.float32)
+  out = jax.device_get(losses.itm_metrics(prior, jnp.asarray(labels)))
+  assert out["itm_balanced_acc"] == 0.5 and out["itm_auc"] == 0.5

@@ -115,6 +115,7 @@ def test_decoder_fill_restores_a_memorised_keyword(tiny_data, tiny_tokenizer):
       np.testing.assert_array_equal(restored, batch["text_ids"])
 
 
+@pytest.mark.slow  # a parity run: online == offline
 def test_online_and_offline_give_identical_corrected_captions(tiny_data, tiny_tokenizer, tmp_path):
   config, codec, mesh, _tx, _schedule, graph, state, shardings, batch = _setup(tiny_data, tiny_tokenizer, n=12)
   tokens = TokenIds.from_codec(codec)

@@ -7,6 +7,7 @@ import pytest
 
 from klip_jax import config as config_lib
 from klip_jax.data.tokenizer import TokenIds
+from klip_jax.model.klip import clamp_temperature
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
@@ -106,6 +107,7 @@ def test_params_are_sharded_as_the_rules_say(one_and_eight):
   assert mu.sharding.spec == P("fsdp", "tensor")  # optimizer state follows its parameter
 
 
+@pytest.mark.slow  # a parity run: accumulated == one big batch
 def test_gradient_accumulation_updates_every_k_steps():
   # Updates land on micro-steps 2 and 4; the first one runs at warmup's lr of 0.
   _, _, params = _run(_config(grad_accum=2), (1, 1, 1), [_batch(i) for i in range(4)])
@@ -128,3 +130,24 @@ def test_weight_decay_only_on_kernels():
   assert value(mask["text"]["word_embed"]["embedding"]) is False
   assert value(mask["vision"]["pos_embed"]) is False and value(mask["temp"]) is False
   assert value(mask["vision"]["norm"]["scale"]) is False
+
+
+def test_temperature_recovers_after_an_update_pushed_it_out_of_range():
+  """BLIP clamps the temperature parameter after each update; clipping inside the forward pass
+  would leave a parameter below the range with zero gradient for good."""
+  config = _config(lr=1e-2, warmup_steps=1)
+  config.model.temp_range = (0.05, 0.5)
+  mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+  tx, schedule = state_lib.make_optimizer(config.optim, config.train.steps)
+  graph, state, shardings = state_lib.create(config, VOCAB, tx, mesh)
+  # As if an overshooting update had left it at 0.001 (a range of one value sets it there).
+  state = state.replace(params=clamp_temperature(state.params, (0.001, 0.001)))
+  temps = []
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    step = step_lib.make_train_step(config, graph, tx, schedule, TOKENS, shardings, mesh)
+    for i in range(5):
+      state, _ = step(state, _batch(i), jax.random.key(i))
+      temps.append(float(jax.device_get(state.params["temp"][...])))
+  assert temps[0] == pytest.approx(0.05)  # clamped back into the range at once
+  assert temps[-1] > 0.05 + 1e-3, temps  # and learning again: random features push it up
+  assert all(0.05 <= t <= 0.5 for t in temps)
