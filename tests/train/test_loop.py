@@ -83,7 +83,7 @@ def test_tiny_model_overfits_64_examples(tmp_path):
   config.data.flip = False
   config.momentum.update(enabled=False)
   config.optim.update(lr=2e-3, warmup_steps=20, weight_decay=0.0, grad_clip=1000.0)
-  config.train.update(steps=400, batch_size=16, log_every=100, ckpt_every=400)
+  config.train.update(steps=500, batch_size=16, log_every=100, ckpt_every=500)
   config.eval.every = 0
   workdir = str(tmp_path / "overfit")
   train_job.train(config, workdir, progress=False)
