@@ -188,21 +188,25 @@ for _question in vqa.QUESTIONS:
   register(_question, needs=("decoder", "train"))(_vqa(_question))
 
 
+def _relabel(ctx: EvalContext, split: str, proofread: bool) -> list[dict]:
+  """SCIO's relabel pass over `split` with the trained parameters; the step is compiled once per
+  runner (once per run for the in-training evaluations)."""
+  graph, params = ctx.trained_state
+  step = ctx.runner.cached(f"relabel_proofread_{proofread}", lambda: scio.restored_relabel_step(
+      ctx.config, graph, params, ctx.runner.tokens, ctx.runner.mesh, proofread=proofread))
+  return scio.relabel_restored(ctx.config, step, params, ctx.data, split, ctx.runner.mesh, progress=ctx.progress)
+
+
 @register("screening", needs=("trained", "corruption"), cost="cheap")
 def _screening(ctx: EvalContext) -> dict:
   """Per-clause screening AUC of SCIO's signals on the val split's noisy captions (captions the
   model never trained on)."""
-  graph, params = ctx.trained_state
-  entries = scio.relabel_restored(ctx.config, graph, params, ctx.data, "val", ctx.runner.mesh,
-                                  proofread=False, progress=ctx.progress)
-  return screening.evaluate(entries)
+  return screening.evaluate(_relabel(ctx, "val", proofread=False))
 
 
 @register("scio_repair", needs=("trained", "decoder", "corruption"))
 def _scio_repair(ctx: EvalContext) -> dict:
-  graph, params = ctx.trained_state
-  entries = scio.relabel_restored(ctx.config, graph, params, ctx.data, "train", ctx.runner.mesh,
-                                  progress=ctx.progress)
+  entries = _relabel(ctx, "train", proofread=True)
   out = scio.repair_metrics(entries)
   if not out["corrupted_clauses"]:
     raise NoTruth("the train split records no corrupted clauses to repair")

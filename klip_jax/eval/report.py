@@ -154,11 +154,10 @@ def _curves(metrics_path: str, scio_config):
   panels = [("losses", logged, ("loss", "loss_itc", "loss_itm", "loss_recon")),
             ("accuracies", logged, ("itc_acc", "itm_acc", "itm_balanced_acc", "itm_auc", "recon_acc"))]
   if evals:
-    tasks = sorted({t for m in evals for t in m["eval"]})
-    flat = [{"step": m["step"], **{f"{t}/{HEADLINES.get(t, ('accuracy',))[0]}":
-                                   m["eval"].get(t, {}).get(HEADLINES.get(t, ("accuracy",))[0], np.nan)
-                                   for t in tasks}} for m in evals]
-    panels.append(("in-training evaluation (val split)", flat, tuple(k for k in flat[0] if k != "step")))
+    headline = {t: HEADLINES.get(t, ("accuracy",))[0] for m in evals for t in m["eval"]}
+    flat = [{"step": m["step"], **{f"{t}/{k}": m["eval"].get(t, {}).get(k, np.nan) for t, k in headline.items()}}
+            for m in evals]
+    panels.append(("in-training evaluation (val split)", flat, tuple(f"{t}/{k}" for t, k in headline.items())))
   fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4))
   bounds = scio.stage_bounds(scio_config) if scio.total_steps(scio_config) else {}
   for ax, (title, rows, keys) in zip(axes, panels):

@@ -42,11 +42,16 @@ class ModelRunner:
     other._compiled = self._compiled  # same graph and shapes: reuse the compiled calls
     return other
 
-  def jitted(self, name: str, make: Callable[[], Callable]) -> Callable:
-    """The jitted function `name`, built by make() on first use, shared by with_params copies."""
+  def cached(self, name: str, make: Callable[[], Callable]) -> Callable:
+    """The compiled callable `name`, built by make() on first use, shared by with_params copies
+    (so a periodic evaluation compiles each call once per run, not once per evaluation)."""
     if name not in self._compiled:
-      self._compiled[name] = jax.jit(make())
+      self._compiled[name] = make()
     return self._compiled[name]
+
+  def jitted(self, name: str, make: Callable[[], Callable]) -> Callable:
+    """jax.jit(make()) as `cached` keeps it."""
+    return self.cached(name, lambda: jax.jit(make()))
 
   def _call(self, name: str, fn: Callable, *arrays: np.ndarray):
     """fn(model, *batch) over `arrays` in batches; returns numpy outputs of len(arrays[0])."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ml_collections
 
 from klip_jax.data import prepare
+from klip_jax.data.tokenizer import TokenIds
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import checkpoint, scio
 
@@ -15,7 +16,8 @@ def relabel(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict
   data = prepare.locate(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   graph, state = checkpoint.restore(config, workdir, data.codec.vocab_size, mesh)
-  entries = scio.relabel_restored(config, graph, state.params, data, split, mesh)
+  relabel_step = scio.restored_relabel_step(config, graph, state.params, TokenIds.from_codec(data.codec), mesh)
+  entries = scio.relabel_restored(config, relabel_step, state.params, data, split, mesh)
   round_index = max(scio.rounds(workdir), default=0) + 1
   return {"round": round_index, "path": scio.write_overlay(workdir, round_index, entries),
           "step": int(state.step), "captions": len(entries), "metrics": scio.repair_metrics(entries)}

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from klip_jax import io
 from klip_jax.errors import ConfigError, DatasetError
 from klip_jax.train import state as state_lib
 
@@ -84,8 +85,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    saved = json.load(f)
+  saved = io.read_json(path)
   now = json.loads(config.to_json_best_effort())
   changed = [f"{section}.{key}" for section in _STATE_SECTIONS
              for key in sorted(set(saved.get(section, {})) | set(now.get(section, {})))

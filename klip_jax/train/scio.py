@@ -159,14 +159,19 @@ def relabel_split(relabel, params, data: RunData, split: str, mesh, batch_size: 
   return entries
 
 
-def relabel_restored(config, graph, params, data: RunData, split: str, mesh, *,
-                     proofread: bool = True, progress: bool = True) -> list[dict]:
-  """One relabel pass over a split with restored or in-training parameters (klip relabel,
-  evaluation)."""
+def restored_relabel_step(config, graph, params, tokens: TokenIds, mesh, *, proofread: bool = True):
+  """The jitted relabel step for parameters sharded as `params` are (restored or in training);
+  build it once and reuse it: every new one compiles anew."""
+  return relabel_lib.make_relabel_step(config, graph, tokens, mesh_lib.shardings_of(params), mesh,
+                                       proofread=proofread)
+
+
+def relabel_restored(config, relabel, params, data: RunData, split: str, mesh, *,
+                     progress: bool = True) -> list[dict]:
+  """One relabel pass over a split with `relabel` (`restored_relabel_step`): klip relabel,
+  evaluation."""
   with mesh_lib.logical_context(mesh, config.mesh.rules):
-    fn = relabel_lib.make_relabel_step(config, graph, TokenIds.from_codec(data.codec),
-                                       mesh_lib.shardings_of(params), mesh, proofread=proofread)
-    return relabel_split(fn, params, data, split, mesh, config.scio.relabel_batch_size, progress)
+    return relabel_split(relabel, params, data, split, mesh, config.scio.relabel_batch_size, progress)
 
 
 def repair_metrics(entries: list[dict]) -> dict:
