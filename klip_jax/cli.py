@@ -96,6 +96,15 @@ def _eval(args, config) -> None:
   print(f"results, report and plots in {os.path.join(args.workdir, 'eval')}")
 
 
+def _ablate(args, config) -> None:
+  from klip_jax.jobs import ablate
+
+  arms = [a for a in args.arms.split(",") if a] if args.arms else None
+  ablate.ablate(config, args.workdir, seeds=args.seeds, arms=arms)
+  print(open(os.path.join(args.workdir, "ablation.md")).read())
+  print(f"table, JSON and plot in {args.workdir}: ablation.md, ablation.json, ablation.png")
+
+
 def _export(args, config) -> None:
   from klip_jax.export import commands
 
@@ -228,6 +237,16 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--tasks", default="", help="comma-separated subset (default: config.eval.tasks)")
   _config_arg(ev, "", "default: the workdir's saved config.json")
   ev.set_defaults(run=_eval)
+
+  abl = commands.add_parser("ablate", help="ablations over seeds: mean and 95% CI per metric").add_subparsers(
+      dest="ablate_command", required=True)
+  abl_scio = abl.add_parser("scio", help="stage A only vs paper SCIO vs SCIO + extensions, equal steps")
+  _config_arg(abl_scio, "demo.py", "the config every arm starts from")
+  abl_scio.add_argument("--workdir", required=True)
+  abl_scio.add_argument("--seeds", type=int, default=3)
+  abl_scio.add_argument("--arms", default="",
+                        help="comma-separated arms (default stage_a,paper,extended; also stage_a_extended)")
+  abl_scio.set_defaults(run=_ablate)
 
   exp = commands.add_parser("export", help="Hugging Face BLIP (PyTorch) folders: retrieval/ and captioning/")
   exp.add_argument("--workdir", required=True)

@@ -60,7 +60,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.momentum = ml_collections.ConfigDict(dict(
       enabled=True, decay=0.995, queue_size=57600, alpha=0.4, alpha_warmup_steps=1000))
   c.loss = ml_collections.ConfigDict(dict(
-      itc=1.0, itm=1.0, recon=1.0, mask_prob=0.5, random_prob=0.1, extra_mask_rate=0.0))
+      itc=1.0, itm=1.0, recon=1.0, mask_prob=0.5, random_prob=0.1, extra_mask_rate=0.0,
+      # Also reconstruct the token after each keyword, so the decoder learns where a keyword
+      # ends and proofreading can write one of another length (off: the paper's loss exactly).
+      keyword_end=True,
+      # Extension: the share of ITM negatives drawn uniformly from the batch instead of by ITC
+      # similarity (0: BLIP's hard negatives only). On templated captions with noisy clauses the
+      # hardest negative is often as true of the image as the positive, and ITM stays at its prior.
+      itm_random_negatives=0.0))
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, end_lr_ratio=0.01, warmup_steps=1000, weight_decay=0.05, b1=0.9, b2=0.999,
       grad_clip=1.0, grad_accum=1))
@@ -91,8 +98,22 @@ def default_config() -> ml_collections.ConfigDict:
       stage_a_steps=0, stage_b_steps=0, stage_c_steps=0,
       stage_c_extra_mask_rate=0.05,
       max_clauses=8,
-      max_fill=24,  # keyword tokens rewritten at most per caption
+      max_fill=24,  # keyword tokens written at most per rewrite (the decoder ends it sooner)
       relabel_batch_size=64,
+      # Screening. "paper": flag a clause when removing it raises both ITC and ITM above the
+      # original's (the best such ITC wins). "relative" (an extension): score each removal's
+      # ITC and ITM gains against the caption's other removals (z-units, averaged over the two
+      # signals) and flag the top clause when its score exceeds `threshold`.
+      rule="paper",
+      threshold=1.0,
+      # Extension: standardise each gain by its field's mean and spread over the relabel batch
+      # before the rule, so fields whose removal always moves the scores do not crowd out others.
+      field_calibration=False,
+      # Extension: a flagged keyword whose field has at most `max_candidates` distinct values in
+      # the train split is rewritten to the one (its current value included) the decoder finds
+      # most likely in place; other fields are generated freely.
+      candidates=False,
+      max_candidates=16,
   ))
   # Evaluation (klip_jax/eval/registry.py): the full benchmark (`klip eval`, the end of
   # `klip pretrain`) runs `tasks`; the cheap ones among them also run on the val split every
@@ -144,7 +165,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(0 <= c.loss.mask_prob + c.loss.random_prob <= 1, "loss.mask_prob",
            "mask_prob + random_prob must lie in [0, 1].")
   _require(0 <= c.loss.extra_mask_rate <= 1, "loss.extra_mask_rate", "must lie in [0, 1].")
+  _require(0 <= c.loss.itm_random_negatives <= 1, "loss.itm_random_negatives", "must lie in [0, 1].")
   _require(0 <= c.data.clause_dropout < 1, "data.clause_dropout", "must lie in [0, 1).")
+  _require(c.scio.rule in ("paper", "relative"), "scio.rule", f"use 'paper' or 'relative', got {c.scio.rule!r}.")
+  _require(c.scio.max_fill >= 1, "scio.max_fill", "must be >= 1.")
+  _require(c.scio.max_candidates >= 2, "scio.max_candidates", "must be >= 2.")
   if c.momentum.enabled:
     _require(0 < c.momentum.decay < 1, "momentum.decay", "must lie in (0, 1).")
     _require(c.momentum.queue_size >= 0 and c.momentum.queue_size % c.train.batch_size == 0,

@@ -51,8 +51,8 @@ def test_missing_config_names_the_file(tmp_path, capsys):
 
 
 def test_variants_and_overrides():
-  assert config_lib.load("configs/demo.py").scio.mode == "online"
-  assert config_lib.load("configs/demo.py:offline").scio.mode == "offline"
+  assert config_lib.load("configs/demo.py").scio.mode == "offline"
+  assert config_lib.load("configs/demo.py:online").scio.mode == "online"
   assert config_lib.load("configs/base.py:384").model.vision.image_size == 384
   c = config_lib.load("configs/tiny.py:48px", ["--config.train.steps=7", "--config.mesh.shape=(2,2,2)"])
   assert (c.model.vision.image_size, c.train.steps, tuple(c.mesh.shape)) == (48, 7, (2, 2, 2))

@@ -28,6 +28,20 @@ LANDFORM_FIELDS = ("terrain", "functionality", "distribution", "layout", "bounda
 TARGET_FIELDS = ("count", "location", "feature", "size", "category", "distribution",
                  "region", "environment")
 FIELDS = {"landform": LANDFORM_FIELDS, "target": TARGET_FIELDS}
+# Every (scene type, field) as one index: what SCIO calibrates screening and draws candidate
+# keywords by, whatever clause position a field sits at after a clause was dropped.
+FIELD_SLOTS = tuple((scene, name) for scene, names in FIELDS.items() for name in names)
+MAX_CLAUSES = max(len(names) for names in FIELDS.values())
+
+
+def field_slots(scene_type: str, field_names) -> np.ndarray:
+  """int32 [MAX_CLAUSES]: the FIELD_SLOTS index of each clause's field, -1 past the last clause
+  and for fields outside the schema."""
+  out = np.full(MAX_CLAUSES, -1, np.int32)
+  for k, name in enumerate(list(field_names)[:MAX_CLAUSES]):
+    if (scene_type, name) in FIELD_SLOTS:
+      out[k] = FIELD_SLOTS.index((scene_type, name))
+  return out
 
 CELL_NAMES = ("upper left", "upper middle", "upper right", "middle left", "centre",
               "middle right", "lower left", "lower middle", "lower right")

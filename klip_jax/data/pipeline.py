@@ -198,7 +198,9 @@ class _Features:
     text = self.codec.encode(record["caption"], record["spans"])
     image = normalise(record["image"], self.db_mean - record.get("gain_db", 0.0), self.db_std)
     features = {"image": image, "text_ids": text.ids, "keyword_mask": text.keyword_mask,
-                "clause_ids": text.clause_ids, "index": np.int64(index), "valid": np.bool_(True)}
+                "clause_ids": text.clause_ids,
+                "clause_fields": knowledge.field_slots(record["scene_type"], record["field_names"]),
+                "index": np.int64(index), "valid": np.bool_(True)}
     if "negative" in record:
       features["neg_text_ids"] = self.codec.encode(*record["negative"]).ids
     if "recon_clause" in record:

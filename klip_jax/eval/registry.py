@@ -193,7 +193,7 @@ def _relabel(ctx: EvalContext, split: str, proofread: bool) -> list[dict]:
   runner (once per run for the in-training evaluations)."""
   graph, params = ctx.trained_state
   step = ctx.runner.cached(f"relabel_proofread_{proofread}", lambda: scio.restored_relabel_step(
-      ctx.config, graph, params, ctx.runner.tokens, ctx.runner.mesh, proofread=proofread))
+      ctx.config, graph, params, ctx.runner.tokens, ctx.runner.mesh, ctx.data, proofread=proofread))
   return scio.relabel_restored(ctx.config, step, params, ctx.data, split, ctx.runner.mesh, progress=ctx.progress)
 
 
@@ -210,8 +210,11 @@ def _scio_repair(ctx: EvalContext) -> dict:
   out = scio.repair_metrics(entries)
   if not out["corrupted_clauses"]:
     raise NoTruth("the train split records no corrupted clauses to repair")
-  clauses = sum(len(e["caption"].split(knowledge.SEPARATOR)) for e in entries)
-  out["chance_screening_precision"] = out["corrupted_clauses"] / clauses  # flagging at random
+  # An image-blind proofreader: every corrupted clause rewritten to its field's most common value.
+  common = {slot: values.most_common(1)[0][0] for slot, values in scio.field_values(ctx.data).items()}
+  corrupted = [(e["scene_type"], int(k), true) for e in entries for k, true in e["truth"].items()]
+  out["chance_proofreading_accuracy"] = float(np.mean(
+      [common.get((scene, knowledge.FIELDS[scene][k])) == true for scene, k, true in corrupted]))
   ctx.outputs["relabel_entries"] = entries
   return out
 

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from klip_jax import io
-from klip_jax.data import builder, targets, terrain
+from klip_jax.data import builder, knowledge, targets, terrain
 from klip_jax.eval import screening
 from klip_jax.train import scio
 
@@ -75,7 +75,22 @@ def screening_table(per_field: dict) -> str:
   return "\n".join(rows)
 
 
-def write(folder: str, results: dict, details: dict, test, i2t_scores, metrics_path: str, scio_config) -> None:
+def scio_examples(entries: list[dict], limit: int = 6) -> str:
+  """Before/after of the first flagged captions: the clause as it was, the keyword SCIO wrote,
+  and the truth (the original keyword when the clause was clean)."""
+  rows = ["| caption | clause before | rewritten keyword | true keyword | |", "|---|---|---|---|---|"]
+  for e in [e for e in entries if e["flagged"] >= 0][:limit]:
+    clause = e["caption"].split(knowledge.SEPARATOR)[e["flagged"]]
+    corrupted = str(e["flagged"]) in e["truth"]
+    true = e["truth"].get(str(e["flagged"]), e["original_keyword"])
+    verdict = ("repaired" if e["corrected_keyword"] == true else "flagged, not repaired") if corrupted else \
+        ("clean, kept" if e["corrected_keyword"] == true else "clean, changed")
+    rows.append(f"| {e['id']} | {clause} | {e['corrected_keyword']} | {true} | {verdict} |")
+  return "\n".join(rows)
+
+
+def write(folder: str, results: dict, details: dict, test, i2t_scores, metrics_path: str, scio_config,
+          relabel_entries: list[dict] | None = None) -> None:
   """report.md and the plots into `folder` (each written to a temp name, then renamed)."""
   plots = []
   if i2t_scores is not None:
@@ -95,6 +110,14 @@ def write(folder: str, results: dict, details: dict, test, i2t_scores, metrics_p
     text += ["VQA questions (zero-shot, ranked answers):", *questions, ""]
   if "per_field" in details.get("screening", {}):
     text += [screening_table(details["screening"]["per_field"]), ""]
+  repair = results["tasks"].get("scio_repair", {})
+  if "max_screening_recall" in repair:
+    text += [f"SCIO flags at most one clause per caption per round, so screening recall on this split "
+             f"cannot exceed {repair['max_screening_recall']:.3f} (captions with a corrupted clause / "
+             f"corrupted clauses).", ""]
+  if relabel_entries:
+    text += ["SCIO before/after on train captions (`klip captions diff` shows a round the same way):", "",
+             scio_examples(relabel_entries), ""]
   text += [f"![{name}]({name})" for name in plots]
   io.write_text(os.path.join(folder, "report.md"), "\n".join(text) + "\n")
 

@@ -2,10 +2,10 @@
 entries (`train.scio.entries_from_result`) alone: no model is run.
 
 Screening scores every leave-one-clause-out variant of a caption against its image by ITC
-similarity and ITM match probability, and flags a clause only when removing it raises both
-scores (`train.relabel.screen`). Per clause, each score's gain from removing it, the rule's
-continuous form min(ITC gain, ITM gain) (positive exactly when both scores rise) and the flag
-itself are ranked against which clauses were truly corrupted: their ROC AUCs show whether a
+similarity and ITM match probability, and the configured rule (`train.relabel.rule_score`)
+turns the gains into a score per clause, flagging the best clause when its score is positive.
+Per clause, each score's gain from removing it, the rule's score and the flag itself are
+ranked against which clauses were truly corrupted: their ROC AUCs show whether a
 signal orders corrupted clauses first, whatever threshold the rule puts on it. Only real
 variants count: clause k < the caption's clause count, in captions of at least 2 clauses (a
 caption's only clause is never removed; the table slots past its clauses hold meaningless
@@ -31,12 +31,13 @@ IMAGE_BLIND = {("target", "region")}
 
 def clause_table(entries: Sequence[dict]) -> dict:
   """One row per screened clause, as arrays: `caption` (entry index), `clause` (k), `corrupted`,
-  `itc_gain` itc[1 + k] - itc[0], `itm_gain` likewise, `rule` min of the two, `flagged`
-  (1 where the entry flagged clause k) and `field` ("scene_type.field", "" when the entry does
+  `itc_gain` itc[1 + k] - itc[0], `itm_gain` likewise, `rule` the relabel rule's own score
+  (entries' `score`; min of the two gains, the paper rule's form, for entries without one),
+  `flagged` (1 where the entry flagged clause k) and `field` ("scene_type.field", "" when the entry does
   not say its scene type). Clauses past the tables' width (max_clauses) have no
   variant and are left out like those of one-clause captions."""
-  columns = {name: [] for name in ("caption", "clause", "corrupted", "itc_gain", "itm_gain", "flagged",
-                                   "field")}
+  columns = {name: [] for name in ("caption", "clause", "corrupted", "itc_gain", "itm_gain", "rule",
+                                   "flagged", "field")}
   for index, entry in enumerate(entries):
     itc, itm = np.asarray(entry["itc"], np.float64), np.asarray(entry["itm"], np.float64)
     count = min(len(entry["caption"].split(knowledge.SEPARATOR)), len(itc) - 1)
@@ -48,6 +49,8 @@ def clause_table(entries: Sequence[dict]) -> dict:
     columns["corrupted"].append(np.asarray([str(k) in entry["truth"] for k in clauses], bool))
     columns["itc_gain"].append(itc[1:count + 1] - itc[0])
     columns["itm_gain"].append(itm[1:count + 1] - itm[0])
+    columns["rule"].append(np.asarray(entry["score"], np.float64)[:count] if "score" in entry
+                           else np.minimum(columns["itc_gain"][-1], columns["itm_gain"][-1]))
     columns["flagged"].append((clauses == entry["flagged"]).astype(np.int64))
     names = knowledge.FIELDS.get(entry.get("scene_type", ""), ())
     columns["field"].append(np.asarray([f"{entry['scene_type']}.{names[k]}" if k < len(names) else ""
@@ -55,7 +58,6 @@ def clause_table(entries: Sequence[dict]) -> dict:
   dtypes = {"caption": np.int64, "clause": np.int64, "corrupted": bool, "flagged": np.int64, "field": object}
   table = {name: np.concatenate(parts) if parts else np.zeros(0, dtypes.get(name, np.float64))
            for name, parts in columns.items()}
-  table["rule"] = np.minimum(table["itc_gain"], table["itm_gain"])
   return table
 
 

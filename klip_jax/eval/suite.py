@@ -57,5 +57,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
     io.write_jsonl(os.path.join(folder, "relabel_train.jsonl"), model.outputs["relabel_entries"])
   test = model.test if "i2t_scores" in model.outputs else None
   report.write(folder, out, details, test, model.outputs.get("i2t_scores"),
-               os.path.join(workdir, "metrics.jsonl"), c.scio)
+               os.path.join(workdir, "metrics.jsonl"), c.scio, model.outputs.get("relabel_entries"))
   return out

@@ -16,7 +16,7 @@ def relabel(config: ml_collections.ConfigDict, workdir: str, split: str) -> dict
   data = prepare.locate(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.shape)
   graph, state = checkpoint.restore(config, workdir, data.codec.vocab_size, mesh)
-  relabel_step = scio.restored_relabel_step(config, graph, state.params, TokenIds.from_codec(data.codec), mesh)
+  relabel_step = scio.restored_relabel_step(config, graph, state.params, TokenIds.from_codec(data.codec), mesh, data)
   entries = scio.relabel_restored(config, relabel_step, state.params, data, split, mesh)
   round_index = max(scio.rounds(workdir), default=0) + 1
   return {"round": round_index, "path": scio.write_overlay(workdir, round_index, entries),

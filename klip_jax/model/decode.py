@@ -1,10 +1,14 @@
 """KV-cached decoding with the image-grounded causal decoder.
 
-`fill_spans` rewrites one contiguous span of tokens per caption left to right: the prefix is
-run once (prefill) to build the per-layer key/value cache, then each span token is predicted
-from the tokens before it (including the ones just written) with a single-token step. This is
-SCIO's proofreading; the paper's released code takes argmax predictions at masked positions of
-a causal decoder, which is off by one, so we fill left to right instead.
+SCIO's proofreading rewrites one keyword per caption in place: `prefill_caption` runs the
+caption once to build the per-layer key/value cache, then
+- `generate_span` writes a new keyword left to right from the tokens before it, one cached
+  step per token, until the decoder predicts a token that ends the keyword (the first token
+  after the old keyword, the clause separator or [SEP]): the decoder decides the length;
+- `score_spans` ranks given candidate keywords by the decoder's log-likelihood of each
+  candidate followed by the token that ends it (one cached step per candidate token).
+The paper's released code takes argmax predictions at masked positions of a causal decoder,
+which is off by one and keeps the old length; we decode left to right instead.
 """
 
 from __future__ import annotations
@@ -18,40 +22,81 @@ from flax import nnx
 from klip_jax.model.klip import KLIP
 
 
-def fill_spans(model: KLIP, image_tokens: jax.Array, ids: jax.Array, pad_mask: jax.Array,
-               fill_mask: jax.Array, *, dec_id: int, banned_ids: Sequence[int], max_fill: int,
-               banned_first_ids: Sequence[int] = ()) -> jax.Array:
-  """ids [B, L] with the True positions of `fill_mask` (one contiguous span per row, possibly
-  empty, never position 0) replaced by greedy decoder predictions; at most `max_fill` tokens
-  per row are rewritten. Tokens in `banned_ids` (special tokens, the clause separator) are
-  never produced, and those in `banned_first_ids` not as a span's first token."""
-  tower = model.decoder_tower()
-  first = ids[:, :1]
-  dec_ids = ids.at[:, 0].set(dec_id)
-  _, cache = tower.prefill(dec_ids, pad_mask, image_tokens)
-  start = jnp.argmax(fill_mask, axis=1)
-  count = fill_mask.sum(axis=1)
-  rows = jnp.arange(ids.shape[0])
-  vocab = tower.word_embed.num_embeddings
-  banned = jnp.zeros(vocab, bool).at[jnp.asarray(banned_ids, jnp.int32)].set(True)
-  banned_first = banned.at[jnp.asarray(banned_first_ids, jnp.int32)].set(True)
+def prefill_caption(model: KLIP, image_tokens: jax.Array, ids: jax.Array, pad_mask: jax.Array, *,
+                    dec_id: int):
+  """The decoder's KV cache of the caption `ids` [B, L] ([DEC] in place of its first token)."""
+  _, cache = model.decoder_tower().prefill(ids.at[:, 0].set(dec_id), pad_mask, image_tokens)
+  return cache
 
-  # NNX modules cross a raw JAX loop as (graph, state), the state riding in the carry.
+
+def _banned_table(vocab: int, ids: Sequence[int]) -> jax.Array:
+  return jnp.zeros(vocab, bool).at[jnp.asarray(tuple(ids), jnp.int32)].set(True)
+
+
+def generate_span(model: KLIP, cache, ids: jax.Array, start: jax.Array, stop_ids: jax.Array, *,
+                  dec_id: int, banned_ids: Sequence[int], max_len: int,
+                  banned_first_ids: Sequence[int] = ()) -> tuple[jax.Array, jax.Array]:
+  """Greedy keyword generation at `start` [B] (>= 1) of each caption (cache from
+  `prefill_caption`): -> (span [B, max_len] token ids, length [B]), the span's entries past
+  `length` meaningless. A row ends when the decoder's best token is one of its `stop_ids`
+  [B, S] (not allowed as the first token: a keyword is never empty) or after `max_len` tokens.
+  Tokens in `banned_ids` are never written, those in `banned_first_ids` not first."""
+  tower = model.decoder_tower()
+  ids = ids.at[:, 0].set(dec_id)  # as prefilled
+  b, length = ids.shape
+  rows = jnp.arange(b)
+  vocab = tower.word_embed.num_embeddings
+  banned = _banned_table(vocab, banned_ids)
+  banned_first = banned | _banned_table(vocab, banned_first_ids)
+  is_stop = jnp.zeros((b, vocab), bool).at[rows[:, None], stop_ids].set(True)
   graph, params = nnx.split(tower)
 
   def body(j, carry):
-    current, cache, params = carry
-    position = jnp.maximum(start - 1 + j, 0)
-    logits, cache = nnx.merge(graph, params).step(current[rows, position], position, cache)
-    prediction = jnp.where(jnp.where(j == 0, banned_first, banned), -jnp.inf, logits)
-    prediction = prediction.argmax(-1).astype(current.dtype)
-    write = j < count
-    target = jnp.where(write, start + j, 0)
-    current = current.at[rows, target].set(jnp.where(write, prediction, current[rows, target]))
-    return current, cache, params
+    span, count, done, cache, params = carry
+    previous = jnp.where(j == 0, ids[rows, jnp.maximum(start - 1, 0)], span[:, jnp.maximum(j - 1, 0)])
+    position = jnp.clip(start - 1 + j, 0, length - 1)
+    logits, cache = nnx.merge(graph, params).step(previous, position, cache)
+    excluded = jnp.where(j == 0, banned_first[None] | is_stop, banned[None] & ~is_stop)
+    token = jnp.where(excluded, -jnp.inf, logits).argmax(-1).astype(span.dtype)
+    done = done | is_stop[rows, token]
+    span = span.at[:, j].set(jnp.where(done, 0, token))
+    return span, jnp.where(done, count, j + 1), done, cache, params
 
-  filled, _, _ = jax.lax.fori_loop(0, max_fill, body, (dec_ids, cache, params))
-  return jnp.concatenate([first, filled[:, 1:]], axis=1)
+  init = (jnp.zeros((b, max_len), ids.dtype), jnp.zeros(b, jnp.int32), jnp.zeros(b, bool), cache, params)
+  span, count, _, _, _ = jax.lax.fori_loop(0, max_len, body, init)
+  return span, count
+
+
+def score_spans(model: KLIP, cache, ids: jax.Array, start: jax.Array, candidates: jax.Array,
+                lengths: jax.Array, end_ids: jax.Array, *, dec_id: int) -> jax.Array:
+  """Log-likelihood [B, C] of candidate keywords `candidates` [B, C, T] (`lengths` [B, C] tokens
+  each; 0 marks no candidate, scored -inf) written at `start` [B] (>= 1) of each caption, each
+  followed by its row's `end_ids` [B] (the token after the keyword). Greedy-free teacher forcing
+  on the cache from `prefill_caption`, every candidate a copy of its row's cache."""
+  tower = model.decoder_tower()
+  ids = ids.at[:, 0].set(dec_id)  # as prefilled
+  b, c, t = candidates.shape
+  length = ids.shape[1]
+  rows = jnp.arange(b)
+  flat = candidates.reshape(b * c, t)
+  count = lengths.reshape(b * c)
+  first = jnp.repeat(start, c)
+  previous0 = jnp.repeat(ids[rows, jnp.maximum(start - 1, 0)], c)
+  ends = jnp.repeat(end_ids, c)
+  cache = jax.tree.map(lambda x: jnp.repeat(x, c, axis=1), cache)  # [layers, B * C, ...]
+  graph, params = nnx.split(tower)
+
+  def body(j, carry):
+    total, cache, params = carry
+    previous = jnp.where(j == 0, previous0, flat[:, jnp.maximum(j - 1, 0)])
+    position = jnp.clip(first - 1 + j, 0, length - 1)
+    logits, cache = nnx.merge(graph, params).step(previous, position, cache)
+    target = jnp.where(j < count, flat[:, jnp.minimum(j, t - 1)], ends)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), target[:, None], axis=-1)[:, 0]
+    return total + jnp.where(j <= count, logp, 0.0), cache, params
+
+  total, _, _ = jax.lax.fori_loop(0, t + 1, body, (jnp.zeros(b * c, jnp.float32), cache, params))
+  return jnp.where(lengths > 0, total.reshape(b, c), -jnp.inf)
 
 
 def generate(model: KLIP, image_tokens: jax.Array, *, max_len: int, dec_id: int, sep_id: int,

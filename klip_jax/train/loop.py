@@ -31,7 +31,6 @@ from klip_jax.data.prepare import RunData
 from klip_jax.data.tokenizer import TokenIds
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import checkpoint, scio
-from klip_jax.train import relabel as relabel_lib
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 from klip_jax.train.metrics_writer import MetricsWriter
@@ -87,8 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
       config_c.loss.extra_mask_rate = c.scio.stage_c_extra_mask_rate
       steps["B"] = steps["A"]
       steps["C"] = step_lib.make_train_step(config_c, graph, tx, schedule, tokens, shardings, mesh)
-      relabel_fns = {name: relabel_lib.make_relabel_step(c, graph, tokens, shardings.params, mesh,
-                                                         proofread=name == "C") for name in ("B", "C")}
+      relabel_fns = scio.relabel_steps(c, graph, tokens, shardings.params, mesh, data)
     if scio_on and c.scio.mode == "offline" and stage in scio.STAGE_OVERLAY:
       iterator = scio.enter_offline_stage(c, data, workdir, stage, relabel_fns[stage], state.params,
                                           iterator, mesh)
@@ -111,7 +109,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
           batch.update(recon_ids=result.removed_ids, recon_keyword_mask=result.removed_keyword_mask,
                        recon_clause_ids=result.removed_clause_ids)
         else:
-          batch["text_ids"] = result.corrected_ids
+          batch.update(text_ids=result.corrected_ids, keyword_mask=result.corrected_keyword_mask,
+                       clause_ids=result.corrected_clause_ids)
       state, metrics = steps[stage](state, batch, jax.random.fold_in(base_rng, step))
       done = step + 1
       if done % c.train.log_every == 0 or done == end:

@@ -50,15 +50,18 @@ def itc_accuracy(sim_i2t: jax.Array, sim_t2i: jax.Array) -> jax.Array:
   return (jnp.mean(sim_i2t.argmax(-1) == target) + jnp.mean(sim_t2i.argmax(-1) == target)) / 2
 
 
-def sample_hard_negatives(rng: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array):
+def sample_hard_negatives(rng: jax.Array, sim_i2t: jax.Array, sim_t2i: jax.Array, random_share: float = 0.0):
   """One negative text per image and one negative image per text, drawn with probability
-  proportional to softmax(similarity) over the other items of the batch (positives excluded).
+  proportional to softmax(similarity) over the other items of the batch (positives excluded);
+  a `random_share` of the rows draws uniformly instead (an extension: see config.loss).
   Returns (negative text index per image, negative image index per text), each [B]."""
   b = sim_i2t.shape[0]
   diagonal = jnp.eye(b, dtype=bool)
-  sim_i2t = jax.lax.stop_gradient(jnp.where(diagonal, -jnp.inf, sim_i2t.astype(jnp.float32)))
-  sim_t2i = jax.lax.stop_gradient(jnp.where(diagonal, -jnp.inf, sim_t2i.astype(jnp.float32)))
-  rng_text, rng_image = jax.random.split(rng)
+  rng_text, rng_image, rng_share = jax.random.split(rng, 3)
+  uniform = jax.random.uniform(rng_share, (b, 1)) < random_share
+  sim_i2t, sim_t2i = (
+      jax.lax.stop_gradient(jnp.where(diagonal, -jnp.inf, jnp.where(uniform, 0.0, s.astype(jnp.float32))))
+      for s in (sim_i2t, sim_t2i))
   return (jax.random.categorical(rng_text, sim_i2t, axis=-1),
           jax.random.categorical(rng_image, sim_t2i, axis=-1))
 
@@ -97,6 +100,14 @@ def select_positions(rng: jax.Array, keyword_mask: jax.Array, ordinary_mask: jax
   """Positions to reconstruct: every keyword token, plus `extra_rate` of ordinary tokens."""
   extra = jax.random.uniform(rng, keyword_mask.shape) < extra_rate
   return (keyword_mask > 0) | (ordinary_mask & extra)
+
+
+def keyword_ends(keyword_mask: jax.Array) -> jax.Array:
+  """bool [B, L]: the token right after each keyword span (what ends it: the clause's next
+  word, "$" or [SEP]). Reconstructing it too teaches the decoder where a keyword stops, which
+  variable-length proofreading needs (the paper's loss scores keyword tokens only)."""
+  inside = keyword_mask > 0
+  return jnp.pad(inside[:, :-1] & ~inside[:, 1:], ((0, 0), (1, 0)))
 
 
 def random_ordinary_ids(rng: jax.Array, shape, vocab_size: int, special_ids: tuple[int, ...],

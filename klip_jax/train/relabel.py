@@ -2,13 +2,20 @@
 
 Screening: for every caption, all leave-one-clause-out variants (a static maximum number of
 clauses, absent clauses masked) are scored together with the original in one batched pass,
-by ITC similarity and ITM match probability. A clause is flagged only when removing it makes
-BOTH scores better than the original's; among such variants the best-ITC one wins; otherwise
-nothing is flagged.
+by ITC similarity and ITM match probability, and `config.scio.rule` picks at most one clause:
+- "paper": flag a clause only when removing it makes BOTH scores better than the original's;
+  among such variants the best-ITC one wins;
+- "relative" (an extension): each signal's gain from a removal is measured in standard units
+  against the caption's other removals; the clause with the best mean of the two is flagged
+  when that exceeds `config.scio.threshold`.
+With `config.scio.field_calibration` (an extension), each gain is first standardised by its
+HCoT field's mean and spread over the batch.
 
-Proofreading: the flagged clause's keyword tokens are filled left to right by the
-image-grounded causal decoder with a KV cache (`model.decode.fill_spans`), in the same number
-of token slots.
+Proofreading: the flagged clause's keyword is rewritten by the image-grounded causal decoder
+with a KV cache (`model.decode`): generated left to right until the decoder ends it, or, with
+`config.scio.candidates` and a field with a closed vocabulary (`FieldCandidates`), chosen
+among the field's values (the current one included) by decoder likelihood. The caption is
+re-spliced around the new keyword, so its length may change.
 
 `relabel_step(params, batch, rng) -> RelabelResult` is pure and jitted with the same mesh and
 batch sharding as the train step.
@@ -16,14 +23,17 @@ batch sharding as the train step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
+from klip_jax.data import knowledge
 from klip_jax.data.tokenizer import TokenIds
 from klip_jax.model import decode
 from klip_jax.parallel import mesh as mesh_lib
@@ -35,11 +45,24 @@ class RelabelResult:
   itc: jax.Array  # [B, 1 + K]: ITC similarity of the original, then of each variant
   itm: jax.Array  # [B, 1 + K]: ITM match probability, same layout
   valid: jax.Array  # bool [B, K]: variant k exists (the caption has clause k)
+  score: jax.Array  # [B, K]: the rule's continuous score of removing clause k (flag if best and > 0)
   removed_ids: jax.Array  # int32 [B, L]: caption without the flagged clause (original if none)
   removed_keyword_mask: jax.Array
   removed_clause_ids: jax.Array
   corrected_ids: jax.Array  # int32 [B, L]: caption with the flagged keyword rewritten
-  fill_mask: jax.Array  # bool [B, L]: the token slots that were rewritten
+  corrected_keyword_mask: jax.Array
+  corrected_clause_ids: jax.Array
+  fill_mask: jax.Array  # bool [B, L]: the corrected caption's rewritten keyword tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldCandidates:
+  """Closed keyword vocabularies per HCoT field (`knowledge.FIELD_SLOTS` order), as token ids:
+  ids [F, C, T] and lengths [F, C] (0: no candidate). A field without a closed vocabulary has
+  no candidates, and its keywords are generated freely."""
+
+  ids: np.ndarray
+  lengths: np.ndarray
 
 
 def leave_one_out(ids, keyword_mask, clause_ids, *, separator_id: int, pad_id: int, max_clauses: int):
@@ -65,15 +88,85 @@ def leave_one_out(ids, keyword_mask, clause_ids, *, separator_id: int, pad_id: i
 
 
 def screen(itc: jax.Array, itm: jax.Array, valid: jax.Array) -> jax.Array:
-  """The flagged clause per caption (-1 for none) from [B, 1 + K] score tables."""
-  better = (itc[:, 1:] > itc[:, :1]) & (itm[:, 1:] > itm[:, :1]) & valid
-  best = jnp.where(better, itc[:, 1:], -jnp.inf).argmax(axis=1)
-  return jnp.where(better.any(axis=1), best, -1).astype(jnp.int32)
+  """The paper's rule: the flagged clause per caption (-1 for none) from [B, 1 + K] tables."""
+  return flag(paper_score(*gains(itc, itm), valid), valid)
+
+
+def gains(itc: jax.Array, itm: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each score's change [B, K] when clause k is removed, from [B, 1 + K] tables."""
+  return itc[:, 1:] - itc[:, :1], itm[:, 1:] - itm[:, :1]
+
+
+def paper_score(itc_gain: jax.Array, itm_gain: jax.Array, valid: jax.Array) -> jax.Array:
+  """The paper's rule as a score [B, K], > 0 exactly where removing clause k raises both ITC
+  and ITM, and ordered there by the ITC gain (the paper's choice among such clauses)."""
+  both = jnp.minimum(itc_gain, itm_gain)
+  rank = jnp.where(both > 0, 1.0 + itc_gain, both)
+  return jnp.where(valid, rank, -jnp.inf)
+
+
+def standardise_by_field(gain: jax.Array, valid: jax.Array, fields: jax.Array, num_fields: int) -> jax.Array:
+  """`gain` [B, K] minus its field's batch mean, over its field's batch spread (fields [B, K],
+  -1 = unknown, pooled together); a field seen fewer than twice is left centred on the batch."""
+  slot = jnp.where(fields >= 0, fields, num_fields)
+  onehot = jax.nn.one_hot(slot, num_fields + 1) * valid[..., None]
+  count = onehot.sum((0, 1))
+  mean = (gain[..., None] * onehot).sum((0, 1)) / jnp.maximum(count, 1)
+  var = (jnp.square(gain[..., None] - mean) * onehot).sum((0, 1)) / jnp.maximum(count, 1)
+  overall = jnp.sum(jnp.where(valid, gain, 0)) / jnp.maximum(valid.sum(), 1)
+  known = count >= 2
+  mean = jnp.where(known, mean, overall)
+  std = jnp.where(known, jnp.sqrt(var), 1.0)
+  return (gain - mean[slot]) / jnp.maximum(std[slot], 1e-6)
+
+
+def relative_score(gain: jax.Array, valid: jax.Array) -> jax.Array:
+  """Each removal's gain [B, K] in standard units of the caption's removals: (g - mean) / std
+  over the caption's valid clauses (std floored at a small fraction of the batch's spread, so
+  a caption whose removals all score alike does not blow up)."""
+  n = jnp.maximum(valid.sum(1, keepdims=True), 1)
+  mean = jnp.sum(jnp.where(valid, gain, 0), 1, keepdims=True) / n
+  std = jnp.sqrt(jnp.sum(jnp.where(valid, jnp.square(gain - mean), 0), 1, keepdims=True) / n)
+  batch_std = jnp.sqrt(jnp.sum(jnp.where(valid, jnp.square(gain - mean), 0)) / jnp.maximum(valid.sum(), 1))
+  return (gain - mean) / jnp.maximum(std, 0.1 * batch_std + 1e-9)
+
+
+def rule_score(scio: ml_collections.ConfigDict, itc: jax.Array, itm: jax.Array, valid: jax.Array,
+               fields: jax.Array) -> jax.Array:
+  """The configured rule's score [B, K]: the best clause is flagged when its score is > 0."""
+  itc_gain, itm_gain = gains(itc, itm)
+  if scio.field_calibration:
+    itc_gain, itm_gain = (standardise_by_field(g, valid, fields, len(knowledge.FIELD_SLOTS))
+                          for g in (itc_gain, itm_gain))
+  if scio.rule == "paper":
+    return paper_score(itc_gain, itm_gain, valid)
+  score = (relative_score(itc_gain, valid) + relative_score(itm_gain, valid)) / 2 - scio.threshold
+  return jnp.where(valid, score, -jnp.inf)
+
+
+def flag(score: jax.Array, valid: jax.Array) -> jax.Array:
+  """The best clause per caption when its score is > 0, else -1."""
+  best = jnp.where(valid, score, -jnp.inf).argmax(axis=1)
+  return jnp.where(jnp.take_along_axis(score, best[:, None], 1)[:, 0] > 0, best, -1).astype(jnp.int32)
+
+
+def splice(x: jax.Array, start: jax.Array, old_len: jax.Array, new: jax.Array, new_len: jax.Array,
+           fill) -> jax.Array:
+  """Rows of `x` [B, L] with x[start : start + old_len] replaced by new[:new_len] ([B, T]);
+  the tail shifts and is cut at L or padded with `fill`."""
+  length = x.shape[1]
+  p = jnp.arange(length)[None]
+  start, old_len, new_len = start[:, None], old_len[:, None], new_len[:, None]
+  source = p - new_len + old_len
+  tail = jnp.where(source < length, jnp.take_along_axis(x, jnp.clip(source, 0, length - 1), 1), fill)
+  inserted = jnp.take_along_axis(new, jnp.clip(p - start, 0, new.shape[1] - 1), 1)
+  return jnp.where(p < start, x, jnp.where(p < start + new_len, inserted, tail))
 
 
 def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tokens: TokenIds,
-                    proofread: bool = True) -> Callable:
-  """The un-jitted relabel step; `proofread=False` (SCIO stage B) skips the decoder fill."""
+                    proofread: bool = True, candidates: FieldCandidates | None = None) -> Callable:
+  """The un-jitted relabel step; `proofread=False` (SCIO stage B) skips the decoder rewrite.
+  `candidates` (with config.scio.candidates) are the closed vocabularies rewrites choose from."""
   scio = config.scio
 
   def relabel_step(params, batch: dict, rng: jax.Array) -> RelabelResult:
@@ -82,6 +175,8 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
     ids, keyword_mask, clause_ids = batch["text_ids"], batch["keyword_mask"], batch["clause_ids"]
     b, length = ids.shape
     k = scio.max_clauses
+    fields = batch["clause_fields"][:, :k]
+    fields = jnp.pad(fields, ((0, 0), (0, k - fields.shape[1])), constant_values=-1)
     var_ids, var_kw, var_clause, valid = leave_one_out(
         ids, keyword_mask, clause_ids, separator_id=tokens.separator, pad_id=tokens.pad, max_clauses=k)
     all_ids = jnp.concatenate([ids[:, None], var_ids], axis=1).reshape(b * (k + 1), length)
@@ -92,29 +187,74 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
     repeated = jnp.repeat(image_tokens, k + 1, axis=0)
     itm_logits = model.itm_logits(all_ids.at[:, 0].set(tokens.enc), all_pad, repeated)
     itm = jax.nn.softmax(itm_logits, axis=-1)[:, 1].reshape(b, k + 1)
-    flagged = screen(itc, itm, valid)
+    score = rule_score(scio, itc, itm, valid, fields)
+    flagged = flag(score, valid)
 
     chosen = jnp.maximum(flagged, 0)[:, None, None]
     pick = lambda variants, original: jnp.where(
         (flagged >= 0)[:, None], jnp.take_along_axis(variants, chosen, axis=1)[:, 0], original)
-    fill_mask = (keyword_mask > 0) & (clause_ids == flagged[:, None]) & (flagged >= 0)[:, None]
-    corrected = ids
+    corrected = (ids, keyword_mask, clause_ids, keyword_span(keyword_mask, clause_ids, flagged))
     if proofread:
-      corrected = decode.fill_spans(model, image_tokens, ids, ids != tokens.pad, fill_mask,
-                                    dec_id=tokens.dec, banned_ids=tokens.special(), max_fill=scio.max_fill,
-                                    banned_first_ids=tokens.continuations)
-    return RelabelResult(flagged=flagged, itc=itc, itm=itm, valid=valid,
+      corrected = rewrite(model, image_tokens, ids, keyword_mask, clause_ids, flagged, fields,
+                          scio=scio, tokens=tokens, candidates=candidates)
+    return RelabelResult(flagged=flagged, itc=itc, itm=itm, valid=valid, score=score,
                          removed_ids=pick(var_ids, ids), removed_keyword_mask=pick(var_kw, keyword_mask),
-                         removed_clause_ids=pick(var_clause, clause_ids), corrected_ids=corrected,
-                         fill_mask=fill_mask)
+                         removed_clause_ids=pick(var_clause, clause_ids), corrected_ids=corrected[0],
+                         corrected_keyword_mask=corrected[1], corrected_clause_ids=corrected[2],
+                         fill_mask=corrected[3])
 
   return relabel_step
 
 
+def keyword_span(keyword_mask: jax.Array, clause_ids: jax.Array, flagged: jax.Array) -> jax.Array:
+  """bool [B, L]: the keyword tokens of each caption's flagged clause (none where flagged < 0)."""
+  return (keyword_mask > 0) & (clause_ids == flagged[:, None]) & (flagged >= 0)[:, None]
+
+
+def rewrite(model, image_tokens, ids, keyword_mask, clause_ids, flagged, fields, *, scio,
+            tokens: TokenIds, candidates: FieldCandidates | None = None):
+  """Proofreading: each caption with its flagged clause's keyword rewritten by the decoder
+  (`fields` [B, K]: each clause's FIELD_SLOTS index, for the candidates) -> (ids, keyword_mask,
+  clause_ids, bool [B, L] the new keyword's tokens); rows with flagged < 0 come back unchanged."""
+  old_span = keyword_span(keyword_mask, clause_ids, flagged)
+  rows = jnp.arange(ids.shape[0])
+  has = flagged >= 0
+  start = jnp.where(has, jnp.argmax(old_span, axis=1), 1)
+  old_len = old_span.sum(1)
+  after = ids[rows, jnp.minimum(start + old_len, ids.shape[1] - 1)]  # the token that ends the keyword
+  cache = decode.prefill_caption(model, image_tokens, ids, ids != tokens.pad, dec_id=tokens.dec)
+  stops = jnp.stack([after, jnp.full_like(after, tokens.separator), jnp.full_like(after, tokens.sep)], 1)
+  new, new_len = decode.generate_span(model, cache, ids, start, stops, dec_id=tokens.dec,
+                                      banned_ids=tokens.special(),
+                                      max_len=scio.max_fill, banned_first_ids=tokens.continuations)
+  if scio.candidates and candidates is not None:
+    slot = jnp.maximum(jnp.take_along_axis(fields, jnp.maximum(flagged, 0)[:, None], 1)[:, 0], 0)
+    closed = has & (jnp.take_along_axis(fields, jnp.maximum(flagged, 0)[:, None], 1)[:, 0] >= 0)
+    cand_ids, cand_len = jnp.asarray(candidates.ids)[slot], jnp.asarray(candidates.lengths)[slot]
+    closed = closed & (cand_len > 0).any(1)
+    logp = decode.score_spans(model, cache, ids, start, cand_ids, cand_len, after, dec_id=tokens.dec)
+    best = logp.argmax(1)
+    width = max(cand_ids.shape[2], new.shape[1])
+    pad_to = lambda x: jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
+    new = jnp.where(closed[:, None], pad_to(cand_ids[rows, best]), pad_to(new))
+    new_len = jnp.where(closed, cand_len[rows, best], new_len)
+  new_len = jnp.where(has, new_len, old_len)
+  new = jnp.where(has[:, None], new, 0)
+  spliced = lambda x, fresh, fill: jnp.where(
+      has[:, None], splice(x, start, old_len, fresh, new_len, fill), x)
+  out_ids = spliced(ids, new, tokens.pad)
+  out_kw = spliced(keyword_mask, jnp.ones_like(new), 0)
+  out_clause = spliced(clause_ids, jnp.broadcast_to(flagged[:, None], new.shape), -1)
+  p = jnp.arange(ids.shape[1])[None]
+  span = has[:, None] & (p >= start[:, None]) & (p < (start + new_len)[:, None])
+  return out_ids, out_kw, out_clause, span
+
+
 def make_relabel_step(config, graphdef, tokens: TokenIds, params_shardings,
-                      mesh: jax.sharding.Mesh, proofread: bool = True) -> Callable:
+                      mesh: jax.sharding.Mesh, proofread: bool = True,
+                      candidates: FieldCandidates | None = None) -> Callable:
   """relabel_step jitted with explicit shardings (params as in training, batch over data axes)."""
   batch = mesh_lib.batch_sharding(mesh)
-  return jax.jit(relabel_step_fn(config, graphdef, tokens, proofread),
+  return jax.jit(relabel_step_fn(config, graphdef, tokens, proofread, candidates),
                  in_shardings=(params_shardings, batch, mesh_lib.replicated(mesh)),
                  out_shardings=batch)

@@ -8,6 +8,7 @@ to a temporary folder and renamed, and never overwritten, so every round stays a
 
 from __future__ import annotations
 
+import collections
 import os
 
 import jax
@@ -116,6 +117,44 @@ def enter_offline_stage(config, data: RunData, workdir: str, stage: str, relabel
   return iterator
 
 
+def field_values(data: RunData, split: str = "train") -> dict[tuple[str, str], collections.Counter]:
+  """How often each keyword value occurs per (scene type, field) in a split's captions."""
+  source = builder.open_split(data.data_dir, split)
+  counts = collections.defaultdict(collections.Counter)
+  for i in range(len(source)):
+    record = records.from_example(source[i], decode_rasters=False)
+    for name, keyword in zip(record["field_names"], record["keywords"]):
+      counts[(record["scene_type"], name)][keyword] += 1
+  return counts
+
+
+def field_candidates(data: RunData, max_candidates: int, split: str = "train") -> relabel_lib.FieldCandidates:
+  """The closed vocabularies proofreading may choose from (config.scio.candidates): per HCoT
+  field, its distinct keywords in `split` when there are at most `max_candidates` of them
+  (most frequent first), as token ids; a field with more (cell lists, cities, lengths) has
+  none and is generated freely. Read from the data, so real captions get their own."""
+  counts = field_values(data, split)
+  pieces = [[data.codec.pieces(keyword)[0] for keyword, _ in counts[slot].most_common()]
+            if 0 < len(counts[slot]) <= max_candidates else [] for slot in knowledge.FIELD_SLOTS]
+  width = max((len(p) for values in pieces for p in values), default=1)
+  ids = np.zeros((len(pieces), max_candidates, width), np.int32)
+  lengths = np.zeros((len(pieces), max_candidates), np.int32)
+  for f, values in enumerate(pieces):
+    for c, p in enumerate(values):
+      ids[f, c, :len(p)], lengths[f, c] = p, len(p)
+  return relabel_lib.FieldCandidates(ids, lengths)
+
+
+def relabel_steps(config, graph, tokens: TokenIds, params_shardings, mesh, data: RunData,
+                  stages=("B", "C")) -> dict:
+  """The jitted relabel step of each SCIO stage (B screens only, C proofreads too), with the
+  field candidates when config.scio.candidates asks for them."""
+  candidates = field_candidates(data, config.scio.max_candidates) if config.scio.candidates else None
+  return {stage: relabel_lib.make_relabel_step(config, graph, tokens, params_shardings, mesh,
+                                               proofread=stage == "C", candidates=candidates)
+          for stage in stages}
+
+
 def _keyword_text(codec: TextCodec, ids: np.ndarray, mask: np.ndarray) -> str:
   return codec.sp.decode([int(i) for i in ids[mask]]).strip()
 
@@ -131,7 +170,9 @@ def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np
     entry = {"id": record["id"], "index": int(indices[row]), "scene_type": record["scene_type"],
              "caption": record["caption"],
              "flagged": flagged, "itc": np.round(result.itc[row], 5).tolist(),
-             "itm": np.round(result.itm[row], 5).tolist(), "original_keyword": "",
+             "itm": np.round(result.itm[row], 5).tolist(),
+             "score": np.round(np.where(result.valid[row], result.score[row], np.nan), 5).tolist(),
+             "original_keyword": "",
              "corrected_keyword": ""}
     if flagged >= 0:
       entry["original_keyword"] = record["keywords"][flagged]
@@ -159,11 +200,12 @@ def relabel_split(relabel, params, data: RunData, split: str, mesh, batch_size: 
   return entries
 
 
-def restored_relabel_step(config, graph, params, tokens: TokenIds, mesh, *, proofread: bool = True):
+def restored_relabel_step(config, graph, params, tokens: TokenIds, mesh, data: RunData, *,
+                          proofread: bool = True):
   """The jitted relabel step for parameters sharded as `params` are (restored or in training);
   build it once and reuse it: every new one compiles anew."""
-  return relabel_lib.make_relabel_step(config, graph, tokens, mesh_lib.shardings_of(params), mesh,
-                                       proofread=proofread)
+  stage = "C" if proofread else "B"
+  return relabel_steps(config, graph, tokens, mesh_lib.shardings_of(params), mesh, data, (stage,))[stage]
 
 
 def relabel_restored(config, relabel, params, data: RunData, split: str, mesh, *,
@@ -183,9 +225,14 @@ def repair_metrics(entries: list[dict]) -> dict:
   clean_flags = [e for e in flagged if str(e["flagged"]) not in e["truth"]]
   restored = sum(e["corrected_keyword"] == e["truth"][str(e["flagged"])] for e in true_flags)
   clean_changed = sum(e["corrected_keyword"] != e["original_keyword"] for e in clean_flags)
+  clauses = [len(e["caption"].split(knowledge.SEPARATOR)) for e in entries]
   return {"captions": len(entries), "corrupted_clauses": corrupted, "flagged": len(flagged),
           "screening_precision": len(true_flags) / max(len(flagged), 1),
+          "chance_screening_precision": corrupted / max(sum(clauses), 1),  # flagging at random
           "screening_recall": len(true_flags) / max(corrupted, 1),
+          # One random clause flagged in every caption; and the most one flag per caption can reach.
+          "chance_screening_recall": sum(len(e["truth"]) / n for e, n in zip(entries, clauses)) / max(corrupted, 1),
+          "max_screening_recall": sum(bool(e["truth"]) for e in entries) / max(corrupted, 1),
           "proofreading_accuracy": restored / max(len(true_flags), 1),
           "clean_clauses_changed": clean_changed,
           "clean_clauses_changed_rate": clean_changed / max(

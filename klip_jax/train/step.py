@@ -27,8 +27,9 @@ from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import losses
 from klip_jax.train.state import TrainState, momentum_subset, with_momentum
 
-# The batch keys every step reads (SCIO may add recon_* keys).
-MODEL_INPUTS = ("image", "text_ids", "keyword_mask", "clause_ids")
+# The batch keys the train and relabel steps read (SCIO may add recon_* keys; clause_fields,
+# each clause's knowledge.FIELD_SLOTS index, is the relabel step's).
+MODEL_INPUTS = ("image", "text_ids", "keyword_mask", "clause_ids", "clause_fields")
 
 
 def model_inputs(batch: dict) -> dict:
@@ -63,7 +64,7 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
 
   # ITM: positives, (negative image, text) and (image, negative text) pairs, and with
   # config.data.clause_negatives (image, its caption with one clause wrong) pairs.
-  neg_text, neg_image = losses.sample_hard_negatives(rng_itm, sim_i2t, sim_t2i)
+  neg_text, neg_image = losses.sample_hard_negatives(rng_itm, sim_i2t, sim_t2i, config.loss.itm_random_negatives)
   enc_ids = ids.at[:, 0].set(tokens.enc)
   b = ids.shape[0]
   pair_ids = [enc_ids, enc_ids, enc_ids[neg_text]]
@@ -80,8 +81,10 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
   rec_ids = batch.get("recon_ids", ids)
   rec_pad = rec_ids != tokens.pad
   ordinary = (batch.get("recon_clause_ids", batch["clause_ids"]) >= 0) & rec_pad
-  selected = losses.select_positions(rng_select, batch.get("recon_keyword_mask", batch["keyword_mask"]),
-                                     ordinary, config.loss.extra_mask_rate) & rec_pad
+  rec_keywords = batch.get("recon_keyword_mask", batch["keyword_mask"])
+  selected = losses.select_positions(rng_select, rec_keywords, ordinary, config.loss.extra_mask_rate) & rec_pad
+  if config.loss.keyword_end:
+    selected = selected | (losses.keyword_ends(rec_keywords) & rec_pad)
   selected = selected.at[:, 0].set(False)
   dec_in = losses.corrupt(rng_corrupt, rec_ids, selected, mask_id=tokens.mask,
                           vocab_size=tokens.vocab_size, mask_prob=config.loss.mask_prob,

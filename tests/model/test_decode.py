@@ -29,25 +29,67 @@ def _masked_log_softmax(logits):
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_fill_spans_equals_greedy_full_forward_refill(scan):
+def test_generate_span_equals_greedy_full_forward_and_stops_at_a_stop_token(scan):
   config, mesh, model, images = _model(scan)
   rng = np.random.default_rng(1)
   ids = jnp.asarray(rng.integers(7, VOCAB, (3, 12)), jnp.int32)
   pad = jnp.ones((3, 12), bool)
-  fill = jnp.zeros((3, 12), bool).at[0, 3:6].set(True).at[1, 8:9].set(True)  # row 2: nothing
+  start = jnp.asarray([3, 8, 1])
   graph, state = nnx.split(model)
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     tokens, _ = model.encode_image(images)
-    out = np.asarray(jax.jit(lambda s: decode.fill_spans(
-        nnx.merge(graph, s), tokens, ids, pad, fill, dec_id=2, banned_ids=BANNED, max_fill=4))(state))
-    expected = np.array(ids)
-    current = expected.copy()
-    current[:, 0] = 2
+    # Hand-computed reference: greedy argmax of full decoder passes over the growing prefix.
+    greedy = []
     for row in range(3):
-      for t in np.flatnonzero(np.asarray(fill[row])):
-        logits = model.decoder_logits(jnp.asarray(current), pad, tokens)[row, t - 1]
-        current[row, t] = expected[row, t] = int(_masked_log_softmax(logits).argmax())
-  np.testing.assert_array_equal(out, expected)
+      current = np.asarray(ids[row]).copy()
+      current[0] = 2
+      for j in range(4):
+        logits = _masked_log_softmax(model.decoder_logits(
+            jnp.asarray(current[None]), pad[:1], tokens[row:row + 1])[0, int(start[row]) - 1 + j])
+        current[int(start[row]) + j] = int(logits.argmax())
+      greedy.append(current[int(start[row]):int(start[row]) + 4].tolist())
+    # Row 0 ends before its 3rd token, row 1 never (a token it does not write), row 2 before its 2nd.
+    unused = next(t for t in range(7, VOCAB) if t not in greedy[1])
+    stops = [greedy[0][2], unused, greedy[2][1]]
+    assert all(stop != g[0] for stop, g in zip(stops, greedy))
+    lengths = [next((j for j in range(1, 4) if g[j] == stop), 4) for g, stop in zip(greedy, stops)]
+    expected = [g[:n] for g, n in zip(greedy, lengths)]
+    stop_ids = jnp.asarray(stops)[:, None]
+    span, count = jax.jit(lambda s: decode.generate_span(
+        nnx.merge(graph, s), decode.prefill_caption(nnx.merge(graph, s), tokens, ids, pad, dec_id=2),
+        ids, start, stop_ids, dec_id=2, banned_ids=BANNED, max_len=4))(state)
+  assert np.asarray(count).tolist() == lengths
+  for row in range(3):
+    assert np.asarray(span)[row, :lengths[row]].tolist() == expected[row]
+
+
+def test_score_spans_equals_teacher_forced_full_forward():
+  config, mesh, model, images = _model(False)
+  rng = np.random.default_rng(2)
+  ids = jnp.asarray(rng.integers(7, VOCAB, (2, 12)), jnp.int32)
+  pad = jnp.ones((2, 12), bool)
+  start, end_ids = jnp.asarray([2, 5]), jnp.asarray([9, 11])
+  candidates = jnp.asarray(rng.integers(7, VOCAB, (2, 3, 3)), jnp.int32)
+  lengths = jnp.asarray([[1, 3, 0], [2, 2, 3]])
+  graph, state = nnx.split(model)
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    tokens, _ = model.encode_image(images[:2])
+    got = np.asarray(jax.jit(lambda s: decode.score_spans(
+        nnx.merge(graph, s), decode.prefill_caption(nnx.merge(graph, s), tokens, ids, pad, dec_id=2),
+        ids, start, candidates, lengths, end_ids, dec_id=2))(state))
+    for row in range(2):
+      for c in range(3):
+        n = int(lengths[row, c])
+        if n == 0:
+          assert got[row, c] == -np.inf
+          continue
+        a = int(start[row])
+        seq = np.concatenate([np.asarray(ids[row, :a]), np.asarray(candidates[row, c, :n]), [int(end_ids[row])]])
+        seq[0] = 2
+        logp = np.asarray(jax.nn.log_softmax(model.decoder_logits(
+            jnp.asarray(seq[None]), jnp.ones((1, len(seq)), bool), tokens[row:row + 1])[0]))
+        want = sum(logp[t - 1, seq[t]] for t in range(a, a + n + 1))
+        np.testing.assert_allclose(got[row, c], want, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_generation_equals_full_forward_and_beam_scores_no_worse():

@@ -159,3 +159,23 @@ def test_itm_auc_and_balanced_accuracy_match_scikit_learn():
   prior = jnp.asarray(np.tile([2.0, -1.0], (24, 1)), jnp.float32)
   out = jax.device_get(losses.itm_metrics(prior, jnp.asarray(labels)))
   assert out["itm_balanced_acc"] == 0.5 and out["itm_auc"] == 0.5
+
+
+def test_keyword_ends_mark_the_token_after_each_keyword_span():
+  keyword_mask = jnp.asarray([[0, 1, 1, 0, 0, 1, 0], [0, 0, 1, 0, 1, 1, 1]])
+  ends = np.asarray(losses.keyword_ends(keyword_mask)).astype(int)
+  assert ends.tolist() == [[0, 0, 0, 1, 0, 0, 1], [0, 0, 0, 1, 0, 0, 0]]
+
+
+def test_random_share_of_negatives_ignores_similarity():
+  b = 8
+  # Similarities that make the hard negative of row i always row (i + 1) % b.
+  sim = jnp.where(jnp.roll(jnp.eye(b, dtype=bool), 1, axis=1), 100.0, 0.0)
+  keys = jax.random.split(jax.random.key(0), 2000)
+  hard = jax.vmap(lambda k: losses.sample_hard_negatives(k, sim, sim)[0])(keys)
+  mixed = jax.vmap(lambda k: losses.sample_hard_negatives(k, sim, sim, 0.5)[0])(keys)
+  nxt = (jnp.arange(b) + 1) % b
+  assert float(jnp.mean(hard == nxt)) == 1.0
+  # Half the rows draw uniformly over the 7 others: P(next) = 0.5 + 0.5 / 7.
+  assert float(jnp.mean(mixed == nxt)) == pytest.approx(0.5 + 0.5 / 7, abs=0.02)
+  assert not bool(jnp.any(mixed == jnp.arange(b)))

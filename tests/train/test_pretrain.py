@@ -22,8 +22,9 @@ def _config(tiny_data, tiny_tokenizer, mode):
   c.eval.update(batch_size=16, caption_steps=2, detection_steps=10, vqa_questions=4, vqa_candidates=8)
   if mode == "offline":  # the online run covers every task; this one the SCIO-specific ones
     c.eval.update(tasks="retrieval,scio_repair", random_baseline=False, every=0)
-  else:  # the cheap evaluators also run during training, at steps 3 and 6
-    c.eval.update(every=3, periodic_examples=8)
+  else:  # the paper's rule and free proofreading; the cheap evaluators at steps 3 and 6
+    c.scio.update(rule="paper", field_calibration=False, candidates=False)
+    c.eval.update(tasks="all", every=3, periodic_examples=8)
   return c
 
 
@@ -64,6 +65,7 @@ def test_pretrain_runs_all_stages_and_the_benchmark(tiny_data, tiny_tokenizer, t
   assert len(entries) == 48
   report = open(os.path.join(folder, "report.md")).read()
   assert all(f"| {name} |" in report for name in tasks)
+  assert "SCIO before/after" in report and "cannot exceed" in report
   plots = ["retrieval.png", "training_curves.png"] + (["confusion.png"] if mode == "online" else [])
   if mode == "online":
     assert saved["tasks"]["screening"]["clauses"] > 0 and 0 <= saved["tasks"]["screening"]["auc_rule"] <= 1

@@ -1,13 +1,16 @@
 """SCIO relabelling: the screening rule, clause removal and keyword masking on real token
 ids, proofreading a memorised keyword, and online == offline corrected captions."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from klip_jax import config as config_lib
-from klip_jax.data import pipeline
+from klip_jax.data import builder, knowledge, pipeline, records
 from klip_jax.data.prepare import RunData
 from klip_jax.data.tokenizer import TextCodec, TokenIds
 from klip_jax.parallel import mesh as mesh_lib
@@ -85,8 +88,18 @@ def _setup(tiny_data, tiny_tokenizer, n=8, **loss):
   return config, codec, mesh, tx, schedule, graph, state, shardings, batch
 
 
+def _rewrite(graph, images, flagged, fields, scio_config, tokens, candidates, params, ids, kw, cl):
+  model = nnx.merge(graph, params)
+  image_tokens, _ = model.encode_image(images)
+  return relabel.rewrite(model, image_tokens, ids, kw, cl, flagged, fields, scio=scio_config, tokens=tokens,
+                         candidates=candidates)
+
+
 @pytest.mark.slow  # a parity / end-to-end run: the full suite's tier
-def test_decoder_fill_restores_a_memorised_keyword(tiny_data, tiny_tokenizer):
+def test_proofreading_rewrites_a_memorised_keyword_of_another_length(tiny_data, tiny_tokenizer):
+  """A decoder that memorised its captions, shown a wrong keyword with fewer or more tokens than
+  the true one, writes the true keyword and ends it at the clause boundary: free generation
+  and candidate ranking both give back the true caption exactly, tokens and masks."""
   config, codec, mesh, tx, schedule, graph, state, shardings, batch = _setup(
       tiny_data, tiny_tokenizer, itc=0.0, itm=0.0, recon=1.0)
   tokens = TokenIds.from_codec(codec)
@@ -96,23 +109,51 @@ def test_decoder_fill_restores_a_memorised_keyword(tiny_data, tiny_tokenizer):
     for i in range(200):
       state, metrics = train(state, inputs, jax.random.key(i))
     assert float(metrics["recon_acc"]) > 0.99
+    source = builder.open_split(tiny_data, "train")
+    rows = [records.from_example(source[int(i)], decode_rasters=False) for i in batch["index"]]
+    candidates = scio.field_candidates(RunData(tiny_data, codec), max_candidates=64)
 
-    from flax import nnx
+    for clause, wrong in ((0, "sea"), (4, "runways and water and vegetation and roads")):
+      wrong_ids = []
+      for r in rows:
+        keywords = list(r["keywords"])
+        keywords[clause] = wrong
+        wrong_ids.append(codec.encode(*knowledge.replace_keywords(r["caption"], r["spans"], keywords)))
+      ids, kw, cl = (jnp.asarray(np.stack([getattr(e, n) for e in wrong_ids]))
+                     for n in ("ids", "keyword_mask", "clause_ids"))
+      flagged = jnp.full(len(rows), clause, jnp.int32)
+      for use_candidates in (False, True):
+        scio_config = config.scio.copy_and_resolve_references()
+        scio_config.candidates = use_candidates
+        fix = jax.jit(functools.partial(_rewrite, graph, inputs["image"], flagged, jnp.asarray(batch["clause_fields"]),
+                                        scio_config, tokens, candidates))
+        out_ids, out_kw, out_cl, span = (np.asarray(x) for x in fix(state.params, ids, kw, cl))
+        np.testing.assert_array_equal(out_ids, batch["text_ids"])
+        np.testing.assert_array_equal(out_kw, batch["keyword_mask"])
+        np.testing.assert_array_equal(out_cl, batch["clause_ids"])
+        np.testing.assert_array_equal(span, (batch["keyword_mask"] > 0) & (batch["clause_ids"] == clause))
 
-    from klip_jax.model import decode
 
-    @jax.jit
-    def fill(params, ids, fill_mask):
-      model = nnx.merge(graph, params)
-      image_tokens, _ = model.encode_image(inputs["image"])
-      return decode.fill_spans(model, image_tokens, ids, ids != codec.pad_id, fill_mask,
-                               dec_id=codec.dec_id, banned_ids=tokens.special(), max_fill=24)
-
-    for clause in (0, 4):
-      fill_mask = (batch["keyword_mask"] > 0) & (batch["clause_ids"] == clause)
-      masked = np.where(fill_mask, codec.mask_id, batch["text_ids"])
-      restored = np.asarray(fill(state.params, jnp.asarray(masked), jnp.asarray(fill_mask)))
-      np.testing.assert_array_equal(restored, batch["text_ids"])
+def test_field_candidates_are_the_closed_fields_keywords_tokenised_as_captions_do(tiny_data, tiny_tokenizer):
+  codec = TextCodec(tiny_tokenizer, 128)
+  candidates = scio.field_candidates(RunData(tiny_data, codec), max_candidates=8)
+  source = builder.open_split(tiny_data, "train")
+  values = {slot: set() for slot in knowledge.FIELD_SLOTS}
+  in_captions = []
+  for i in range(len(source)):
+    r = records.from_example(source[i], decode_rasters=False)
+    encoded = codec.encode(r["caption"], r["spans"])
+    slots = knowledge.field_slots(r["scene_type"], r["field_names"])
+    for k, keyword in enumerate(r["keywords"]):
+      values[(r["scene_type"], r["field_names"][k])].add(keyword)
+      in_captions.append((slots[k], encoded.ids[(encoded.keyword_mask > 0) & (encoded.clause_ids == k)].tolist()))
+  closed = [len(values[slot]) <= 8 for slot in knowledge.FIELD_SLOTS]
+  assert 0 < sum(closed) < len(closed)  # the test data has both kinds
+  for f, slot in enumerate(knowledge.FIELD_SLOTS):
+    assert (candidates.lengths[f] > 0).sum() == (len(values[slot]) if closed[f] else 0), slot
+  for f, ids in in_captions:  # a closed field's keyword, as the caption tokenises it, is a candidate
+    if closed[f]:
+      assert ids in [candidates.ids[f, c, :n].tolist() for c, n in enumerate(candidates.lengths[f]) if n]
 
 
 @pytest.mark.slow  # a parity run: online == offline
@@ -168,3 +209,51 @@ def test_relabel_on_the_eight_device_mesh_equals_one_device(tiny_data, tiny_toke
   np.testing.assert_allclose(eight.itm, one.itm, atol=1e-5)
   np.testing.assert_array_equal(eight.flagged, one.flagged)
   np.testing.assert_array_equal(eight.corrected_ids, one.corrected_ids)
+
+
+def test_splice_replaces_a_span_with_one_of_another_length():
+  x = jnp.asarray([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+  new = jnp.asarray([[7, 8, 9], [7, 8, 9]])
+  out = relabel.splice(x, jnp.asarray([1, 2]), jnp.asarray([2, 1]), new, jnp.asarray([3, 1]), fill=0)
+  # Row 0: [2, 3] -> [7, 8, 9] (the tail shifts right and is cut); row 1: [3] -> [7] (in place).
+  assert np.asarray(out).tolist() == [[1, 7, 8, 9, 4, 5], [1, 2, 7, 4, 5, 6]]
+  shorter = relabel.splice(x[:1], jnp.asarray([1]), jnp.asarray([3]), new[:1], jnp.asarray([1]), fill=0)
+  assert np.asarray(shorter).tolist() == [[1, 7, 5, 6, 0, 0]]
+
+
+def test_relative_rule_scores_removals_against_the_captions_other_removals():
+  itc = jnp.asarray([[0.50, 0.51, 0.49, 0.60, 0.50]])  # original, then 4 removals
+  itm = jnp.asarray([[0.30, 0.30, 0.31, 0.45, 0.29]])
+  valid = jnp.ones((1, 4), bool)
+  config = config_lib.load("configs/tiny.py")
+  config.scio.update(rule="relative", threshold=1.0)
+  fields = jnp.zeros((1, 4), jnp.int32)
+  score = np.asarray(relabel.rule_score(config.scio, itc, itm, valid, fields))
+  # By hand: z-scores of each gain within the caption, averaged over ITC and ITM, minus 1.
+  def z(g):
+    g = np.asarray(g, np.float64)
+    return (g - g.mean()) / g.std()
+  expected = (z([0.01, -0.01, 0.10, 0.0]) + z([0.0, 0.01, 0.15, -0.01])) / 2 - 1.0
+  np.testing.assert_allclose(score[0], expected, rtol=1e-4, atol=1e-5)
+  assert relabel.flag(jnp.asarray(score), valid).tolist() == [2]
+  config.scio.threshold = 2.0  # the best removal stands out by less than 2 standard units
+  assert relabel.flag(relabel.rule_score(config.scio, itc, itm, valid, fields), valid).tolist() == [-1]
+
+
+def test_field_calibration_removes_each_fields_batch_mean_and_spread():
+  gain = jnp.asarray([[1.0, 10.0], [3.0, 30.0], [5.0, 20.0]])
+  fields = jnp.asarray([[0, 1], [0, 1], [0, -1]])
+  valid = jnp.asarray([[True, True], [True, True], [True, False]])
+  out = np.asarray(relabel.standardise_by_field(gain, valid, fields, num_fields=2))
+  f0 = np.asarray([1.0, 3.0, 5.0])
+  np.testing.assert_allclose(out[:, 0], (f0 - f0.mean()) / f0.std(), rtol=1e-5)
+  np.testing.assert_allclose(out[:2, 1], [-1.0, 1.0], rtol=1e-5)  # field 1: 10 and 30
+
+
+def test_paper_score_is_positive_exactly_where_the_paper_rule_would_flag():
+  itc = jnp.asarray([[0.5, 0.6, 0.4, 0.7, 0.8]])
+  itm = jnp.asarray([[0.5, 0.4, 0.9, 0.6, 0.55]])
+  valid = jnp.asarray([[True, True, True, False]])
+  score = np.asarray(relabel.paper_score(*relabel.gains(itc, itm), valid))
+  assert (score[0, :3] > 0).tolist() == [False, False, True]
+  assert score[0, 3] == -np.inf

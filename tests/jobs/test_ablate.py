@@ -1,0 +1,48 @@
+"""The SCIO ablation's arms and its summary statistics (the runs themselves are the
+benchmark's job: `klip ablate scio`)."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from klip_jax import config as config_lib
+from klip_jax.errors import ConfigError
+from klip_jax.jobs import ablate
+
+
+def test_mean_ci_is_the_student_t_interval_of_the_mean():
+  values = [0.2, 0.25, 0.3]
+  m, lo, hi = ablate.mean_ci(values)
+  half = 4.302652729911275 * np.std(values, ddof=1) / np.sqrt(3)  # t(0.975, df=2), from tables
+  assert m == pytest.approx(0.25)
+  assert (lo, hi) == pytest.approx((0.25 - half, 0.25 + half))
+  assert stats.t.ppf(0.975, 2) == pytest.approx(4.302652729911275)
+  assert ablate.mean_ci([0.4]) == (0.4, 0.4, 0.4)
+  assert all(np.isnan(ablate.mean_ci([None])))
+
+
+def test_arms_share_steps_seed_data_and_differ_only_where_named():
+  config = config_lib.load("configs/demo.py")
+  arms = {arm: ablate.arm_config(config, arm, 2, "/d", "/t.model") for arm in ablate.ARMS}
+  for c in arms.values():
+    assert c.train.steps == 720 and c.seed == 2 and c.data.data_dir == "/d"
+  a = arms["stage_a"].scio
+  assert (a.stage_a_steps, a.stage_b_steps, a.stage_c_steps) == (720, 0, 0)
+  paper, extended = arms["paper"], arms["extended"]
+  assert paper.scio.rule == "paper" and not paper.data.clause_negatives
+  assert extended.scio.rule == "relative" and extended.loss.itm_random_negatives > 0 and extended.scio.candidates
+  assert arms["stage_a_extended"].loss.itm_random_negatives > 0 and arms["stage_a_extended"].scio.stage_b_steps == 0
+  assert paper.scio.stage_b_steps == extended.scio.stage_b_steps == 120
+  with pytest.raises(ConfigError, match="unknown arm"):
+    ablate.arm_config(config, "nope", 0, "", "")
+
+
+def test_summary_table_reports_every_arm_with_its_chance_level():
+  result = lambda r: {"tasks": {"retrieval": {"r_mean": r, "chance_r_mean": 0.04}}}
+  table = ablate.summarise({"stage_a": [result(0.2), result(0.3)], "paper": [result(0.5), result(0.5)]})
+  row = table["retrieval/r_mean"]
+  assert row["stage_a"]["mean"] == pytest.approx(0.25) and row["paper"]["lo"] == pytest.approx(0.5)
+  assert row["chance"] == pytest.approx(0.04)
+  assert np.isnan(table["itm/auc"]["paper"]["mean"])  # a task not run: n/a, not zero
+  text = ablate.markdown(table, ["stage_a", "paper"], 2)
+  assert "| retrieval/r_mean | 0.040 | 0.250 [" in text and "n/a" in text
