@@ -245,8 +245,14 @@ def rewrite(model, image_tokens, ids, keyword_mask, clause_ids, flagged, fields,
   out_ids = spliced(ids, new, tokens.pad)
   out_kw = spliced(keyword_mask, jnp.ones_like(new), 0)
   out_clause = spliced(clause_ids, jnp.broadcast_to(flagged[:, None], new.shape), -1)
-  p = jnp.arange(ids.shape[1])[None]
-  span = has[:, None] & (p >= start[:, None]) & (p < (start + new_len)[:, None])
+  # A caption that grew past the length ends in [SEP] at the last slot, cut as the tokenizer cuts.
+  length = ids.shape[1]
+  cut = ((ids != tokens.pad).sum(1) - old_len + new_len > length)[:, None] & (jnp.arange(length) == length - 1)
+  out_ids = jnp.where(cut, tokens.sep, out_ids)
+  out_kw = jnp.where(cut, 0, out_kw)
+  out_clause = jnp.where(cut, -1, out_clause)
+  p = jnp.arange(length)[None]
+  span = has[:, None] & (p >= start[:, None]) & (p < jnp.minimum(start + new_len, length - 1)[:, None])
   return out_ids, out_kw, out_clause, span
 
 
