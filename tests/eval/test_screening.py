@@ -124,3 +124,13 @@ def test_per_field_aucs_and_the_image_blind_field_apart():
   assert out["auc_rule_image_blind"] == approx(0.0)
   # All 16: 0.5 beats 13 clean and ties 0.5 (13.5); -0.5 beats none -> 13.5 / (2 x 14).
   assert out["auc_rule"] == approx(13.5 / 28)
+
+
+def test_the_rule_column_is_the_relabel_rules_own_score_when_entries_carry_it():
+  # The same gains, scored by another rule (e.g. the relative one): its scores, not min(gains).
+  scored = [dict(ENTRIES[0], score=[-1.0, 2.0, 0.5, BIG]), dict(ENTRIES[1], score=[0.0, 3.0, BIG, BIG]), ENTRIES[2]]
+  table = screening.clause_table(scored)
+  np.testing.assert_array_equal(table["rule"], [-1.0, 2.0, 0.5, 0.0, 3.0])
+  # Corrupted A0 (-1) and B1 (3) against clean A1 (2), A2 (0.5), B0 (0): B1 wins 3, A0 none -> 3/6.
+  assert screening.evaluate(scored)["auc_rule"] == approx(1 / 2)
+  assert screening.evaluate(scored)["auc_itc"] == approx(11 / 12)  # the gains are unchanged
