@@ -145,7 +145,7 @@ def _captions_diff(args) -> None:
       shown += 1
       if shown == args.limit:
         break
-  print(f"{shown} changed captions shown (limit {args.limit})")
+  print(f"{shown} flagged captions shown (limit {args.limit}); a flagged keyword may be kept as it was")
 
 
 def _bench_train(args, config) -> None:
