@@ -8,7 +8,8 @@ paper's method), `extended` (SCIO with the extensions on: part-random ITM negati
 dropout, the relative per-field-calibrated screening rule, candidate-ranked proofreading) and
 `stage_a_extended` (the extensions' training without relabelling, to separate what SCIO adds
 from what the extended losses add). Clause-level ITM negatives stay a separate switch
-(`config.data.clause_negatives`): on the demo they slowed ITM's learning. Seed s sets
+(`config.data.clause_negatives`): in a one-seed trial on the demo ITM learned slower with them.
+Seed s sets
 `config.seed` (initialisation, data order, augmentation); the world and its caption noise
 (`config.data.synth`) are shared, built once into WORKDIR/data with one tokenizer.
 
