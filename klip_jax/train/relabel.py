@@ -228,10 +228,10 @@ def rewrite(model, image_tokens, ids, keyword_mask, clause_ids, flagged, fields,
                                       banned_ids=tokens.special(),
                                       max_len=scio.max_fill, banned_first_ids=tokens.continuations)
   if scio.candidates and candidates is not None:
-    slot = jnp.maximum(jnp.take_along_axis(fields, jnp.maximum(flagged, 0)[:, None], 1)[:, 0], 0)
-    closed = has & (jnp.take_along_axis(fields, jnp.maximum(flagged, 0)[:, None], 1)[:, 0] >= 0)
+    field = jnp.take_along_axis(fields, jnp.maximum(flagged, 0)[:, None], 1)[:, 0]
+    slot = jnp.maximum(field, 0)
     cand_ids, cand_len = jnp.asarray(candidates.ids)[slot], jnp.asarray(candidates.lengths)[slot]
-    closed = closed & (cand_len > 0).any(1)
+    closed = has & (field >= 0) & (cand_len > 0).any(1)
     logp = decode.score_spans(model, cache, ids, start, cand_ids, cand_len, after, dec_id=tokens.dec)
     best = logp.argmax(1)
     width = max(cand_ids.shape[2], new.shape[1])

@@ -148,8 +148,10 @@ def field_candidates(data: RunData, max_candidates: int, split: str = "train") -
 def relabel_steps(config, graph, tokens: TokenIds, params_shardings, mesh, data: RunData,
                   stages=("B", "C")) -> dict:
   """The jitted relabel step of each SCIO stage (B screens only, C proofreads too), with the
-  field candidates when config.scio.candidates asks for them."""
-  candidates = field_candidates(data, config.scio.max_candidates) if config.scio.candidates else None
+  field candidates when config.scio.candidates asks for them and a stage proofreads (reading
+  them takes a pass over the train split's records)."""
+  proofreads = "C" in stages and config.scio.candidates
+  candidates = field_candidates(data, config.scio.max_candidates) if proofreads else None
   return {stage: relabel_lib.make_relabel_step(config, graph, tokens, params_shardings, mesh,
                                                proofread=stage == "C", candidates=candidates)
           for stage in stages}
