@@ -245,7 +245,8 @@ def _parser() -> argparse.ArgumentParser:
   abl_scio.add_argument("--workdir", required=True)
   abl_scio.add_argument("--seeds", type=int, default=3)
   abl_scio.add_argument("--arms", default="",
-                        help="comma-separated arms (default stage_a,paper,extended; also stage_a_extended)")
+                        help="comma-separated arms (default stage_a,paper,extended; also stage_a_extended, "
+                             "extended-no_<extension> for each extension, extended+clause_negatives)")
   abl_scio.set_defaults(run=_ablate)
 
   exp = commands.add_parser("export", help="Hugging Face BLIP (PyTorch) folders: retrieval/ and captioning/")

@@ -7,9 +7,11 @@ losses: no relabelling), `paper` (the config's SCIO stages with every extension 
 paper's method), `extended` (SCIO with the extensions on: part-random ITM negatives, clause
 dropout, the relative per-field-calibrated screening rule, candidate-ranked proofreading) and
 `stage_a_extended` (the extensions' training without relabelling, to separate what SCIO adds
-from what the extended losses add). Clause-level ITM negatives stay a separate switch
-(`config.data.clause_negatives`): in a one-seed trial on the demo ITM learned slower with them.
-Seed s sets
+from what the extended losses add). Each extension is also ablated on its own: `extended-no_X`
+is `extended` with extension X back at the paper's setting (X one of `EXTENSIONS`), and
+`extended+clause_negatives` adds clause-level ITM negatives, a separate switch
+(`config.data.clause_negatives`) kept off by default: in a one-seed trial on the demo ITM learned
+slower with them. Seed s sets
 `config.seed` (initialisation, data order, augmentation); the world and its caption noise
 (`config.data.synth`) are shared, built once into WORKDIR/data with one tokenizer.
 
@@ -42,8 +44,14 @@ PAPER = {"data.clause_negatives": False, "data.clause_dropout": 0.0, "loss.itm_r
          "scio.rule": "paper", "scio.field_calibration": False, "scio.candidates": False}
 EXTENDED = {"data.clause_negatives": False, "data.clause_dropout": 0.1, "loss.itm_random_negatives": 0.5,
             "scio.rule": "relative", "scio.field_calibration": True, "scio.candidates": True}
+# Each extension by name: the config entries it sets (its paper setting is in PAPER).
+EXTENSIONS = {"random_negatives": ("loss.itm_random_negatives",), "clause_dropout": ("data.clause_dropout",),
+              "relative_rule": ("scio.rule",), "field_calibration": ("scio.field_calibration",),
+              "candidates": ("scio.candidates",)}
 ARMS = {"stage_a": "stage A only (no relabelling)", "paper": "paper SCIO A -> B -> C",
-        "extended": "SCIO + extensions", "stage_a_extended": "stage A only, extensions' training"}
+        "extended": "SCIO + extensions", "stage_a_extended": "stage A only, extensions' training",
+        **{f"extended-no_{name}": f"SCIO + extensions, no {name.replace('_', ' ')}" for name in EXTENSIONS},
+        "extended+clause_negatives": "SCIO + extensions + clause negatives"}
 DEFAULT_ARMS = ("stage_a", "paper", "extended")
 TASKS = "retrieval,itm,zeroshot_landcover,vqa_count,vqa_recognition,vqa_position,vqa_landform," \
         "vqa_landforms_present,screening,scio_repair"
@@ -81,7 +89,12 @@ def arm_config(config: ml_collections.ConfigDict, arm: str, seed: int, data_dir:
   c.eval.update(tasks=TASKS, random_baseline=False, every=0)
   if arm not in ARMS:
     raise ConfigError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}.")
-  for path, value in (EXTENDED if arm in ("extended", "stage_a_extended") else PAPER).items():
+  settings = dict(PAPER if arm in ("stage_a", "paper") else EXTENDED)
+  if arm.startswith("extended-no_"):
+    settings.update({path: PAPER[path] for path in EXTENSIONS[arm.removeprefix("extended-no_")]})
+  if arm == "extended+clause_negatives":
+    settings["data.clause_negatives"] = True
+  for path, value in settings.items():
     section, name = path.split(".")
     c[section][name] = value
   if arm.startswith("stage_a"):

@@ -46,3 +46,16 @@ def test_summary_table_reports_every_arm_with_its_chance_level():
   assert np.isnan(table["itm/auc"]["paper"]["mean"])  # a task not run: n/a, not zero
   text = ablate.markdown(table, ["stage_a", "paper"], 2)
   assert "| retrieval/r_mean | 0.040 | 0.250 [" in text and "n/a" in text
+
+
+def test_each_extension_arm_turns_back_exactly_its_own_switch():
+  config = config_lib.load("configs/demo.py")
+  extended = ablate.arm_config(config, "extended", 0, "/d", "/t.model")
+  flat = lambda c: {path: c[path.split(".")[0]][path.split(".")[1]] for path in ablate.PAPER}
+  for name, paths in ablate.EXTENSIONS.items():
+    c = flat(ablate.arm_config(config, f"extended-no_{name}", 0, "/d", "/t.model"))
+    changed = {p for p in ablate.PAPER if c[p] != flat(extended)[p]}
+    assert changed == set(paths), name
+    assert all(c[p] == ablate.PAPER[p] for p in paths)
+  plus = flat(ablate.arm_config(config, "extended+clause_negatives", 0, "/d", "/t.model"))
+  assert {p for p in ablate.PAPER if plus[p] != flat(extended)[p]} == {"data.clause_negatives"}
