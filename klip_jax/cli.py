@@ -48,18 +48,6 @@ def _data_show(args) -> None:
   print(f"wrote {args.out}")
 
 
-def _bench_pipeline(args) -> None:
-  from klip_jax.bench import pipeline as bench_pipeline
-  from klip_jax.data import pipeline
-  from klip_jax.data.tokenizer import TextCodec
-
-  options = pipeline.PipelineOptions(args.data, args.split, args.batch_size,
-                                     worker_count=args.workers)
-  result = bench_pipeline.images_per_second(options, TextCodec(args.tokenizer, args.max_len),
-                                            args.steps)
-  print(json.dumps(result))
-
-
 def _pretrain(args, config) -> None:
   from klip_jax.eval import report
   from klip_jax.jobs import pretrain
@@ -148,19 +136,28 @@ def _captions_diff(args) -> None:
   print(f"{shown} flagged captions shown (limit {args.limit}); a flagged keyword may be kept as it was")
 
 
-def _bench_train(args, config) -> None:
-  from klip_jax.bench import train as bench_train
+def _bench(args, config) -> None:
+  from klip_jax import io
+  from klip_jax.bench import suite
+  from klip_jax.errors import ConfigError
 
-  print(json.dumps(bench_train.throughput(config, args.vocab_size, args.steps)))
+  names = list(dict.fromkeys(args.benchmarks))
+  devices = None
+  if "memory" in names:
+    if args.topology:
+      from klip_jax.bench import train as bench_train
 
-
-def _bench_memory(args, config) -> None:
-  from klip_jax.bench import train as bench_train
-
-  devices = bench_train.tpu_devices(args.topology) if args.topology else None
-  for shape in args.mesh:
-    mesh_shape = tuple(int(x) for x in shape.split(","))
-    print(json.dumps(bench_train.compiled_memory(config, args.vocab_size, mesh_shape, devices)))
+      devices = bench_train.tpu_devices(args.topology)
+    elif len(names) > 1 and args.host_devices:
+      raise ConfigError("--host-devices makes every benchmark run on virtual CPU devices; run "
+                        "`klip bench memory` on its own, or the others without --host-devices.")
+  meshes = [tuple(int(x) for x in shape.split(",")) for shape in args.mesh]
+  results = suite.run(names, config, vocab_size=args.vocab_size, compare_hf=args.compare_hf, rounds=args.rounds,
+                      peak_tflops=args.peak_tflops, workdir=args.workdir, meshes=meshes, devices=devices)
+  print(suite.markdown(results))
+  if args.json:
+    io.write_json(args.json, results)
+    print(f"results in {args.json}")
 
 
 def _config(args, overrides: list[str]):
@@ -270,33 +267,26 @@ def _parser() -> argparse.ArgumentParser:
   diff.add_argument("--limit", type=int, default=20)
   diff.set_defaults(run=_captions_diff)
 
-  bench = commands.add_parser("bench", help="measure speed").add_subparsers(
-      dest="bench_command", required=True)
-  pipe = bench.add_parser("pipeline", help="images/s of the grain training pipeline")
-  pipe.add_argument("--data", required=True)
-  pipe.add_argument("--tokenizer", required=True)
-  pipe.add_argument("--split", default="train")
-  pipe.add_argument("--batch-size", type=int, default=64)
-  pipe.add_argument("--max-len", type=int, default=180)
-  pipe.add_argument("--steps", type=int, default=30)
-  pipe.add_argument("--workers", type=int, default=0)
-  pipe.set_defaults(run=_bench_pipeline)
-  step = bench.add_parser("train", help="steps/s and images/s of the train step (random inputs)")
-  _config_arg(step, None, "required")
-  step.add_argument("--vocab-size", type=int, default=2000)
-  step.add_argument("--steps", type=int, default=20)
-  step.set_defaults(run=_bench_train)
-
-  memory = bench.add_parser("memory", help="compiled per-device memory of the train step (AOT)")
-  _config_arg(memory, None, "required")
-  memory.add_argument("--vocab-size", type=int, default=2000)
-  memory.add_argument("--host-devices", type=int, default=8,
-                      help="virtual CPU devices to compile for")
-  memory.add_argument("--topology", default="",
-                      help="compile for a TPU topology instead, e.g. v5e:2x4 (needs the [tpu] extra)")
-  memory.add_argument("--mesh", nargs="+", default=["1,8,1", "8,1,1"],
-                      help="data,fsdp,tensor sizes; one compile each")
-  memory.set_defaults(run=_bench_memory)
+  bench = commands.add_parser(
+      "bench", help="measure speed: train, relabel, caption, pipeline, memory (with --compare-hf: vs HF BLIP)")
+  bench.add_argument("benchmarks", nargs="+", choices=("train", "relabel", "caption", "pipeline", "memory"),
+                     metavar="BENCHMARK", help="one or more of train, relabel, caption, pipeline, memory")
+  _config_arg(bench, "tiny.py", "the shapes and model to time")
+  bench.add_argument("--compare-hf", action="store_true",
+                     help="time transformers' BLIP (PyTorch) on the same shapes in the same run (export extra)")
+  bench.add_argument("--json", default="", help="also write the results to this JSON file")
+  bench.add_argument("--rounds", type=int, default=5, help="timed rounds; the median is reported")
+  bench.add_argument("--vocab-size", type=int, default=2000)
+  bench.add_argument("--peak-tflops", type=float, default=None,
+                     help="the device's peak for MFU where it is not known (CPUs, unlisted chips)")
+  bench.add_argument("--workdir", default="", help="pipeline: where to build the data (default: a temp dir)")
+  bench.add_argument("--host-devices", type=int, default=0,
+                     help="memory: virtual CPU devices to compile for (default 8 when run alone)")
+  bench.add_argument("--topology", default="",
+                     help="memory: compile for a TPU topology instead, e.g. v5e:2x4 (needs the [tpu] extra)")
+  bench.add_argument("--mesh", nargs="+", default=["1,1,1", "1,2,1", "1,4,1", "1,8,1"],
+                     help="memory: data,fsdp,tensor sizes; one compile each")
+  bench.set_defaults(run=_bench)
   return parser
 
 
@@ -315,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
   args, overrides = _parser().parse_known_args(argv)
   if overrides and not getattr(args, "takes_config", False):
     _parser().parse_args(argv)  # exits with argparse's message for the unknown arguments
+  if getattr(args, "benchmarks", None) == ["memory"] and not args.host_devices and not args.topology:
+    args.host_devices = 8
   if getattr(args, "host_devices", None):
     # Virtual CPU devices must be requested before jax initialises its backend.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

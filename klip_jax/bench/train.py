@@ -9,59 +9,107 @@ laptop; on TPU topologies (jax[tpu], see launch/) the same function gives per-ch
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
-from klip_jax.data.tokenizer import TokenIds
+from klip_jax import compilations
+from klip_jax.bench import hf_blip, inputs, timing
+from klip_jax.bench import peak as peak_lib
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
 
-def _tokens(vocab_size: int) -> TokenIds:
-  return TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, sep=3, separator=7, vocab_size=vocab_size)
+def _jax_vision_forward_backward(config: ml_collections.ConfigDict, graph, params) -> Callable:
+  """The kernel baseline: the vision tower's forward + backward alone, -> fn(images)."""
+  vision_graph, vision_params = nnx.split(nnx.merge(graph, params).vision)
+  vision_params = jax.tree.map(jnp.copy, vision_params)  # the train step donates `params`
+
+  @jax.jit
+  def grads(p, images):
+    return jax.grad(lambda q: jnp.mean(jnp.square(nnx.merge(vision_graph, q)(images))))(p)
+
+  return lambda images: jax.block_until_ready(grads(vision_params, images))
 
 
-def _batch_shapes(config: ml_collections.ConfigDict) -> dict:
-  b, size, length = config.train.batch_size, config.model.vision.image_size, config.data.max_len
-  return {"image": ((b, size, size, 1), jnp.float32), "text_ids": ((b, length), jnp.int32),
-          "keyword_mask": ((b, length), jnp.int32), "clause_ids": ((b, length), jnp.int32)}
+def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, steps: int = 3, rounds: int = 7,
+               compare_hf: bool = False, peak_tflops: float | None = None) -> dict:
+  """The full train step on random inputs of the config's shapes (compute only: the input
+  pipeline has its own benchmark): median step time over `rounds` rounds of `steps` steps,
+  model FLOPs per step (XLA's cost analysis of the step as lowered, before partitioning) and
+  the MFU they imply, and the compilations seen after the first step (0 in a steady state).
 
-
-def random_batch(config: ml_collections.ConfigDict, vocab_size: int, seed: int = 0) -> dict:
-  rng = np.random.default_rng(seed)
-  shapes = _batch_shapes(config)
-  b, length = shapes["text_ids"][0]
-  ids = rng.integers(7, vocab_size, (b, length)).astype(np.int32)
-  ids[:, 0] = 4
-  return {"image": rng.standard_normal(shapes["image"][0]).astype(np.float32), "text_ids": ids,
-          "keyword_mask": (rng.uniform(size=(b, length)) < 0.2).astype(np.int32),
-          "clause_ids": rng.integers(0, 8, (b, length)).astype(np.int32)}
-
-
-def throughput(config: ml_collections.ConfigDict, vocab_size: int, steps: int) -> dict:
-  mesh = mesh_lib.make_mesh(config.mesh.shape)
-  tx, schedule = state_lib.make_optimizer(config.optim, config.train.steps)
-  graph, state, shardings = state_lib.create(config, vocab_size, tx, mesh)
-  batch = random_batch(config, vocab_size)
+  With `compare_hf`, transformers' BLIP pretraining step of the same sizes (`hf_blip`) is
+  timed in the same rounds, and the vision tower's forward + backward alone in both, the
+  kernel baseline: the whole-step ratio reads as that ratio times our own overhead.
+  """
+  if compare_hf and config.momentum.enabled:
+    config = config.copy_and_resolve_references()  # BLIP's step without its momentum encoder:
+    config.momentum.enabled = False                # like for like (`hf_blip` has none)
+  mesh, graph, state, shardings, tx, schedule = inputs.fresh_model(config, vocab_size)
+  batch = inputs.random_batch(config, vocab_size)
+  b = config.train.batch_size
+  tokens = inputs.token_ids(vocab_size)
+  holder = {"state": state, "i": 0}
   with mesh_lib.logical_context(mesh, config.mesh.rules):
-    step = step_lib.make_train_step(config, graph, tx, schedule, _tokens(vocab_size), shardings, mesh)
+    step = step_lib.make_train_step(config, graph, tx, schedule, tokens, shardings, mesh)
+    flops = _flops(step.lower(state, batch, jax.random.key(0)))
+
+    def ours():
+      for _ in range(steps):
+        holder["i"] += 1
+        holder["state"], metrics = step(holder["state"], batch, jax.random.key(holder["i"]))
+      jax.block_until_ready(metrics)
+
     start = time.perf_counter()
-    state, metrics = step(state, batch, jax.random.key(0))
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for i in range(steps):
-      state, metrics = step(state, batch, jax.random.key(i + 1))
-    jax.block_until_ready(metrics)
-    seconds = time.perf_counter() - start
-  return {"compile_and_first_step_s": compile_s, "steps_per_s": steps / seconds,
-          "images_per_s": steps * config.train.batch_size / seconds,
-          "batch_size": config.train.batch_size, "devices": mesh.size}
+    with compilations.Counter() as first:
+      ours()
+    first_s = time.perf_counter() - start
+    contenders = {"klip_jax": ours}
+    if compare_hf:
+      module = hf_blip.build(config.model, vocab_size, tokens)
+      hf_blip.load_params(module, jax.device_get(holder["state"].params.to_pure_dict()), config.model)
+      hf_step = hf_blip.make_step(module, config, tokens)
+      contenders["hf"] = lambda: [hf_step(batch) for _ in range(steps)]
+      vision_images = batch["image"]
+      contenders["klip_jax_vision"] = functools.partial(
+          _jax_vision_forward_backward(config, graph, holder["state"].params), vision_images)
+      contenders["hf_vision"] = functools.partial(hf_blip.vision_forward_backward(module), vision_images)
+    with compilations.Counter() as steady:
+      seconds = timing.interleaved(contenders, rounds=rounds)
+  step_s = seconds["klip_jax"] / steps
+  peak, peak_source = peak_lib.peak_tflops(peak_tflops)
+  result = {"config": {"batch_size": b, "image_size": config.model.vision.image_size,
+                       "text_len": config.data.max_len, "devices": mesh.size,
+                       "params": sum(int(x.size) for x in jax.tree.leaves(holder["state"].params))},
+            "momentum": bool(config.momentum.enabled),
+            "klip_jax": {"step_s": step_s, "images_per_s": b / step_s, "first_step_s": first_s,
+                         "compilations_first_step": first.count,
+                         "compilations_steady_state": steady.by_name[step_lib.JIT_NAME],
+                         "flops_per_step": flops,
+                         "mfu": peak_lib.mfu(flops, step_s, mesh.size, peak)},
+            "peak_tflops": peak, "peak_source": peak_source, "rounds": rounds, "steps_per_round": steps}
+  if compare_hf:
+    hf_s = seconds["hf"] / steps
+    result["hf"] = {"step_s": hf_s, "images_per_s": b / hf_s, "params": hf_blip.parameter_count(module)}
+    result["ratio"] = hf_s / step_s
+    result["kernel_baseline"] = {"klip_jax_vision_fwd_bwd_s": seconds["klip_jax_vision"],
+                                 "hf_vision_fwd_bwd_s": seconds["hf_vision"],
+                                 "ratio": seconds["hf_vision"] / seconds["klip_jax_vision"]}
+  return result
+
+
+def _flops(lowered) -> float:
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
 def tpu_devices(topology: str, chips_per_host=(2, 2, 1)):
@@ -82,16 +130,19 @@ def tpu_devices(topology: str, chips_per_host=(2, 2, 1)):
 def compiled_memory(config: ml_collections.ConfigDict, vocab_size: int, mesh_shape,
                     devices=None) -> dict:
   """Per-device bytes of the compiled train step (arguments, outputs, temporaries)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if all(n > 0 for n in mesh_shape):
+    devices = devices[:int(np.prod(mesh_shape))]  # FSDP over 2 of 8 devices: a 2-device mesh
   mesh = mesh_lib.make_mesh(mesh_shape, devices)
   tx, schedule = state_lib.make_optimizer(config.optim, config.train.steps)
   graph, abstract, shardings = state_lib.abstract_state(config, vocab_size, tx, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-           for k, (shape, dtype) in _batch_shapes(config).items()}
+           for k, (shape, dtype) in inputs.batch_shapes(config).items()}
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=mesh_lib.replicated(mesh))
   with mesh_lib.logical_context(mesh, config.mesh.rules):
-    step = step_lib.make_train_step(config, graph, tx, schedule, _tokens(vocab_size), shardings, mesh)
+    step = step_lib.make_train_step(config, graph, tx, schedule, inputs.token_ids(vocab_size), shardings, mesh)
     start = time.perf_counter()
     try:
       compiled = step.lower(state, batch, rng).compile()

@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from klip_jax import compilations, io
 from klip_jax import config as config_lib
-from klip_jax import io
 from klip_jax.data import pipeline
 from klip_jax.data.prepare import RunData
 from klip_jax.data.tokenizer import TokenIds
@@ -79,7 +79,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
   writer = MetricsWriter(workdir)
   base_rng = jax.random.key(c.seed)
   last: dict = {}
-  with mesh_lib.logical_context(mesh, c.mesh.rules):
+  with mesh_lib.logical_context(mesh, c.mesh.rules), compilations.Counter() as compiled:
     steps = {"A": step_lib.make_train_step(c, graph, tx, schedule, tokens, shardings, mesh)}
     if scio_on:
       config_c = c.copy_and_resolve_references()
@@ -118,6 +118,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
         now = time.perf_counter()
         last["images_per_s"] = (done - tick_step) * c.train.batch_size / (now - tick)
         last["stage"] = "ABC".index(stage)
+        # One per train step function (two with SCIO's stage C); more means steady-state recompiles.
+        last["train_step_compilations"] = compiled.by_name[step_lib.JIT_NAME]
         tick, tick_step = now, done
         writer.train(done, last)
         bar.set_postfix(stage=stage, loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.1f}")

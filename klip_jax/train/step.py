@@ -30,6 +30,8 @@ from klip_jax.train.state import TrainState, momentum_subset, with_momentum
 # The batch keys the train and relabel steps read (SCIO may add recon_* keys; clause_fields,
 # each clause's knowledge.FIELD_SLOTS index, is the relabel step's).
 MODEL_INPUTS = ("image", "text_ids", "keyword_mask", "clause_ids", "clause_fields")
+# The name jax gives the jitted step in its compile events (`compilations.Counter.by_name`).
+JIT_NAME = "jit(train_step)"
 
 
 def model_inputs(batch: dict) -> dict:

@@ -1,0 +1,48 @@
+"""Caption generation speed: captions/s of KV-cached greedy and beam decoding at a fixed
+length (every row decodes `max_len` - 1 tokens: random weights would otherwise end rows at
+random), image encoding included; with `compare_hf`, transformers' `generate()` of the same
+sizes, made to run to the same length, timed in the same rounds."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_collections
+from flax import nnx
+
+from klip_jax.bench import hf_blip, inputs, timing
+from klip_jax.model import decode
+
+
+def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, max_len: int = 32,
+               beam_size: int | None = None, rounds: int = 5, compare_hf: bool = False) -> dict:
+  beams = {"greedy": 1, "beam": beam_size or config.eval.beam_size}
+  mesh, graph, state, _, _, _ = inputs.fresh_model(config, vocab_size)
+  tokens = inputs.token_ids(vocab_size)
+  images = inputs.random_batch(config, vocab_size)["image"]
+  b = images.shape[0]
+
+  @functools.partial(jax.jit, static_argnames="beam")
+  def captions(params, images, beam):
+    model = nnx.merge(graph, params)
+    ids, _ = decode.generate(model, model.encode_image(images)[0], max_len=max_len, dec_id=tokens.dec,
+                             sep_id=tokens.sep, pad_id=tokens.pad, beam_size=beam)
+    return ids
+
+  contenders = {f"klip_jax_{name}": functools.partial(
+      lambda k: jax.block_until_ready(captions(state.params, images, k)), k) for name, k in beams.items()}
+  if compare_hf:
+    module = hf_blip.build(config.model, vocab_size, tokens)
+    hf_blip.load_params(module, jax.device_get(state.params.to_pure_dict()), config.model)
+    for name, k in beams.items():
+      contenders[f"hf_{name}"] = functools.partial(hf_blip.captioner(module, tokens, max_len, k), images)
+  seconds = timing.interleaved(contenders, rounds=rounds)
+  result = {"config": {"batch_size": b, "image_size": config.model.vision.image_size, "max_len": max_len,
+                       "beam_size": beams["beam"], "devices": mesh.size}, "rounds": rounds}
+  for name in beams:
+    result[name] = {"klip_jax_captions_per_s": b / seconds[f"klip_jax_{name}"]}
+    if compare_hf:
+      result[name]["hf_captions_per_s"] = b / seconds[f"hf_{name}"]
+      result[name]["ratio"] = seconds[f"hf_{name}"] / seconds[f"klip_jax_{name}"]
+  return result
