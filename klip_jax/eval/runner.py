@@ -77,7 +77,7 @@ class ModelRunner:
   def encode_texts(self, ids: np.ndarray) -> np.ndarray:
     """[N, L] captions ([CLS] first) -> normalised ITC features [N, E]."""
     pad = self.tokens.pad
-    return self._call("text", lambda m, x: m.encode_text(x, x != pad)[1], ids)
+    return self._call("text", lambda m, x: m.encode_text(x, x != pad), ids)
 
   def _pairs(self, name: str, fn: Callable, image_tokens: np.ndarray, ids: np.ndarray,
              rows: np.ndarray | None):

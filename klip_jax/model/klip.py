@@ -59,14 +59,16 @@ class KLIP(nnx.Module):
     tokens = self.vision(images)
     return tokens, _normalise(self.vision_proj(tokens[:, 0]))
 
-  def encode_text(self, ids: jax.Array, pad_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Unimodal text ([CLS] first) -> (hidden [B, L, Dt], normalised ITC feature [B, E])."""
-    hidden = self.text(ids, pad_mask, "text")
-    return hidden, _normalise(self.text_proj(hidden[:, 0]))
+  def encode_text(self, ids: jax.Array, pad_mask: jax.Array) -> jax.Array:
+    """Unimodal text ([CLS] first) -> normalised ITC feature [B, E] in fp32."""
+    cls = self.text(ids, pad_mask, "text", first_only=True)[:, 0]
+    return _normalise(self.text_proj(cls))
 
-  def itm_logits(self, ids: jax.Array, pad_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:
-    """Image-grounded encoder ([ENC] first) -> match/no-match logits [B, 2] in fp32."""
-    hidden = self.text(ids, pad_mask, "multimodal", image_tokens)
+  def itm_logits(self, ids: jax.Array, pad_mask: jax.Array, image_tokens: jax.Array,
+                 image_index: jax.Array | None = None) -> jax.Array:
+    """Image-grounded encoder ([ENC] first) -> match/no-match logits [B, 2] in fp32; row b
+    pairs with image_tokens[image_index[b]] (default: image_tokens[b])."""
+    hidden = self.text(ids, pad_mask, "multimodal", image_tokens, image_index=image_index, first_only=True)
     return self.itm_head(hidden[:, 0]).astype(jnp.float32)
 
   def decoder_tower(self) -> TextTransformer:

@@ -31,8 +31,16 @@ class SubLayer(nnx.Module):
                                  std=cfg.init_std, **kw)
     self.norm = layers.layer_norm(cfg.width, cfg.ln_eps, **kw)
 
-  def __call__(self, x, context=None, mask=None):
-    return self.norm(x + self.attn(x, context, mask))
+  def __call__(self, x, context=None, mask=None, *, context_index=None, first_only=False):
+    """Self-attention over x, or cross-attention to `context` ([N, ...]: its keys and values
+    are projected once, then `context_index` [B] picks each row's, so pairs that share an
+    image share the projection). `first_only`: only the first position's output is computed
+    (what a [CLS] head reads), attending over every position as usual."""
+    residual = x[:, :1] if first_only else x
+    k, v = self.attn.keys_values(x if context is None else context)
+    if context_index is not None:
+      k, v = k[context_index], v[context_index]
+    return self.norm(residual + self.attn.attend(self.attn.queries(residual), k, v, mask))
 
 
 class TextLayer(nnx.Module):
@@ -54,10 +62,10 @@ class TextLayer(nnx.Module):
     x = self.ffn_norm(x + self.fc2(h))
     return layers.constrain(x, ("batch", "length", "act_embed"))
 
-  def __call__(self, x, self_mask, image=None, decoder=False):
-    x = self._self_attention(decoder)(x, mask=self_mask)
+  def __call__(self, x, self_mask, image=None, decoder=False, image_index=None, first_only=False):
+    x = self._self_attention(decoder)(x, mask=self_mask, first_only=first_only)
     if image is not None:
-      x = self.cross_attn(x, context=image)
+      x = self.cross_attn(x, context=image, context_index=image_index)
     return self._ffn(x)
 
   def prefill(self, x, self_mask, image):
@@ -125,9 +133,15 @@ class TextTransformer(nnx.Module):
     x = self.word_embed(ids) + self.pos_embed(positions)[None]
     return self.embed_norm(x)
 
-  def __call__(self, ids: jax.Array, pad_mask: jax.Array, mode: str,
-               image: jax.Array | None = None) -> jax.Array:
-    """ids/pad_mask [B, L] (pad_mask True for real tokens) -> hidden states [B, L, width]."""
+  def __call__(self, ids: jax.Array, pad_mask: jax.Array, mode: str, image: jax.Array | None = None, *,
+               image_index: jax.Array | None = None, first_only: bool = False) -> jax.Array:
+    """ids/pad_mask [B, L] (pad_mask True for real tokens) -> hidden states [B, L, width].
+
+    `image` [N, P, Dv] with `image_index` [B]: row b attends to image image_index[b] (each
+    image's keys and values projected once however many rows share it). `first_only`: the
+    last layer computes the first position alone (-> [B, 1, width]), all a [CLS]/[ENC] head
+    reads; with scanned layers the whole last layer runs and the first position is taken.
+    """
     if mode not in MODES:
       raise ValueError(f"unknown text mode {mode!r}; use one of {MODES}")
     if ids.shape[1] > self.max_len:
@@ -138,8 +152,15 @@ class TextTransformer(nnx.Module):
       mask = mask & jnp.tril(jnp.ones((ids.shape[1], ids.shape[1]), bool))[None, None]
     image = None if mode == "text" else image
     x = layers.constrain(self.embed(ids), ("batch", "length", "act_embed"))
-    return layers.run_stack(self.layers, x, lambda layer, y, m, img: layer(y, m, img, decoder),
-                            self.scan, self.remat, mask, image)
+    apply = lambda layer, y, m, img, index: layer(y, m, img, decoder, index)
+    if not first_only:
+      return layers.run_stack(self.layers, x, apply, self.scan, self.remat, mask, image, image_index)
+    if self.scan:
+      return layers.run_stack(self.layers, x, apply, self.scan, self.remat, mask, image, image_index)[:, :1]
+    *body, last = self.layers
+    x = layers.run_stack(body, x, apply, self.scan, self.remat, mask, image, image_index)
+    return layers.maybe_remat(lambda layer, y, m, img, index: layer(y, m, img, decoder, index, first_only=True),
+                              self.remat)(last, x, mask, image, image_index)
 
   def prefill(self, ids: jax.Array, pad_mask: jax.Array, image: jax.Array):
     """Decoder pass over [DEC] + ids -> (hidden [B, L, D], per-layer KV cache)."""

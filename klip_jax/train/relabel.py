@@ -182,10 +182,10 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
     all_ids = jnp.concatenate([ids[:, None], var_ids], axis=1).reshape(b * (k + 1), length)
     all_pad = all_ids != tokens.pad
     image_tokens, image_feat = model.encode_image(batch["image"])
-    _, text_feat = model.encode_text(all_ids, all_pad)
+    text_feat = model.encode_text(all_ids, all_pad)
     itc = jnp.einsum("be,bke->bk", image_feat, text_feat.reshape(b, k + 1, -1))
-    repeated = jnp.repeat(image_tokens, k + 1, axis=0)
-    itm_logits = model.itm_logits(all_ids.at[:, 0].set(tokens.enc), all_pad, repeated)
+    own_image = jnp.repeat(jnp.arange(b), k + 1)
+    itm_logits = model.itm_logits(all_ids.at[:, 0].set(tokens.enc), all_pad, image_tokens, own_image)
     itm = jax.nn.softmax(itm_logits, axis=-1)[:, 1].reshape(b, k + 1)
     score = rule_score(scio, itc, itm, valid, fields)
     flagged = flag(score, valid)

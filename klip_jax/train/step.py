@@ -44,13 +44,13 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
   ids = batch["text_ids"]
   pad = ids != tokens.pad
   image_tokens, image_feat = model.encode_image(batch["image"])
-  _, text_feat = model.encode_text(ids, pad)
+  text_feat = model.encode_text(ids, pad)
   temp = model.temperature()
 
   feats_m = None
   if momentum_model is not None:
     _, image_feat_m = momentum_model.encode_image(batch["image"])
-    _, text_feat_m = momentum_model.encode_text(ids, pad)
+    text_feat_m = momentum_model.encode_text(ids, pad)
     image_feat_m, text_feat_m = jax.lax.stop_gradient((image_feat_m, text_feat_m))
     warmup = max(config.momentum.alpha_warmup_steps, 1)
     alpha = config.momentum.alpha * jnp.minimum(1.0, state.step.astype(jnp.float32) / warmup)
@@ -69,13 +69,14 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
   neg_text, neg_image = losses.sample_hard_negatives(rng_itm, sim_i2t, sim_t2i, config.loss.itm_random_negatives)
   enc_ids = ids.at[:, 0].set(tokens.enc)
   b = ids.shape[0]
+  own = jnp.arange(b)
   pair_ids = [enc_ids, enc_ids, enc_ids[neg_text]]
-  pair_images = [image_tokens, image_tokens[neg_image], image_tokens]
+  pair_images = [own, neg_image, own]  # indices into image_tokens: each image projected once
   if "neg_text_ids" in batch:
     pair_ids.append(batch["neg_text_ids"].at[:, 0].set(tokens.enc))
-    pair_images.append(image_tokens)
+    pair_images.append(own)
   pair_ids = jnp.concatenate(pair_ids)
-  itm_logits = model.itm_logits(pair_ids, pair_ids != tokens.pad, jnp.concatenate(pair_images))
+  itm_logits = model.itm_logits(pair_ids, pair_ids != tokens.pad, image_tokens, jnp.concatenate(pair_images))
   labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(pair_ids.shape[0] - b, jnp.int32)])
   loss_itm, itm_acc = losses.itm(itm_logits, labels)
 

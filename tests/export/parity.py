@@ -106,7 +106,7 @@ def _compiled_outputs(config_json: str, vocab_size: int, tokens: TokenIds, gen_l
     nnx.replace_by_pure_dict(state, params)
     model = nnx.merge(graph, state)
     image_tokens, image_feat = model.encode_image(images)
-    _, text_feat = model.encode_text(ids, pad)
+    text_feat = model.encode_text(ids, pad)
     itm = model.itm_logits(ids.at[:, 0].set(tokens.enc), pad, image_tokens)
     logits = model.decoder_logits(ids.at[:, 0].set(tokens.dec), pad, image_tokens)
     greedy, _ = decode.generate(model, image_tokens, max_len=gen_len, dec_id=tokens.dec, sep_id=tokens.sep,

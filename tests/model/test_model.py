@@ -30,7 +30,7 @@ def test_mode_shapes(setup):
   pad = jnp.ones(ids.shape, bool)
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     tokens, image_feat = model.encode_image(images)
-    hidden, text_feat = model.encode_text(ids, pad)
+    hidden, text_feat = model.text(ids, pad, "text"), model.encode_text(ids, pad)
     itm = model.itm_logits(ids, pad, tokens)
     logits = model.decoder_logits(ids, pad, tokens)
   assert tokens.shape == (3, 1 + 16, 64) and image_feat.shape == (3, 32)
@@ -64,13 +64,34 @@ def test_unimodal_text_ignores_the_image_and_multimodal_uses_it(setup):
   assert np.abs(c[0] - d[0]).max() > 1e-4
 
 
+def test_first_only_and_shared_image_projections_compute_the_full_pass(setup):
+  """The [CLS]-only last layer and per-image key/value projections (the train step's savings)
+  give what the full pass over repeated images gives."""
+  config, mesh, model, images, ids = setup
+  pad = jnp.arange(12)[None] < jnp.asarray([[12], [9], [5]])
+  index = jnp.asarray([0, 2, 2, 1, 0, 1])
+  rows = ids[jnp.asarray([0, 1, 2, 0, 1, 2])]
+  row_pad = pad[jnp.asarray([0, 1, 2, 0, 1, 2])]
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    tokens, _ = model.encode_image(images)
+    full_text = model.text(ids, pad, "text")
+    first_text = model.text(ids, pad, "text", first_only=True)
+    full_pairs = model.text(rows, row_pad, "multimodal", tokens[index])
+    first_pairs = model.text(rows, row_pad, "multimodal", tokens, image_index=index, first_only=True)
+    shared_pairs = model.text(rows, row_pad, "multimodal", tokens, image_index=index)
+  assert first_text.shape == (3, 1, 64) and first_pairs.shape == (6, 1, 64)
+  np.testing.assert_allclose(first_text[:, 0], full_text[:, 0], atol=2e-5)
+  np.testing.assert_allclose(first_pairs[:, 0], full_pairs[:, 0], atol=2e-5)
+  np.testing.assert_allclose(shared_pairs, full_pairs, atol=2e-5)
+
+
 def test_padding_does_not_leak_into_real_tokens(setup):
   config, mesh, model, _images, ids = setup
   pad = jnp.arange(12)[None] < 8
   other = ids.at[:, 8:].set(3)
   with mesh_lib.logical_context(mesh, config.mesh.rules):
-    a = model.encode_text(ids, jnp.broadcast_to(pad, ids.shape))[0]
-    b = model.encode_text(other, jnp.broadcast_to(pad, ids.shape))[0]
+    a = model.text(ids, jnp.broadcast_to(pad, ids.shape), "text")
+    b = model.text(other, jnp.broadcast_to(pad, ids.shape), "text")
   np.testing.assert_allclose(a[:, :8], b[:, :8], atol=1e-6)
 
 
@@ -131,5 +152,9 @@ def test_scanned_layers_compute_what_the_layer_loop_computes(setup):
     np.testing.assert_allclose(feat_b, feat_a, atol=1e-5)
     np.testing.assert_allclose(scanned.decoder_logits(ids, pad, tokens_b),
                                model.decoder_logits(ids, pad, tokens_a), atol=1e-4)
+    index = jnp.asarray([2, 0, 1])  # the first_only and image_index paths, scanned
+    np.testing.assert_allclose(scanned.itm_logits(ids, pad, tokens_b, index),
+                               model.itm_logits(ids, pad, tokens_a, index), atol=1e-4)
+    np.testing.assert_allclose(scanned.encode_text(ids, pad), model.encode_text(ids, pad), atol=1e-5)
     grads = jax.grad(lambda m: m.itm_logits(ids, pad, m.encode_image(images)[0]).sum())(scanned)
     assert jax.tree.leaves(grads)
