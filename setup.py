@@ -50,6 +50,7 @@ setup(
         "test": ["pytest>=8.0", "hypothesis>=6.100", "ruff==0.17.6", *EXPORT],
         "export": EXPORT,
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
     },
     entry_points={"console_scripts": ["klip=klip_jax.cli:main"]},
 )

@@ -91,7 +91,10 @@ def markdown(results: dict) -> str:
       row("vision fwd+bwd alone (kernels)", "ms", 1e3 * k["klip_jax_vision_fwd_bwd_s"],
           1e3 * k["hf_vision_fwd_bwd_s"], k["ratio"])
     row("train step FLOPs (XLA cost analysis)", "GFLOP", t["klip_jax"]["flops_per_step"] / 1e9)
-    row("train step MFU", f"of {_fmt(t['peak_tflops'])} TFLOP/s", t["klip_jax"]["mfu"])
+    if t["peak_tflops"]:
+      row("train step MFU", f"of {t['peak_tflops']:g} TFLOP/s per device", t["klip_jax"]["mfu"])
+    else:
+      row("train step MFU", t["peak_source"], None)
     row("compilations after the first step", "count", t["klip_jax"]["compilations_steady_state"])
   if "relabel" in results:
     r = results["relabel"]
