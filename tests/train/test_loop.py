@@ -61,6 +61,8 @@ def test_resume_in_a_new_process_equals_an_uninterrupted_run(tiny_data, tiny_tok
   assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
   for x, y in zip(a, b):
     assert x["loss"] == y["loss"] and x["loss_itc"] == y["loss_itc"]  # same batches, same math
+  # The step compiled once per process; six steps (and a resume) never recompiled it.
+  assert {m["train_step_compilations"] for m in a} == {1} and {m["train_step_compilations"] for m in b} == {1}
   assert os.listdir(os.path.join(straight, "logs"))[0].startswith("events.out.tfevents")
 
 
