@@ -153,7 +153,8 @@ def _bench(args, config) -> None:
                         "`klip bench memory` on its own, or the others without --host-devices.")
   meshes = [tuple(int(x) for x in shape.split(",")) for shape in args.mesh]
   results = suite.run(names, config, vocab_size=args.vocab_size, compare_hf=args.compare_hf, rounds=args.rounds,
-                      peak_tflops=args.peak_tflops, workdir=args.workdir, meshes=meshes, devices=devices)
+                      peak_tflops=args.peak_tflops, workdir=args.workdir, meshes=meshes, devices=devices,
+                      profile_dir=args.profile)
   print(suite.markdown(results))
   if args.json:
     io.write_json(args.json, results)
@@ -280,6 +281,7 @@ def _parser() -> argparse.ArgumentParser:
   bench.add_argument("--peak-tflops", type=float, default=None,
                      help="the device's peak for MFU where it is not known (CPUs, unlisted chips)")
   bench.add_argument("--workdir", default="", help="pipeline: where to build the data (default: a temp dir)")
+  bench.add_argument("--profile", default="", help="train: write a jax.profiler trace here and list the top ops")
   bench.add_argument("--host-devices", type=int, default=0,
                      help="memory: virtual CPU devices to compile for (default 8 when run alone)")
   bench.add_argument("--topology", default="",

@@ -43,7 +43,7 @@ def machine() -> dict:
 
 def run(names, config: ml_collections.ConfigDict, *, vocab_size: int, compare_hf: bool = False,
         rounds: int = 5, peak_tflops: float | None = None, workdir: str = "", meshes=((1, 8, 1), (8, 1, 1)),
-        devices=None) -> dict:
+        devices=None, profile_dir: str = "") -> dict:
   """{"machine": ..., name: result} for each benchmark in `names`."""
   results = {"machine": machine(), "compare_hf": compare_hf}
   unknown = set(names) - set(BENCHMARKS)
@@ -52,7 +52,7 @@ def run(names, config: ml_collections.ConfigDict, *, vocab_size: int, compare_hf
   for name in (n for n in BENCHMARKS if n in names):  # train before pipeline: its headroom
     if name == "train":
       results[name] = train_bench.throughput(config, vocab_size, rounds=rounds, compare_hf=compare_hf,
-                                             peak_tflops=peak_tflops)
+                                             peak_tflops=peak_tflops, profile_dir=profile_dir)
     elif name == "relabel":
       results[name] = relabel.throughput(config, vocab_size, rounds=rounds, compare_hf=compare_hf)
     elif name == "caption":
@@ -116,4 +116,9 @@ def markdown(results: dict) -> str:
       mesh = ",".join(str(v) for v in entry["mesh"].values())
       row(f"train step memory, mesh (data,fsdp,tensor)=({mesh})", "GiB/device",
           entry.get("total_gib") if entry["fits"] else None)
+  if "profile" in results.get("train", {}):
+    lines += ["", f"Train step: the ops that took the most time (trace: {results['train']['profile']['trace']})", "",
+              "| op | ms per step | share |", "|---|---|---|"]
+    lines += [f"| `{o['op'][:80]}` | {o['ms_per_step']:.2f} | {o['share']:.1%} |"
+              for o in results["train"]["profile"]["top_ops"]]
   return "\n".join(lines) + "\n"

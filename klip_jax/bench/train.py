@@ -22,6 +22,7 @@ from flax import nnx
 from klip_jax import compilations
 from klip_jax.bench import hf_blip, inputs, timing
 from klip_jax.bench import peak as peak_lib
+from klip_jax.bench import profile as profile_lib
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
@@ -40,13 +41,14 @@ def _jax_vision_forward_backward(config: ml_collections.ConfigDict, graph, param
 
 
 def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, steps: int = 3, rounds: int = 7,
-               compare_hf: bool = False, peak_tflops: float | None = None) -> dict:
+               compare_hf: bool = False, peak_tflops: float | None = None, profile_dir: str = "") -> dict:
   """The full train step on random inputs of the config's shapes (compute only: the input
   pipeline has its own benchmark): median step time over `rounds` rounds of `steps` steps,
   model FLOPs per step (XLA's cost analysis of the step as lowered, before partitioning) and
   the MFU they imply, and the compilations seen after the first step (0 in a steady state).
 
-  With `compare_hf`, transformers' BLIP pretraining step of the same sizes (`hf_blip`) is
+  With `profile_dir`, `steps` more steps are traced there and the ops that took the most time
+  are listed. With `compare_hf`, transformers' BLIP pretraining step of the same sizes (`hf_blip`) is
   timed in the same rounds, and the vision tower's forward + backward alone in both, the
   kernel baseline: the whole-step ratio reads as that ratio times our own overhead.
   """
@@ -84,6 +86,7 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, steps: int
       contenders["hf_vision"] = functools.partial(hf_blip.vision_forward_backward(module), vision_images)
     with compilations.Counter() as steady:
       seconds = timing.interleaved(contenders, rounds=rounds)
+    traced = profile_lib.trace(ours, profile_dir) if profile_dir else None
   step_s = seconds["klip_jax"] / steps
   peak, peak_source = peak_lib.peak_tflops(peak_tflops)
   result = {"config": {"batch_size": b, "image_size": config.model.vision.image_size,
@@ -96,6 +99,8 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, steps: int
                          "flops_per_step": flops,
                          "mfu": peak_lib.mfu(flops, step_s, mesh.size, peak)},
             "peak_tflops": peak, "peak_source": peak_source, "rounds": rounds, "steps_per_round": steps}
+  if traced:
+    result["profile"] = {"trace": traced, "top_ops": profile_lib.top_ops(traced, calls=steps)}
   if compare_hf:
     hf_s = seconds["hf"] / steps
     result["hf"] = {"step_s": hf_s, "images_per_s": b / hf_s, "params": hf_blip.parameter_count(module)}

@@ -114,7 +114,7 @@ def generate(model: KLIP, image_tokens: jax.Array, *, max_len: int, dec_id: int,
   vocab = tower.word_embed.num_embeddings
   image_tokens = jnp.repeat(image_tokens, k, axis=0)  # row r*k + i is beam i of image r
   ids = jnp.full((b * k, max_len), pad_id, jnp.int32).at[:, 0].set(dec_id)
-  _, cache = tower.prefill(ids, ids != pad_id, image_tokens)
+  cache = tower.empty_cache(b * k, max_len, image_tokens)  # step t writes position t before reading it
   banned = jnp.zeros(vocab, bool).at[jnp.asarray(tuple(banned_ids) + (pad_id, dec_id), jnp.int32)].set(True)
   # Only beam 0 is live at the start, so the first expansion does not repeat itself.
   scores = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), b)
@@ -136,7 +136,9 @@ def generate(model: KLIP, image_tokens: jax.Array, *, max_len: int, dec_id: int,
     token = (choice % vocab).reshape(-1).astype(jnp.int32)
     scores = jnp.take_along_axis(total, choice, axis=1).reshape(-1)
     ids = ids[origin].at[:, t + 1].set(token)
-    cache = jax.tree.map(lambda c: c[:, origin], cache)
+    if k > 1:  # beams move within their image: only the self-attention keys/values follow them
+      self_k, self_v, image_k, image_v = cache
+      cache = (self_k[:, origin], self_v[:, origin], image_k, image_v)
     lengths = new_lengths.reshape(-1)[origin]
     done = done[origin] | (token == sep_id)
     return ids, cache, scores, done, lengths, params

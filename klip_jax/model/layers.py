@@ -101,9 +101,24 @@ class Attention(nnx.Module):
     out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     return self.out(out.reshape(*out.shape[:-2], -1))
 
+  def attend_cached(self, q, k, v, mask: jax.Array | None) -> jax.Array:
+    """Attention of a few new queries q [B, T, heads, head_dim] over cached keys/values kept
+    heads-first, [B, heads, S, head_dim]: the layout the score and value products read, so a
+    decoding step does not transpose the whole cache (which dominated greedy decoding)."""
+    logits = jnp.einsum("btnd,bnsd->bnts", q, k).astype(jnp.float32) * self.head_dim ** -0.5
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    out = jnp.einsum("bnts,bnsd->btnd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+    return self.out(out.reshape(*out.shape[:-2], -1))
+
   def __call__(self, x: jax.Array, context: jax.Array | None = None,
                mask: jax.Array | None = None) -> jax.Array:
     return self.attend(*self.project(x, context), mask)
+
+
+def heads_first(x: jax.Array) -> jax.Array:
+  """[B, S, heads, head_dim] -> [B, heads, S, head_dim], the layout of decoder caches."""
+  return jnp.swapaxes(x, 1, 2)
 
 
 class Mlp(nnx.Module):

@@ -69,13 +69,22 @@ class TextLayer(nnx.Module):
     return self._ffn(x)
 
   def prefill(self, x, self_mask, image):
-    """Decoder-mode forward that also returns the cache: (self k, self v, image k, image v)."""
+    """Decoder-mode forward that also returns the cache: (self k, self v, image k, image v),
+    each heads-first [B, heads, S, head_dim] (`layers.heads_first`)."""
     sub = self._self_attention(True)
     q, k, v = sub.attn.project(x)
     x = sub.norm(x + sub.attn.attend(q, k, v, self_mask))
     image_k, image_v = self.cross_attn.attn.keys_values(image)
     x = self.cross_attn.norm(x + self.cross_attn.attn.attend(self.cross_attn.attn.queries(x), image_k, image_v, None))
-    return self._ffn(x), (k, v, image_k, image_v)
+    return self._ffn(x), tuple(layers.heads_first(t) for t in (k, v, image_k, image_v))
+
+  def empty_cache(self, batch: int, length: int, image):
+    """The cache of a decoder that has read no text yet: zero self-attention keys/values (each
+    step writes its own before attending) and the image's cross-attention keys/values."""
+    image_k, image_v = (layers.heads_first(t) for t in self.cross_attn.attn.keys_values(image))
+    attn = self._self_attention(True).attn
+    empty = jnp.zeros((batch, attn.heads, length, attn.head_dim), image_k.dtype)
+    return empty, empty, image_k, image_v
 
   def step(self, x, positions, cache):
     """One token per row (x [B, 1, D]) at `positions` [B]: write its k/v into the cache and
@@ -84,11 +93,12 @@ class TextLayer(nnx.Module):
     sub = self._self_attention(True)
     q, k, v = sub.attn.project(x)
     rows = jnp.arange(x.shape[0])
-    k_cache = k_cache.at[rows, positions].set(k[:, 0].astype(k_cache.dtype))
-    v_cache = v_cache.at[rows, positions].set(v[:, 0].astype(v_cache.dtype))
-    mask = (jnp.arange(k_cache.shape[1])[None] <= positions[:, None])[:, None, None, :]
-    x = sub.norm(x + sub.attn.attend(q, k_cache, v_cache, mask))
-    x = self.cross_attn.norm(x + self.cross_attn.attn.attend(self.cross_attn.attn.queries(x), image_k, image_v, None))
+    k_cache = k_cache.at[rows, :, positions].set(k[:, 0].astype(k_cache.dtype))
+    v_cache = v_cache.at[rows, :, positions].set(v[:, 0].astype(v_cache.dtype))
+    mask = (jnp.arange(k_cache.shape[2])[None] <= positions[:, None])[:, None, None, :]
+    x = sub.norm(x + sub.attn.attend_cached(q, k_cache, v_cache, mask))
+    cross = self.cross_attn
+    x = cross.norm(x + cross.attn.attend_cached(cross.attn.queries(x), image_k, image_v, None))
     return self._ffn(x), (k_cache, v_cache, image_k, image_v)
 
 
@@ -168,6 +178,13 @@ class TextTransformer(nnx.Module):
     x = self.embed(ids)
     return layers.run_stack_cached(self.layers, x, lambda layer, y, _, m, img: layer.prefill(y, m, img),
                                    self.scan, None, mask, image)
+
+  def empty_cache(self, batch: int, length: int, image: jax.Array):
+    """Per-layer decoder caches for generating `length` tokens from scratch (no prefill pass)."""
+    _, cache = layers.run_stack_cached(
+        self.layers, jnp.zeros(()), lambda layer, x, _, img: (x, layer.empty_cache(batch, length, img)),
+        self.scan, None, image)
+    return cache
 
   def step(self, tokens: jax.Array, positions: jax.Array, cache):
     """Next-token logits [B, V] for `tokens` [B] at `positions` [B], and the updated cache."""
