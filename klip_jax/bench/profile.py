@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import re
 
 import jax
 
@@ -22,8 +23,10 @@ def trace(run, out_dir: str) -> str:
 
 
 def top_ops(path: str, count: int = 15, calls: int = 1) -> list[dict]:
-  """The `count` op names with the most total time in the trace's XLA op lines, per call
-  (`calls`: how many steps the trace covers), each with its share of all op time."""
+  """The `count` kinds of op with the most total time in the trace's XLA op lines, per call
+  (`calls`: how many steps the trace covers), each with its share of all op time. A kind is
+  an op's name without XLA's instance number (`ynn_fusion.1147` -> `ynn_fusion`: YNNPACK
+  matmul fusions on CPU), so a step's thousand small fusions add up to what they are."""
   data = jax.profiler.ProfileData.from_file(path)
   totals: collections.Counter = collections.Counter()
   for plane in data.planes:
@@ -34,7 +37,7 @@ def top_ops(path: str, count: int = 15, calls: int = 1) -> list[dict]:
         continue
       for event in line.events:
         if not event.name.startswith("ThunkExecutor"):
-          totals[event.name] += event.duration_ns
+          totals[re.sub(r"\.\d+$", "", event.name)] += event.duration_ns
   everything = sum(totals.values()) or 1
   return [{"op": name, "ms_per_step": ns / 1e6 / calls, "share": ns / everything}
           for name, ns in totals.most_common(count)]

@@ -122,11 +122,13 @@ def test_bench_command_compares_with_hf_in_one_run(tmp_path, capsys):
   out = tmp_path / "bench.json"
   assert cli.main(["bench", "train", "relabel", "caption", "--compare-hf", "--rounds", "1",
                    "--vocab-size", "300", "--config.train.batch_size=8", "--config.scio.relabel_batch_size=8",
-                   "--json", str(out)]) == 0
+                   "--json", str(out), "--profile", str(tmp_path / "trace")]) == 0
   results = json.loads(out.read_text())
   assert results["train"]["hf"]["params"] == results["train"]["config"]["params"]
   assert results["train"]["klip_jax"]["compilations_steady_state"] == 0
   assert results["train"]["klip_jax"]["flops_per_step"] > 0
+  ops = results["train"]["profile"]["top_ops"]
+  assert ops and all(o["ms_per_step"] > 0 for o in ops) and sum(o["share"] for o in ops) <= 1 + 1e-9
   assert results["relabel"]["flags_agree"] == 1.0
   for mode in ("greedy", "beam"):
     assert results["caption"][mode]["ratio"] > 0
