@@ -13,6 +13,7 @@ import numpy as np
 from klip_jax.bench import hf_blip, inputs, timing
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import relabel
+from klip_jax.train import step as step_lib
 
 
 def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, batch_size: int | None = None,
@@ -23,7 +24,7 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, batch_size
   mesh, graph, state, shardings, _, _ = inputs.fresh_model(config, vocab_size)
   tokens = inputs.token_ids(vocab_size)
   batch = inputs.random_batch(config, vocab_size, batch_size=b)
-  model_batch = {k: batch[k] for k in ("image", "text_ids", "keyword_mask", "clause_ids", "clause_fields")}
+  model_batch = step_lib.model_inputs(batch)
   flagged = {}
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     step = relabel.make_relabel_step(config, graph, tokens, shardings.params, mesh)

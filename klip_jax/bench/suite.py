@@ -42,7 +42,8 @@ def machine() -> dict:
 
 
 def run(names, config: ml_collections.ConfigDict, *, vocab_size: int, compare_hf: bool = False,
-        rounds: int = 5, peak_tflops: float | None = None, workdir: str = "", meshes=((1, 8, 1), (8, 1, 1)),
+        rounds: int = 5, peak_tflops: float | None = None, workdir: str = "",
+        meshes=((1, 1, 1), (1, 2, 1), (1, 4, 1), (1, 8, 1)),
         devices=None, profile_dir: str = "") -> dict:
   """{"machine": ..., name: result} for each benchmark in `names`."""
   results = {"machine": machine(), "compare_hf": compare_hf}

@@ -28,7 +28,7 @@ from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
 
-def _jax_vision_forward_backward(config: ml_collections.ConfigDict, graph, params) -> Callable:
+def _jax_vision_forward_backward(graph, params) -> Callable:
   """The kernel baseline: the vision tower's forward + backward alone, -> fn(images)."""
   vision_graph, vision_params = nnx.split(nnx.merge(graph, params).vision)
   vision_params = jax.tree.map(jnp.copy, vision_params)  # the train step donates `params`
@@ -82,7 +82,7 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, steps: int
       contenders["hf"] = lambda: [hf_step(batch) for _ in range(steps)]
       vision_images = batch["image"]
       contenders["klip_jax_vision"] = functools.partial(
-          _jax_vision_forward_backward(config, graph, holder["state"].params), vision_images)
+          _jax_vision_forward_backward(graph, holder["state"].params), vision_images)
       contenders["hf_vision"] = functools.partial(hf_blip.vision_forward_backward(module), vision_images)
     with compilations.Counter() as steady:
       seconds = timing.interleaved(contenders, rounds=rounds)

@@ -163,10 +163,9 @@ class TextTransformer(nnx.Module):
     image = None if mode == "text" else image
     x = layers.constrain(self.embed(ids), ("batch", "length", "act_embed"))
     apply = lambda layer, y, m, img, index: layer(y, m, img, decoder, index)
-    if not first_only:
-      return layers.run_stack(self.layers, x, apply, self.scan, self.remat, mask, image, image_index)
-    if self.scan:
-      return layers.run_stack(self.layers, x, apply, self.scan, self.remat, mask, image, image_index)[:, :1]
+    if not first_only or self.scan:
+      x = layers.run_stack(self.layers, x, apply, self.scan, self.remat, mask, image, image_index)
+      return x[:, :1] if first_only else x
     *body, last = self.layers
     x = layers.run_stack(body, x, apply, self.scan, self.remat, mask, image, image_index)
     return layers.maybe_remat(lambda layer, y, m, img, index: layer(y, m, img, decoder, index, first_only=True),

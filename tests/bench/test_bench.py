@@ -17,7 +17,8 @@ from klip_jax.train import relabel
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip(
+    "torch", reason="the comparison is with PyTorch BLIP: install the test or export extra (torch==2.13.0)")
 VOCAB = 300
 
 
