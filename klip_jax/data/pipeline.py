@@ -1,16 +1,16 @@
 """grain input pipelines: ArrayRecord split -> per-host batches -> global jax.Arrays.
 
-Train: a seeded global shuffle that draws a fresh permutation of the whole split every epoch,
-of which host h keeps positions h, h + P, ... (P = process count), so hosts read disjoint
-examples that together cover the split; decode; SAR-aware normalisation (amplitude -> dB ->
-standardised with the train split's statistics); augmentation that keeps the text true
-(flips transform the position and orientation keywords with the image; a radiometric gain
-jitter changes nothing the text says); tokenisation with keyword mask and clause ids;
+Train: a seeded global stream that draws a fresh permutation of the whole split every epoch;
+decode; augmentation that keeps the text true (flips transform the position and orientation
+keywords with the image; a radiometric gain jitter changes nothing the text says), drawn per
+stream position; SAR-aware normalisation (amplitude -> dB -> standardised with the train
+split's statistics); tokenisation with keyword mask and clause ids; then each host takes its
+part of every global batch (`HostRows`), so the global batches are the same on 1 host or N;
 batching; multiprocessing prefetch. The iterator's state (`get_state`/`set_state`, or grain's
 orbax handlers) makes a restarted run read exactly the batches an uninterrupted run would.
 
-Eval: no shuffle, no augmentation; host h reads h, h + P, ...; the last batch is padded and a
-`valid` mask says which rows are real.
+Eval: no shuffle, no augmentation; the split in order, padded to whole global batches (every
+host makes the same number of calls) with a `valid` mask saying which rows are real.
 """
 
 from __future__ import annotations
@@ -56,25 +56,20 @@ class PipelineOptions:
 
 
 class GlobalShuffle(grain.MapDataset):
-  """Epoch e is permutation(seed, e) of the whole parent; this shard keeps every count-th item.
+  """Position q of the global stream is item permutation(seed, epoch)[q % N] of the N-item
+  parent, epoch = q // N: every epoch a fresh permutation of the whole split, the same stream
+  whatever the number of hosts (`HostRows` deals it out)."""
 
-  Each shard has len(parent) // shard_count items per epoch (the few left over change every
-  epoch), so all hosts step in lockstep.
-  """
-
-  def __init__(self, parent: grain.MapDataset, *, seed: int, shard_index: int, shard_count: int,
-               num_epochs: int | None):
+  def __init__(self, parent: grain.MapDataset, *, seed: int, num_epochs: int | None):
     super().__init__(parent)
-    self._seed, self._index, self._count = seed, shard_index, shard_count
-    self._per_shard = len(parent) // shard_count
-    self._num_epochs = num_epochs
+    self._seed, self._num_epochs = seed, num_epochs
     self._cached_epoch, self._cached_perm = -1, None
 
   def __len__(self) -> int:
-    return sys.maxsize if self._num_epochs is None else self._per_shard * self._num_epochs
+    return sys.maxsize if self._num_epochs is None else len(self._parent) * self._num_epochs
 
   def __str__(self) -> str:
-    return f"GlobalShuffle(seed={self._seed}, shard={self._index}/{self._count})"
+    return f"GlobalShuffle(seed={self._seed})"
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch != self._cached_epoch:
@@ -85,8 +80,56 @@ class GlobalShuffle(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    epoch, position = divmod(index, self._per_shard)
-    return self._parent[int(self._permutation(epoch)[position * self._count + self._index])]
+    epoch, position = divmod(index, len(self._parent))
+    return self._parent[int(self._permutation(epoch)[position])]
+
+
+class PaddedToBatches(grain.MapDataset):
+  """An (index, example) split padded to whole global batches: the positions past its end are
+  copies of its first example with index -1 (`valid` false), so every host makes the same
+  number of calls and the last batch compiles like the others."""
+
+  def __init__(self, parent: grain.MapDataset, batch_size: int):
+    super().__init__(parent)
+    self._length = -(-len(parent) // batch_size) * batch_size
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __str__(self) -> str:
+    return f"PaddedToBatches({self._length})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if index < len(self._parent):
+      return self._parent[index]
+    return -1, self._parent[0][1]
+
+
+class HostRows(grain.MapDataset):
+  """This host's rows of each global batch: global batch g is stream positions [g B, (g + 1) B)
+  and host h of P reads the h-th of its P equal parts, which is where
+  `jax.make_array_from_process_local_data` puts them. So the global batches, and the random
+  augmentation drawn per stream position, are the same for any number of hosts, and a
+  checkpoint's iterator position (a batch count) means the same on any number of hosts."""
+
+  def __init__(self, parent: grain.MapDataset, *, batch_size: int, process_index: int, process_count: int):
+    super().__init__(parent)
+    self._global, self._per_host = batch_size, batch_size // process_count
+    self._offset = process_index * self._per_host
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._global * self._per_host
+
+  def __str__(self) -> str:
+    return f"HostRows(offset={self._offset}, per_host={self._per_host})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._per_host)
+    return self._parent[batch * self._global + self._offset + row]
 
 
 class _IndexedSource:
@@ -200,7 +243,7 @@ class _Features:
     features = {"image": image, "text_ids": text.ids, "keyword_mask": text.keyword_mask,
                 "clause_ids": text.clause_ids,
                 "clause_fields": knowledge.field_slots(record["scene_type"], record["field_names"]),
-                "index": np.int64(index), "valid": np.bool_(True)}
+                "index": np.int64(index), "valid": np.bool_(index >= 0)}
     if "negative" in record:
       features["neg_text_ids"] = self.codec.encode(*record["negative"]).ids
     if "recon_clause" in record:
@@ -240,25 +283,21 @@ def build(options: PipelineOptions, codec: TextCodec, *, process_index: int | No
   _check(options, process_count)
   stats = builder.metadata(options.data_dir)
   source = _IndexedSource(builder.open_split(options.data_dir, options.split))
-  per_host = options.batch_size // process_count
   ds = grain.MapDataset.source(source).seed(options.seed)
   if options.train:
     if len(source) < options.batch_size:
       raise ConfigError(f"split {options.split!r} has {len(source)} examples, fewer than one "
                         f"batch ({options.batch_size}); lower the batch size or add data.")
-    ds = GlobalShuffle(ds, seed=options.seed, shard_index=process_index,
-                       shard_count=process_count, num_epochs=options.num_epochs)
+    ds = GlobalShuffle(ds, seed=options.seed, num_epochs=options.num_epochs)
   else:
-    ds = ds[process_index::process_count]
+    ds = PaddedToBatches(ds, options.batch_size)
   ds = ds.map(_Decode(read_overlay(options.overlay) if options.overlay else {}, options.overlay_use))
   if options.train:
     ds = ds.random_map(_Augment(options.flip, options.gain_jitter_db, options.clause_negatives,
                                 options.clause_dropout))
   ds = ds.map(_Features(codec, stats["db_mean"], stats["db_std"]))
-  if options.train:
-    ds = ds.batch(per_host, drop_remainder=True)
-  else:
-    ds = ds.batch(per_host, drop_remainder=False, batch_fn=lambda xs: _pad_batch(xs, per_host))
+  ds = HostRows(ds, batch_size=options.batch_size, process_index=process_index, process_count=process_count)
+  ds = ds.batch(options.batch_size // process_count, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=options.read_threads,
                                             prefetch_buffer_size=options.prefetch_buffer))
   if options.worker_count:
@@ -272,12 +311,6 @@ def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
   """`x` padded to `size` rows with copies of its first (so a jitted call sees one shape and
   compiles once; callers drop the padded rows' outputs)."""
   return np.concatenate([x, np.repeat(x[:1], size - len(x), axis=0)])
-
-
-def _pad_batch(items: list[dict], size: int) -> dict:
-  """Stack items and pad to `size` rows with copies of the first, marked invalid."""
-  padding = [{**items[0], "valid": np.bool_(False)}] * (size - len(items))
-  return {key: np.stack([x[key] for x in items + padding]) for key in items[0]}
 
 
 def global_batch(local_batch: dict, mesh: jax.sharding.Mesh,

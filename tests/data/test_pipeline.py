@@ -37,10 +37,30 @@ def test_two_hosts_read_disjoint_examples_that_cover_the_split(tiny_data, codec)
   assert sorted(np.concatenate([host0, host1])) == list(range(48))
 
 
+def test_two_hosts_batches_are_the_one_host_batches_split_in_two(tiny_data, codec):
+  """Host h's rows are the h-th half of each global batch, augmentation included, so a run on
+  2 hosts trains on exactly the batches of a run on 1."""
+  options = pipeline.PipelineOptions(tiny_data, "train", batch_size=8, clause_dropout=0.5,
+                                     clause_negatives=True)
+  streams = [iter(pipeline.build(options, codec, process_index=h, process_count=n))
+             for h, n in ((0, 1), (0, 2), (1, 2))]
+  for _ in range(8):  # more than one epoch of 48
+    whole, half0, half1 = (next(s) for s in streams)
+    assert whole.keys() == half0.keys()
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([half0[key], half1[key]]), whole[key], err_msg=key)
+
+
 def test_eval_pipeline_pads_and_covers_each_example_once(tiny_data, codec):
+  """12 examples in global batches of 10: both hosts make 2 calls (the 8 padded rows are
+  invalid), split in order."""
   options = pipeline.PipelineOptions(tiny_data, "val", batch_size=10, train=False)
-  seen = np.concatenate([_indices(options, codec, h, 2) for h in (0, 1)])
-  assert sorted(seen) == list(range(12))
+  batches = [list(pipeline.build(options, codec, process_index=h, process_count=2)) for h in (0, 1)]
+  assert [len(b) for b in batches] == [2, 2]
+  index = np.concatenate([np.concatenate([b0["index"], b1["index"]]) for b0, b1 in zip(*batches)])
+  valid = np.concatenate([np.concatenate([b0["valid"], b1["valid"]]) for b0, b1 in zip(*batches)])
+  np.testing.assert_array_equal(index[valid], np.arange(12))
+  assert not valid[12:].any() and valid[:12].all()
 
 
 def test_each_epoch_is_a_new_permutation_of_the_split(tiny_data, codec):
