@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from klip_jax.errors import KlipError
+from klip_jax.errors import KlipError, Preempted
 
 
 def _data_synth(args, config) -> None:
@@ -48,11 +48,18 @@ def _data_show(args) -> None:
   print(f"wrote {args.out}")
 
 
+def _shows_progress() -> bool:
+  """Progress bars on process 0 only (every process of a multi-process run does the same work)."""
+  from klip_jax.parallel import hosts
+
+  return hosts.is_writer()
+
+
 def _pretrain(args, config) -> None:
   from klip_jax.eval import report
   from klip_jax.jobs import pretrain
 
-  results = pretrain.pretrain(config, args.workdir, stop_at=args.stop_at)
+  results = pretrain.pretrain(config, args.workdir, stop_at=args.stop_at, progress=_shows_progress())
   if results is None:
     print(f"stopped at step {args.stop_at}; run the same command again to continue")
   else:
@@ -63,13 +70,13 @@ def _pretrain(args, config) -> None:
 def _train(args, config) -> None:
   from klip_jax.jobs import train
 
-  print(json.dumps(train.train(config, args.workdir, stop_at=args.stop_at)))
+  print(json.dumps(train.train(config, args.workdir, stop_at=args.stop_at, progress=_shows_progress())))
 
 
 def _relabel(args, config) -> None:
   from klip_jax.jobs import relabel
 
-  out = relabel.relabel(config, args.workdir, args.split)
+  out = relabel.relabel(config, args.workdir, args.split, progress=_shows_progress())
   print(f"round {out['round']} ({out['captions']} captions, step {out['step']}) -> {out['path']}")
   print(json.dumps(out["metrics"]))
 
@@ -79,7 +86,7 @@ def _eval(args, config) -> None:
 
   if args.tasks:
     config.eval.tasks = args.tasks
-  results = suite.run(config, args.workdir, step=args.step)
+  results = suite.run(config, args.workdir, step=args.step, progress=_shows_progress())
   print(report.table(results, {}))
   print(f"results, report and plots in {os.path.join(args.workdir, 'eval')}")
 
@@ -209,8 +216,7 @@ def _parser() -> argparse.ArgumentParser:
   train = commands.add_parser("train", help="train KLIP (resumes from the workdir's latest checkpoint)")
   _config_arg(train, None, "required")
   train.add_argument("--workdir", required=True)
-  train.add_argument("--distributed", action="store_true",
-                      help="multi-host: call jax.distributed.initialize() first (see launch/)")
+  _distributed_args(train)
   train.add_argument("--stop-at", type=int, default=None,
                      help="stop (checkpointed) at this step; running again resumes exactly")
   train.set_defaults(run=_train)
@@ -218,8 +224,7 @@ def _parser() -> argparse.ArgumentParser:
   pre = commands.add_parser("pretrain", help="the main job: data, tokenizer, SCIO A->B->C, evaluation")
   _config_arg(pre, "demo.py", "the README's main job")
   pre.add_argument("--workdir", required=True)
-  pre.add_argument("--distributed", action="store_true",
-                      help="multi-host: call jax.distributed.initialize() first (see launch/)")
+  _distributed_args(pre)
   pre.add_argument("--stop-at", type=int, default=None)
   pre.set_defaults(run=_pretrain)
 
@@ -227,6 +232,7 @@ def _parser() -> argparse.ArgumentParser:
   rel.add_argument("--workdir", required=True)
   rel.add_argument("--split", default="train")
   _config_arg(rel, "", "default: the workdir's saved config.json")
+  _distributed_args(rel)
   rel.set_defaults(run=_relabel)
 
   ev = commands.add_parser("eval", help="the downstream benchmark: results.json, report.md, plots")
@@ -234,6 +240,7 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   ev.add_argument("--tasks", default="", help="comma-separated subset (default: config.eval.tasks)")
   _config_arg(ev, "", "default: the workdir's saved config.json")
+  _distributed_args(ev)
   ev.set_defaults(run=_eval)
 
   abl = commands.add_parser("ablate", help="ablations over seeds: mean and 95% CI per metric").add_subparsers(
@@ -252,12 +259,14 @@ def _parser() -> argparse.ArgumentParser:
   exp.add_argument("--out", required=True, help="folder to write (replaced only if an earlier export)")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   _config_arg(exp, "", "default: the workdir's saved config.json")
+  _distributed_args(exp)
   exp.set_defaults(run=_export)
 
   imp = commands.add_parser("import-hf", help="start a workdir from a Hugging Face BLIP checkpoint")
   imp.add_argument("hf_dir", help="a save_pretrained folder, or one holding retrieval/ and captioning/")
   _config_arg(imp, None, "one matching the checkpoint's widths, e.g. configs/base.py")
   imp.add_argument("--workdir", required=True)
+  _distributed_args(imp)
   imp.set_defaults(run=_import_hf)
 
   captions = commands.add_parser("captions", help="inspect caption overlays").add_subparsers(
@@ -303,6 +312,31 @@ def _config_arg(parser: argparse.ArgumentParser, default: str | None, what: str)
   parser.set_defaults(takes_config=True)
 
 
+def _distributed_args(parser: argparse.ArgumentParser) -> None:
+  """--distributed: the command is one process of a multi-process run (every process runs it)."""
+  group = parser.add_argument_group("multi-process runs (every process runs the same command; see launch/)")
+  group.add_argument("--distributed", action="store_true",
+                     help="join the run first: jax.distributed.initialize() finds the cluster itself "
+                          "(Cloud TPU VMs, GKE, SLURM) unless --coordinator is given")
+  group.add_argument("--coordinator", default=None,
+                     help="HOST:PORT of process 0, with --num-processes and --process-id (e.g. "
+                          "localhost:PORT for several processes on one machine)")
+  group.add_argument("--num-processes", type=int, default=None)
+  group.add_argument("--process-id", type=int, default=None)
+
+
+def _join(args) -> None:
+  """Start jax.distributed when the command is one process of a multi-process run."""
+  from klip_jax.errors import ConfigError
+  from klip_jax.parallel import hosts
+
+  manual = (args.coordinator, args.num_processes, args.process_id)
+  if any(x is not None for x in manual) and (not args.distributed or None in manual):
+    raise ConfigError("--coordinator, --num-processes and --process-id go together, with --distributed "
+                      "(or give none of them and let jax find the cluster).")
+  hosts.initialize(*manual)
+
+
 def main(argv: list[str] | None = None) -> int:
   args, overrides = _parser().parse_known_args(argv)
   if overrides and not getattr(args, "takes_config", False):
@@ -316,16 +350,17 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if getattr(args, "takes_config", False):
       config = _config(args, overrides)  # every config problem surfaces here, before any work
-      if getattr(args, "distributed", False):
-        import jax
-
-        jax.distributed.initialize()  # multi-host: every host runs the same command (launch/)
+      if getattr(args, "distributed", False) or getattr(args, "coordinator", None):
+        _join(args)
       args.run(args, config)
     else:
       args.run(args)
   except KlipError as e:
     print(f"klip: error: {e}", file=sys.stderr)
     return 2
+  except Preempted as e:  # checkpointed at a step boundary: a clean exit, the rerun continues
+    print(f"klip: {e}", file=sys.stderr)
+    return 0
   return 0
 
 

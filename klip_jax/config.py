@@ -137,8 +137,11 @@ def default_config() -> ml_collections.ConfigDict:
       random_baseline=True,  # also evaluate a randomly initialised model of the same config
       seed=0,
   ))
-  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), axes=("data", "fsdp", "tensor"),
-                                          rules=DEFAULT_RULES))
+  # shape: the devices of one slice (ICI); dcn_shape: the slices (DCN) along each axis, so an
+  # axis has shape[i] * dcn_shape[i] devices. -1 fills one axis of each; (-1, 1, 1) puts all
+  # slices on data, the one axis whose traffic (a gradient reduction a step) suits DCN.
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), dcn_shape=(-1, 1, 1),
+                                          axes=("data", "fsdp", "tensor"), rules=DEFAULT_RULES))
   return c
 
 
@@ -182,6 +185,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.eval.periodic_examples >= 0, "eval.periodic_examples", "must be >= 0 (0: the whole val split).")
   _require(len(c.mesh.shape) == 3 and list(c.mesh.axes) == ["data", "fsdp", "tensor"],
            "mesh.shape", "give three sizes for the (data, fsdp, tensor) axes; -1 fills one axis.")
+  dcn = tuple(c.mesh.dcn_shape)
+  _require(len(dcn) == 3 and all(isinstance(n, int) and (n >= 1 or n == -1) for n in dcn)
+           and dcn.count(-1) <= 1, "mesh.dcn_shape",
+           f"got {dcn}; give three slice counts for the (data, fsdp, tensor) axes, each >= 1 or one "
+           "-1 to fill the rest, e.g. (2, 1, 1): data parallelism over 2 TPU slices; (1, 1, 1) on one.")
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

@@ -29,3 +29,13 @@ class TokenizerError(KlipError):
 
 class ExportError(KlipError):
   """A checkpoint cannot be exported or imported (missing files or optional dependencies)."""
+
+
+class Preempted(Exception):
+  """Training stopped early on a preemption notice (SIGTERM), after checkpointing: not an
+  error (the CLI exits 0); running the same command again continues exactly."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted: stopped and checkpointed at step {step}; run the same command "
+                     "again to continue")
+    self.step = step

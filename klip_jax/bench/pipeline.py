@@ -21,7 +21,7 @@ def throughput(config: ml_collections.ConfigDict, workdir: str, *, steps: int = 
   """The config's training pipeline on its data (the embedded world is built in `workdir`
   when the config names no dataset), `steps` batches timed after `warmup`."""
   data = prepare.ensure(config, workdir)
-  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  mesh = mesh_lib.from_config(config.mesh)
   iterator = iter(scio.train_pipeline(config, data))
 
   def next_global():

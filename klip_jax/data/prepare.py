@@ -16,6 +16,7 @@ import ml_collections
 
 from klip_jax.data import builder, records, tokenizer, world
 from klip_jax.errors import DatasetError
+from klip_jax.parallel import hosts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +50,15 @@ def _paths(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
 
 
 def ensure(config: ml_collections.ConfigDict, workdir: str) -> RunData:
-  """The run's data, synthesising the embedded world and training the tokenizer if absent."""
+  """The run's data, synthesising the embedded world and training the tokenizer if absent
+  (process 0 makes them; the other processes wait, then read them)."""
   data_dir, tok_path = _paths(config, workdir)
-  if not config.data.data_dir:
-    builder.build(data_dir, synth_settings(config.data.synth))
-  if not os.path.exists(tok_path):
-    train_tokenizer(data_dir, config.data.vocab_size, tok_path)
+  if hosts.is_writer():
+    if not config.data.data_dir:
+      builder.build(data_dir, synth_settings(config.data.synth))
+    if not os.path.exists(tok_path):
+      train_tokenizer(data_dir, config.data.vocab_size, tok_path)
+  hosts.sync("run data")
   return RunData(data_dir, tokenizer.TextCodec(tok_path, config.data.max_len))
 
 

@@ -21,11 +21,11 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from klip_jax.data import pipeline
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.eval import metrics
 from klip_jax.eval.runner import ModelRunner
 from klip_jax.eval.truth import Split
+from klip_jax.parallel import hosts
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import losses
 
@@ -57,8 +57,9 @@ def finetune(runner: ModelRunner, train: Split, *, steps: int, lr: float, seed: 
     opt_state = tx.init(params)
     for _ in tqdm(range(steps), desc="caption fine-tune", unit="step", leave=False):
       rows = rng.choice(len(train), runner.batch_size, replace=len(train) < runner.batch_size)
-      batch = pipeline.global_batch({"image": train.images[rows], "ids": train.text_ids[rows]}, runner.mesh)
-      params, opt_state, _ = step(params, opt_state, batch["image"], batch["ids"])
+      images, ids = hosts.from_host((train.images[rows], train.text_ids[rows]),
+                                    mesh_lib.batch_sharding(runner.mesh))
+      params, opt_state, _ = step(params, opt_state, images, ids)
   return params
 
 

@@ -29,7 +29,7 @@ def make_hook(config: ml_collections.ConfigDict, data: RunData, *, progress: boo
   tasks = registry.cheap_tasks(config.eval.tasks)
   if config.eval.every <= 0 or not tasks:
     return None
-  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  mesh = mesh_lib.from_config(config.mesh)
   examples = registry.Examples(config, data, SPLIT, config.eval.periodic_examples)
   runners: list[ModelRunner] = []  # made at the first evaluation, its compiled calls reused after
 

@@ -3,8 +3,8 @@
 Every call is one jitted pure function of (params, batch) at a fixed batch size (so it
 compiles once): inputs are cut into batches, the last one padded with copies of its first row,
 sharded over the mesh's batch axes, and the outputs are gathered back to the host and trimmed.
-Evaluation reads one host's arrays, so it runs in one process (multi-host evaluation would
-gather per-host outputs; see launch/README.md).
+In a multi-process run every host holds the whole evaluation arrays, makes the same calls,
+and gets all outputs back (`parallel.hosts`), so every host computes the same metrics.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from flax import nnx
 from klip_jax.data import pipeline
 from klip_jax.data.tokenizer import TokenIds
 from klip_jax.model import decode
+from klip_jax.parallel import hosts
 from klip_jax.parallel import mesh as mesh_lib
 
 _PAIRS_PER_CALL = 4096  # pairs whose image tokens are gathered on the host at a time
@@ -64,8 +65,8 @@ class ModelRunner:
         chunk = [a[start:start + b] for a in arrays]
         rows = len(chunk[0])
         chunk = [pipeline.pad_rows(c, b) for c in chunk]
-        batch = pipeline.global_batch(dict(enumerate(chunk)), self.mesh)
-        out = jax.device_get(step(self.params, *(batch[i] for i in range(len(chunk)))))
+        batch = hosts.from_host(chunk, mesh_lib.batch_sharding(self.mesh))
+        out = hosts.fetch(step(self.params, *batch))
         outputs.append(jax.tree.map(lambda x, rows=rows: x[:rows], out))
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
 

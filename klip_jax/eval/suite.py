@@ -34,7 +34,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
   tasks = registry.parse_tasks(config.eval.tasks)
   c = config
   data = prepare.locate(c, workdir)
-  mesh = mesh_lib.make_mesh(c.mesh.shape)
+  mesh = mesh_lib.from_config(c.mesh)
   graph, state = checkpoint.restore(c, workdir, data.codec.vocab_size, mesh, step)
   runner = ModelRunner(graph, state.params, TokenIds.from_codec(data.codec), mesh, c.mesh.rules,
                        c.eval.batch_size)

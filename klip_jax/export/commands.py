@@ -27,6 +27,7 @@ from klip_jax.data import builder, prepare
 from klip_jax.data.tokenizer import TokenIds
 from klip_jax.errors import ExportError
 from klip_jax.export import hf
+from klip_jax.parallel import hosts
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import checkpoint
 from klip_jax.train import state as state_lib
@@ -112,14 +113,16 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
   config = config_lib.load_saved(os.path.join(workdir, "config.json")) if config is None else config
   data = prepare.locate(config, workdir)
   _, state = checkpoint.restore(config, workdir, data.codec.vocab_size,
-                                mesh_lib.make_mesh(config.mesh.shape), step)
-  flat = hf.flatten(jax.device_get(state.params.to_pure_dict()), config.model)
+                                mesh_lib.from_config(config.mesh), step)
+  flat = hf.flatten(hosts.fetch(state.params.to_pure_dict()), config.model)
   tokens = TokenIds.from_codec(data.codec)
   stats = builder.metadata(data.data_dir)
   db_stats = (stats["db_mean"], stats["db_std"]) if "db_mean" in stats else None
   temperature = float(np.clip(flat["temp"], *config.model.temp_range))
   out = os.path.abspath(out)
   written = {"step": int(state.step)}
+  if not hosts.is_writer():  # every process restored and gathered the parameters; one writes
+    return written
   with io.atomic_path(out) as tmp:
     for name, (architecture, entries) in _MODELS.items():
       folder = os.fspath(tmp / name)
@@ -185,7 +188,7 @@ def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str) -> d
     hf.check_compatible(config.model, source)
   config_lib.validate(config)
   data = prepare.ensure(config, workdir)  # the tokenizer fixes the vocabulary the run will use
-  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  mesh = mesh_lib.from_config(config.mesh)
   checkpoints = checkpoint.manager(workdir, config)
   steps = sorted(checkpoints.all_steps())
   checkpoints.close()
@@ -194,14 +197,16 @@ def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str) -> d
                       "resume from; import into a new --workdir.")
   tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
   _, state, shardings = state_lib.create(config, data.codec.vocab_size, tx, mesh)
-  fresh = jax.device_get(state.params.to_pure_dict())
+  fresh = hosts.fetch(state.params.to_pure_dict())
   flat, report = hf.from_hf(hf.import_plan(config.model, sources), hf.flatten(fresh, config.model))
-  values = jax.tree.map(jax.device_put, hf.unflatten(flat, fresh, config.model),
+  values = jax.tree.map(hosts.from_host, hf.unflatten(flat, fresh, config.model),
                         shardings.params.to_pure_dict())
   nnx.replace_by_pure_dict(state.params, values)
   path = checkpoint.init_params_path(workdir)
-  with io.atomic_path(path) as tmp, ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.fspath(tmp), state.params)
+  # Every process saves its shards to the same path; orbax writes a temporary folder and renames
+  # it when all are done, so an interrupted import leaves no init_params behind.
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, state.params)
   io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   log.info("imported %d tensors from %s into %s", len(report.imported), hf_dir, path)
   return {"init_params": path, "sources": [s.name for s in sources], "imported": len(report.imported),

@@ -1,17 +1,22 @@
 """The (data, fsdp, tensor) device mesh and the context that maps logical names onto it.
 
+On a multi-slice TPU job the mesh is hybrid: config.mesh.shape lays out each slice (ICI) and
+config.mesh.dcn_shape the slices (DCN), as MaxText's ici_*/dcn_* parallelism settings do.
+
 Meshes use Auto axis types so GSPMD propagates shardings from the logical constraints in the
 model (explicit axis types would demand an out_sharding on every ambiguous op).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 
 from klip_jax.errors import ConfigError
 
@@ -19,26 +24,58 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Fill the one -1 entry so the product is `num_devices`."""
+def resolve_shape(shape: Sequence[int], available: int, field: str = "shape",
+                  unit: str = "devices") -> tuple[int, ...]:
+  """Fill the one -1 entry of config.mesh.`field` so the product is `available` `unit`."""
   shape = list(shape)
   if shape.count(-1) > 1:
-    raise ConfigError(f"config.mesh.shape={tuple(shape)}: at most one axis may be -1.")
+    raise ConfigError(f"config.mesh.{field}={tuple(shape)}: at most one axis may be -1.")
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
-    if num_devices % known:
-      raise ConfigError(f"config.mesh.shape={tuple(shape)} does not divide {num_devices} devices.")
-    shape[shape.index(-1)] = num_devices // known
-  if int(np.prod(shape)) != num_devices:
-    raise ConfigError(f"config.mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices, "
-                      f"{num_devices} are available; use -1 for one axis to fill the rest.")
+    if available % known:
+      raise ConfigError(f"config.mesh.{field}={tuple(shape)} does not divide {available} {unit}.")
+    shape[shape.index(-1)] = available // known
+  if int(np.prod(shape)) != available:
+    raise ConfigError(f"config.mesh.{field}={tuple(shape)} needs {int(np.prod(shape))} {unit}, "
+                      f"{available} are available; use -1 for one axis to fill the rest.")
   return tuple(shape)
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def devices_per_slice(devices: Sequence[jax.Device]) -> dict[int, int]:
+  """slice index -> device count. Devices of a multi-slice TPU job carry `slice_index`; CPU,
+  GPU and single-slice devices are all slice 0."""
+  return dict(collections.Counter(getattr(d, "slice_index", 0) for d in devices))
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None,
+              dcn_shape: Sequence[int] = (-1, 1, 1)) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all of them).
+
+  `shape` lays out the devices of one slice, linked by fast ICI; `dcn_shape` says how many
+  slices, linked by the much slower data-centre network, each axis spans, so axis i has
+  shape[i] * dcn_shape[i] devices. Put the slices on `data` (e.g. (2, 1, 1)): its once-a-step
+  gradient reduction is the one collective that tolerates DCN bandwidth; FSDP's gathers and
+  tensor parallelism stay inside a slice. The default (-1, 1, 1) does that over however many
+  slices there are; on one slice it is (1, 1, 1): jax.make_mesh's mesh over all devices.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = resolve_shape(shape, len(devices))
-  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+  per_slice = devices_per_slice(devices)
+  slices = len(per_slice)
+  dcn_shape = resolve_shape(dcn_shape, slices, "dcn_shape", "slices")
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  if slices == 1:
+    return jax.make_mesh(resolve_shape(shape, len(devices)), AXES, axis_types=auto, devices=devices)
+  if len(set(per_slice.values())) > 1:
+    raise ConfigError(f"the slices hold different numbers of devices (slice: devices {per_slice}); "
+                      "every slice of a multi-slice job must be the same TPU type and topology.")
+  ici_shape = resolve_shape(shape, len(devices) // slices, "shape", "devices per slice")
+  grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+  return jax.sharding.Mesh(grid, AXES, axis_types=auto)
+
+
+def from_config(mesh_config) -> jax.sharding.Mesh:
+  """A run's mesh: config.mesh.shape within a slice, config.mesh.dcn_shape across slices."""
+  return make_mesh(mesh_config.shape, dcn_shape=mesh_config.dcn_shape)
 
 
 @contextlib.contextmanager

@@ -3,11 +3,13 @@
   WORKDIR/checkpoints/<step>/   state (sharded train state) + data (iterator position)
   WORKDIR/init_params/          parameters a fresh run starts from (`klip import-hf`)
 Restoring reads arrays straight into the shardings of the current mesh, so a checkpoint
-written on one mesh resumes on another. Nothing here reads or builds data.
+written on one mesh, or by another number of processes, resumes on another. Nothing here reads
+or builds data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -15,6 +17,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from klip_jax import io
 from klip_jax.errors import ConfigError, DatasetError
@@ -24,12 +27,40 @@ from klip_jax.train import state as state_lib
 _STATE_SECTIONS = ("model", "momentum")
 
 
+class IteratorHandler(grain.checkpoint.CheckpointHandler):
+  """grain's iterator handler (one file per process), restoring onto another number of
+  processes too: every host's iterator stands at the same global batch (`pipeline.HostRows`),
+  so when this process has no file of its own, any host's file says where the stream is."""
+
+  def restore(self, directory: epath.Path, item=None, args=None):
+    item = item or args.item
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    saved = [own] if own.exists() else sorted(directory.glob("process_*-of-*.json"))
+    if not saved:
+      raise DatasetError(f"{directory} holds no data iterator position (process_*-of-*.json); "
+                         "the checkpoint is incomplete: resume from an earlier step.")
+    item.set_state(json.loads(saved[0].read_text()))
+    item.start_prefetch()  # as grain's own restore does
+    return item
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+  item: grain.DatasetIterator
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+  item: grain.DatasetIterator
+
+
 def manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       item_names=("state", "data"),
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()},
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "data": IteratorHandler()},
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.train.keep, enable_async_checkpointing=True))
 
@@ -38,7 +69,7 @@ def save(checkpoints: ocp.CheckpointManager, step: int, state, iterator) -> None
   """Save the state and the iterator position at `step` (asynchronously; orbax renames the
   finished step folder into place, so an interrupted save is never restored)."""
   checkpoints.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)), force=True)
+      state=ocp.args.StandardSave(state), data=IteratorSave(iterator)), force=True)
 
 
 def sharded_target(abstract, shardings):
@@ -50,7 +81,7 @@ def restore_state(checkpoints: ocp.CheckpointManager, step: int, abstract, shard
   """The train state (sharded like `shardings`) and, if given, the iterator at `step`."""
   items = {"state": ocp.args.StandardRestore(sharded_target(abstract, shardings))}
   if iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+    items["data"] = IteratorRestore(iterator)
   return checkpoints.restore(step, args=ocp.args.Composite(**items))["state"]
 
 

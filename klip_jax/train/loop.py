@@ -29,8 +29,9 @@ from klip_jax import config as config_lib
 from klip_jax.data import pipeline
 from klip_jax.data.prepare import RunData
 from klip_jax.data.tokenizer import TokenIds
+from klip_jax.errors import Preempted
 from klip_jax.parallel import mesh as mesh_lib
-from klip_jax.train import checkpoint, scio
+from klip_jax.train import checkpoint, preemption, scio
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 from klip_jax.train.metrics_writer import MetricsWriter
@@ -50,8 +51,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
   batch is relabelled right before its step; offline: the whole train split is relabelled at
   each stage boundary into a caption overlay the pipeline reads from then on).
   `evaluate` runs every config.eval.every steps (when > 0) and its results are logged.
-  `stop_at` ends this invocation early (checkpointed) at that step, as a preempted or
-  time-sliced job would; running again continues exactly.
+  `stop_at` ends this invocation early (checkpointed) at that step, as a time-sliced job
+  would; a SIGTERM does the same at the next step boundary and raises `Preempted`
+  (`train.preemption`). Running again continues exactly.
   """
   c = config
   config_lib.validate(c)
@@ -59,7 +61,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
   if scio_on:
     scio.validate(c)
   os.makedirs(workdir, exist_ok=True)
-  mesh = mesh_lib.make_mesh(c.mesh.shape)
+  mesh = mesh_lib.from_config(c.mesh)
   tx, schedule = state_lib.make_optimizer(c.optim, c.train.steps)
   graph, abstract, shardings = state_lib.abstract_state(c, data.codec.vocab_size, tx, mesh)
   checkpoints = checkpoint.manager(workdir, c)
@@ -93,47 +95,54 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
     bar = tqdm(total=c.train.steps, initial=start, disable=not progress, desc="train", unit="step")
     tick, tick_step = time.perf_counter(), start
     end = c.train.steps if stop_at is None else min(stop_at, c.train.steps)
-    for step in range(start, end):
-      if scio_on and scio.stage_of(step, c.scio) != stage:
-        stage = scio.stage_of(step, c.scio)
-        if c.scio.mode == "offline":
-          iterator = scio.enter_offline_stage(c, data, workdir, stage, relabel_fns[stage], state.params,
-                                              iterator, mesh)
-      local = next(iterator)
-      batch = pipeline.global_batch({k: np.asarray(local[k]) for k in local
-                                     if k in step_lib.MODEL_INPUTS or k.startswith(("recon_", "neg_"))}, mesh)
-      if scio_on and stage in ("B", "C") and c.scio.mode == "online":
-        result = relabel_fns[stage](state.params, step_lib.model_inputs(batch),
-                                    jax.random.fold_in(base_rng, step))
-        if stage == "B":
-          batch.update(recon_ids=result.removed_ids, recon_keyword_mask=result.removed_keyword_mask,
-                       recon_clause_ids=result.removed_clause_ids)
-        else:
-          batch.update(text_ids=result.corrected_ids, keyword_mask=result.corrected_keyword_mask,
-                       clause_ids=result.corrected_clause_ids)
-      state, metrics = steps[stage](state, batch, jax.random.fold_in(base_rng, step))
-      done = step + 1
-      if done % c.train.log_every == 0 or done == end:
-        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        last["images_per_s"] = (done - tick_step) * c.train.batch_size / (now - tick)
-        last["stage"] = "ABC".index(stage)
-        # One per train step function (two with SCIO's stage C); more means steady-state recompiles.
-        last["train_step_compilations"] = compiled.by_name[step_lib.JIT_NAME]
-        tick, tick_step = now, done
-        writer.train(done, last)
-        bar.set_postfix(stage=stage, loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.1f}")
-      if done % c.train.ckpt_every == 0 or done == end:
-        checkpoint.save(checkpoints, done, state, iterator)
-      if evaluate is not None and c.eval.every > 0 and done % c.eval.every == 0:
-        began = time.perf_counter()
-        writer.eval(done, evaluate(done, graph, state.params))
-        tick += time.perf_counter() - began  # evaluation time is not training throughput
-      bar.update(1)
+    preempted = False
+    with preemption.Watch() as watch:
+      for step in range(start, end):
+        if scio_on and scio.stage_of(step, c.scio) != stage:
+          stage = scio.stage_of(step, c.scio)
+          if c.scio.mode == "offline":
+            iterator = scio.enter_offline_stage(c, data, workdir, stage, relabel_fns[stage], state.params,
+                                                iterator, mesh)
+        local = next(iterator)
+        batch = pipeline.global_batch({k: np.asarray(local[k]) for k in local
+                                       if k in step_lib.MODEL_INPUTS or k.startswith(("recon_", "neg_"))}, mesh)
+        if scio_on and stage in ("B", "C") and c.scio.mode == "online":
+          result = relabel_fns[stage](state.params, step_lib.model_inputs(batch),
+                                      jax.random.fold_in(base_rng, step))
+          if stage == "B":
+            batch.update(recon_ids=result.removed_ids, recon_keyword_mask=result.removed_keyword_mask,
+                         recon_clause_ids=result.removed_clause_ids)
+          else:
+            batch.update(text_ids=result.corrected_ids, keyword_mask=result.corrected_keyword_mask,
+                         clause_ids=result.corrected_clause_ids)
+        state, metrics = steps[stage](state, batch, jax.random.fold_in(base_rng, step))
+        done = step + 1
+        preempted = watch.reached(done)
+        if done % c.train.log_every == 0 or done == end or preempted:
+          last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          last["images_per_s"] = (done - tick_step) * c.train.batch_size / (now - tick)
+          last["stage"] = "ABC".index(stage)
+          # One per train step function (two with SCIO's stage C); more means steady-state recompiles.
+          last["train_step_compilations"] = compiled.by_name[step_lib.JIT_NAME]
+          tick, tick_step = now, done
+          writer.train(done, last)
+          bar.set_postfix(stage=stage, loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.1f}")
+        if done % c.train.ckpt_every == 0 or done == end or preempted:
+          checkpoint.save(checkpoints, done, state, iterator)
+        if preempted:
+          break
+        if evaluate is not None and c.eval.every > 0 and done % c.eval.every == 0:
+          began = time.perf_counter()
+          writer.eval(done, evaluate(done, graph, state.params))
+          tick += time.perf_counter() - began  # evaluation time is not training throughput
+        bar.update(1)
     bar.close()
   checkpoints.wait_until_finished()
   checkpoints.close()
   writer.close()
+  if preempted:
+    raise Preempted(done)
   return last
 
 

@@ -2,7 +2,8 @@
 
 Training metrics are logged as `train/<name>`; in-training evaluations as
 `eval/<task>/<metric>` in TensorBoard and as `{"step": s, "eval": {task: {metric: value}}}`
-lines in metrics.jsonl, so a reader can tell the two kinds of line apart.
+lines in metrics.jsonl, so a reader can tell the two kinds of line apart. In a multi-process
+run only process 0 writes them (the metrics are global, the same on every process).
 """
 
 from __future__ import annotations
@@ -12,25 +13,29 @@ import os
 from tensorboardX import SummaryWriter
 
 from klip_jax import io
+from klip_jax.parallel import hosts
 
 
 class MetricsWriter:
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tensorboard = SummaryWriter(os.path.join(workdir, "logs"))
+    self._tensorboard = SummaryWriter(os.path.join(workdir, "logs")) if hosts.is_writer() else None
 
   def train(self, step: int, metrics: dict[str, float]) -> None:
-    io.append_jsonl(self.path, {"step": step, **metrics})
-    for name, value in metrics.items():
-      self._tensorboard.add_scalar(f"train/{name}", value, step)
-    self._tensorboard.flush()
+    self._write(step, {"step": step, **metrics}, {f"train/{name}": v for name, v in metrics.items()})
 
   def eval(self, step: int, results: dict[str, dict[str, float]]) -> None:
-    io.append_jsonl(self.path, {"step": step, "eval": results})
-    for task, metrics in results.items():
-      for name, value in metrics.items():
-        self._tensorboard.add_scalar(f"eval/{task}/{name}", value, step)
+    self._write(step, {"step": step, "eval": results},
+                {f"eval/{task}/{name}": v for task, metrics in results.items() for name, v in metrics.items()})
+
+  def _write(self, step: int, line: dict, scalars: dict[str, float]) -> None:
+    if self._tensorboard is None:
+      return
+    io.append_jsonl(self.path, line)
+    for tag, value in scalars.items():
+      self._tensorboard.add_scalar(tag, value, step)
     self._tensorboard.flush()
 
   def close(self) -> None:
-    self._tensorboard.close()
+    if self._tensorboard is not None:
+      self._tensorboard.close()

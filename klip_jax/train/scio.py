@@ -20,6 +20,7 @@ from klip_jax.data import builder, knowledge, pipeline, records
 from klip_jax.data.prepare import RunData
 from klip_jax.data.tokenizer import TextCodec, TokenIds
 from klip_jax.errors import ConfigError, KlipError
+from klip_jax.parallel import hosts
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import relabel as relabel_lib
 from klip_jax.train.step import model_inputs
@@ -68,15 +69,18 @@ def rounds(workdir: str) -> list[int]:
 
 
 def write_overlay(workdir: str, round_index: int, entries: list[dict]) -> str:
-  """Write round K atomically; refuse to overwrite an existing round."""
+  """Write round K atomically (process 0 writes, every process returns once it is there);
+  refuse to overwrite an existing round."""
   path = overlay_path(workdir, round_index)
   folder = os.path.dirname(path)
-  if os.path.exists(folder):
-    raise KlipError(f"{folder} already exists; caption rounds are never overwritten "
-                    "(delete it yourself if you really mean to redo that round).")
-  with io.atomic_path(folder) as tmp:
-    tmp.mkdir()
-    io.write_jsonl(tmp / "overlay.jsonl", entries)
+  if hosts.is_writer():
+    if os.path.exists(folder):
+      raise KlipError(f"{folder} already exists; caption rounds are never overwritten "
+                      "(delete it yourself if you really mean to redo that round).")
+    with io.atomic_path(folder) as tmp:
+      tmp.mkdir()
+      io.write_jsonl(tmp / "overlay.jsonl", entries)
+  hosts.sync(f"caption round {round_index}")
   return path
 
 
@@ -163,8 +167,8 @@ def _keyword_text(codec: TextCodec, ids: np.ndarray, mask: np.ndarray) -> str:
 
 def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np.ndarray,
                         source) -> list[dict]:
-  """Host side of a relabel batch: one auditable entry per real example."""
-  result = jax.device_get(result)
+  """Host side of a relabel batch (`result`, `indices` and `valid` fetched whole: all rows of
+  the global batch, on every host): one auditable entry per real example."""
   entries = []
   for row in np.flatnonzero(valid):
     record = records.from_example(source[int(indices[row])], decode_rasters=False)
@@ -188,15 +192,19 @@ def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np
 
 def relabel_split(relabel, params, data: RunData, split: str, mesh, batch_size: int,
                   progress: bool = True) -> list[dict]:
-  """Run the jitted relabel step over a whole split (no shuffle, no augmentation)."""
+  """Run the jitted relabel step over a whole split (no shuffle, no augmentation); every host
+  returns the entries of the whole split."""
   source = builder.open_split(data.data_dir, split)
   options = pipeline.PipelineOptions(data.data_dir, split, batch_size, train=False)
   entries = []
   with tqdm(total=len(source), desc=f"relabel {split}", unit="caption", disable=not progress) as bar:
     for batch in pipeline.build(options, data.codec):
-      inputs = pipeline.global_batch(model_inputs(batch), mesh)
-      result = relabel(params, inputs, jax.random.key(0))
-      new = entries_from_result(data.codec, result, batch["index"], batch["valid"], source)
+      # index and valid travel as global arrays too, so they line up with the result's rows.
+      inputs = pipeline.global_batch({**model_inputs(batch), "index": batch["index"].astype(np.int32),
+                                      "valid": batch["valid"]}, mesh)
+      result = relabel(params, model_inputs(inputs), jax.random.key(0))
+      result, index, valid = hosts.fetch((result, inputs["index"], inputs["valid"]))
+      new = entries_from_result(data.codec, result, index, valid, source)
       entries += new
       bar.update(len(new))
   return entries

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -22,10 +24,14 @@ from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
 
-def _klip(*args):
+def _env():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
-  subprocess.run([sys.executable, "-m", "klip_jax.cli", *args], check=True, env=env,
+  return env
+
+
+def _klip(*args):
+  subprocess.run([sys.executable, "-m", "klip_jax.cli", *args], check=True, env=_env(),
                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -38,19 +44,31 @@ def _checkpoint(workdir, step):
 
 
 @pytest.mark.slow
-def test_resume_in_a_new_process_equals_an_uninterrupted_run(tiny_data, tiny_tokenizer, tmp_path):
+def test_sigterm_checkpoints_exits_0_and_the_rerun_equals_an_uninterrupted_run(tiny_data, tiny_tokenizer, tmp_path):
+  """A SIGTERM (preemption) mid-run: the run checkpoints at the next step boundary and exits 0;
+  running it again in a new process ends where an uninterrupted run ends, bit for bit."""
+  steps = 24
   overrides = [f"--config.data.data_dir={tiny_data}", f"--config.data.tokenizer={tiny_tokenizer}",
                "--config.data.max_len=96", "--config.model.vision.image_size=48",
-               "--config.train.steps=6", "--config.train.batch_size=8", "--config.train.log_every=1",
-               "--config.train.ckpt_every=3", "--config.momentum.queue_size=16", "--config.eval.every=0"]
+               f"--config.train.steps={steps}", "--config.train.batch_size=8", "--config.train.log_every=1",
+               "--config.train.ckpt_every=12", "--config.momentum.queue_size=16", "--config.eval.every=0"]
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   _klip("train", "--config", "configs/tiny.py", "--workdir", straight, *overrides)
-  _klip("train", "--config", "configs/tiny.py", "--workdir", resumed, "--stop-at", "3", *overrides)
-  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["3"]
+  run = subprocess.Popen([sys.executable, "-m", "klip_jax.cli", "train", "--config", "configs/tiny.py",
+                          "--workdir", resumed, *overrides], env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(resumed, "metrics.jsonl")
+  while run.poll() is None and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 1):
+    time.sleep(0.01)
+  run.send_signal(signal.SIGTERM)  # after step 1, well before step 24
+  _, err = run.communicate(timeout=120)
+  assert run.returncode == 0, err
+  stopped = [int(s) for s in os.listdir(os.path.join(resumed, "checkpoints"))]
+  assert len(stopped) == 1 and 1 <= stopped[0] < steps and f"checkpointed at step {stopped[0]}" in err
   _klip("train", "--config", "configs/tiny.py", "--workdir", resumed, *overrides)
 
-  params_a, data_a = _checkpoint(straight, 6)
-  params_b, data_b = _checkpoint(resumed, 6)
+  params_a, data_a = _checkpoint(straight, steps)
+  params_b, data_b = _checkpoint(resumed, steps)
   leaves_a, leaves_b = jax.tree.leaves(params_a), jax.tree.leaves(params_b)
   assert len(leaves_a) == len(leaves_b) > 50
   for a, b in zip(leaves_a, leaves_b):
@@ -58,10 +76,10 @@ def test_resume_in_a_new_process_equals_an_uninterrupted_run(tiny_data, tiny_tok
   assert data_a and data_a == data_b  # the iterators stand at the same place of the same order
   lines = lambda w: [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
   a, b = lines(straight), lines(resumed)
-  assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+  assert [m["step"] for m in b] == list(range(1, steps + 1))
   for x, y in zip(a, b):
     assert x["loss"] == y["loss"] and x["loss_itc"] == y["loss_itc"]  # same batches, same math
-  # The step compiled once per process; six steps (and a resume) never recompiled it.
+  # The step compiled once per process; the steps (and a resume) never recompiled it.
   assert {m["train_step_compilations"] for m in a} == {1} and {m["train_step_compilations"] for m in b} == {1}
   assert os.listdir(os.path.join(straight, "logs"))[0].startswith("events.out.tfevents")
 

@@ -1,0 +1,162 @@
+"""2 processes x 4 CPU devices (jax.distributed on localhost, gloo collectives) against 1 process
+x 8 devices on the same global mesh: `klip train` with online SCIO, an offline SCIO round
+(`klip relabel`) and `klip eval` give the same parameters, caption rounds and results, and only
+process 0 writes the run's files. A single-process 8-device test cannot see multi-host bugs;
+this one can."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+pytestmark = pytest.mark.slow  # klip commands run as 1 and as 2 processes
+
+_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _klip(args: list[str], processes: int, devices: int) -> None:
+  """Run `klip ARGS` as `processes` processes of `devices` CPU devices each; fail with their
+  stderr when any process fails."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  command = [sys.executable, "-m", "klip_jax.cli", *args]
+  if processes > 1:
+    port = _free_port()
+    commands = [command + ["--distributed", "--coordinator", f"localhost:{port}",
+                           "--num-processes", str(processes), "--process-id", str(i)] for i in range(processes)]
+  else:
+    commands = [command]
+  runs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+          for c in commands]
+  errors = []
+  for i, run in enumerate(runs):
+    try:
+      _, err = run.communicate(timeout=_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      for r in runs:
+        r.kill()
+      raise AssertionError(f"process {i} of {' '.join(args)} hung (> {_TIMEOUT_S} s)") from None
+    if run.returncode:
+      errors.append(f"process {i} exited {run.returncode}:\n{err[-3000:]}")
+  assert not errors, "\n".join(errors)
+
+
+def _config_args(tiny_data, tiny_tokenizer, *overrides: str) -> list[str]:
+  return ["--config", "configs/tiny.py:48px", f"--config.data.data_dir={tiny_data}",
+          f"--config.data.tokenizer={tiny_tokenizer}", "--config.data.max_len=96",
+          "--config.train.batch_size=16", "--config.train.log_every=1", "--config.train.keep=4",
+          "--config.eval.every=0",
+          "--config.scio.relabel_batch_size=16", *overrides]
+
+
+def _both(tmp_path, name: str, args_of) -> tuple[str, str]:
+  """Run the same command in a 1 x 8 workdir and a 2 x 4 one; returns (one, two)."""
+  one, two = str(tmp_path / f"{name}_1x8"), str(tmp_path / f"{name}_2x4")
+  _klip(args_of(one), 1, 8)
+  _klip(args_of(two), 2, 4)
+  return one, two
+
+
+def _params(workdir: str, step: int) -> dict:
+  """A checkpoint's parameters restored in this one process, onto one device (whatever the
+  processes and devices that saved it)."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved)
+    return checkpointer.restore(path, target)["params"]
+
+
+def _assert_same_tree(a, b, rtol=1e-5, atol=1e-5):
+  """Equal up to float32 rounding: cross-process reductions sum in another order. The widest
+  gap is in the attention key biases (~2e-6 after 6 steps): their exact gradient is zero (a
+  softmax ignores a constant per query), so theirs is rounding noise, which Adam scales to ~lr."""
+  flat_a = {k: v for k, v in _flatten(a)}
+  flat_b = {k: v for k, v in _flatten(b)}
+  assert flat_a.keys() == flat_b.keys()
+  for k in flat_a:
+    np.testing.assert_allclose(np.asarray(flat_a[k]), np.asarray(flat_b[k]), rtol=rtol, atol=atol, err_msg=k)
+
+
+def _flatten(tree, prefix=""):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _flatten(v, f"{prefix}/{k}")
+  else:
+    yield prefix, tree
+
+
+def _lines(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_only_process_0_wrote(one: str, two: str, train_runs: int = 1) -> None:
+  """The same files in both workdirs (no leftover temporaries, one TensorBoard event file per
+  `klip train` run, not one per process), and metrics.jsonl with the same lines, not one set
+  per process."""
+  def files(workdir):
+    out = set()
+    for root, _, names in os.walk(workdir):
+      rel = os.path.relpath(root, workdir)
+      if rel.startswith("checkpoints"):
+        continue  # orbax writes these from every process, by design
+      out |= {os.path.join(rel, n) for n in names if not n.startswith("events.out")}
+    return out
+  assert files(one) == files(two)
+  assert not [f for f in files(two) if ".tmp-" in f or ".old-" in f]
+  assert len(os.listdir(os.path.join(two, "logs"))) == train_runs
+  lines_one, lines_two = _lines(os.path.join(one, "metrics.jsonl")), _lines(os.path.join(two, "metrics.jsonl"))
+  assert [m["step"] for m in lines_one] == [m["step"] for m in lines_two]
+  for a, b in zip(lines_one, lines_two):
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+
+
+def test_training_relabelling_and_eval_match_one_process(tiny_data, tiny_tokenizer, tmp_path):
+  """Online SCIO (each batch relabelled before its step) through stages A, B, C: 2 processes
+  train to step 4 on mesh (data=8); 1 process resumes that checkpoint on (fsdp=4, tensor=2) to
+  step 6. Parameters, losses and data positions equal 1 process on (data=8) throughout. Then
+  an offline SCIO round (`klip relabel`: caption round 1) and `klip eval` on a small task set,
+  as 2 processes, write what 1 process writes."""
+  args = lambda w, *more: ["train", "--workdir", w, *_config_args(
+      tiny_data, tiny_tokenizer, "--config.train.steps=6", "--config.train.ckpt_every=2",
+      "--config.scio.stage_a_steps=1", "--config.scio.stage_b_steps=2", "--config.scio.stage_c_steps=3", *more)]
+  one, two = _both(tmp_path, "run", lambda w: args(w, "--stop-at", "4") if w.endswith("2x4") else args(w))
+  for step in (2, 4):
+    _assert_same_tree(_params(one, step), _params(two, step))
+  # Each host's data iterator stands at the same global batch as the single process's.
+  states = {w: [json.load(open(os.path.join(w, "checkpoints", "4", "data", f)))
+                for f in sorted(os.listdir(os.path.join(w, "checkpoints", "4", "data"))) if f.endswith(".json")]
+            for w in (one, two)}
+  assert len(states[one]) == 1 and states[two] == states[one] * 2
+  _klip(args(two, "--config.mesh.shape=(1,4,2)"), 1, 8)
+  _assert_same_tree(_params(one, 6), _params(two, 6))
+
+  for workdir, processes, devices in ((one, 1, 8), (two, 2, 4)):
+    _klip(["relabel", "--workdir", workdir], processes, devices)
+    _klip(["eval", "--workdir", workdir, *_config_args(tiny_data, tiny_tokenizer, "--config.train.steps=6",
+           "--config.scio.stage_a_steps=1", "--config.scio.stage_b_steps=2", "--config.scio.stage_c_steps=3",
+           "--config.eval.tasks=retrieval,itm,scio_repair", "--config.eval.random_baseline=False")],
+          processes, devices)
+  path = os.path.join("captions", "round_1", "overlay.jsonl")
+  a, b = _lines(os.path.join(one, path)), _lines(os.path.join(two, path))
+  assert len(a) == len(b) == 48
+  for x, y in zip(a, b):
+    assert (x["id"], x["flagged"], x["corrected_keyword"]) == (y["id"], y["flagged"], y["corrected_keyword"])
+    np.testing.assert_allclose(x["itm"], y["itm"], atol=1e-4)
+  results = [json.load(open(os.path.join(w, "eval", "results.json"))) for w in (one, two)]
+  assert results[0]["tasks"].keys() == {"retrieval", "itm", "scio_repair"}
+  _assert_same_tree(results[0]["tasks"], results[1]["tasks"], rtol=1e-4, atol=1e-4)
+  _assert_only_process_0_wrote(one, two, train_runs=2)
