@@ -6,6 +6,9 @@ JAX_VERSION = "0.10.2"
 # HF BLIP export/import (klip export, klip import-hf) and its parity tests. torch is pinned
 # exactly: a looser spec can pull a multi-GB CUDA build.
 EXPORT = ["torch==2.13.0", "transformers>=4.40", "safetensors>=0.4"]
+# libtpu (~700 MB, Linux x86-64 only): TPU slices described on a CPU host, so `klip compile` and
+# its tests compile for TPUs anywhere. Installed, it costs plain CPU jax nothing at startup.
+TPU = [f"jax[tpu]=={JAX_VERSION}"]
 
 setup(
     name="klip-jax",
@@ -47,9 +50,10 @@ setup(
         "pycocoevalcap>=1.2",  # captioning BLEU / CIDEr
     ],
     extras_require={
-        "test": ["pytest>=8.0", "hypothesis>=6.100", "ruff==0.17.6", *EXPORT],
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "ruff==0.17.6", *EXPORT,
+                 *(f"{r}; sys_platform == 'linux' and platform_machine == 'x86_64'" for r in TPU)],
         "export": EXPORT,
-        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        "tpu": TPU,
         "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
     },
     entry_points={"console_scripts": ["klip=klip_jax.cli:main"]},

@@ -168,6 +168,23 @@ def _bench(args, config) -> None:
     print(f"results in {args.json}")
 
 
+def _compile(args, config) -> None:
+  from klip_jax import io
+  from klip_jax.bench import aot
+  from klip_jax.errors import ConfigError
+
+  if args.global_batch:
+    config.train.batch_size = args.global_batch
+  reports, problem = aot.compile_all(config, args.config, args.topology, args.mesh, search_tries=args.search,
+                                     steps=args.steps, progress=True)
+  print(aot.markdown(reports))
+  if args.json:
+    io.write_json(args.json, [r.to_json() for r in reports])
+    print(f"results in {args.json}")
+  if problem:
+    raise ConfigError(problem)
+
+
 def _config(args, overrides: list[str]):
   """The command's config, loaded (and every problem in it reported) before any work starts:
   --config FILE[:variant] with overrides, else the workdir's saved config.json."""
@@ -298,6 +315,25 @@ def _parser() -> argparse.ArgumentParser:
   bench.add_argument("--mesh", nargs="+", default=["1,1,1", "1,2,1", "1,4,1", "1,8,1"],
                      help="memory: data,fsdp,tensor sizes; one compile each")
   bench.set_defaults(run=_bench)
+
+  comp = commands.add_parser(
+      "compile", help="compile train_step and relabel_step for a TPU slice on this CPU: memory per chip against "
+                      "HBM, FLOPs, speed at peak; exits 2 when a step does not fit (needs the [tpu] extra)")
+  _config_arg(comp, None, "required")
+  comp.add_argument("--topology", nargs="+", required=True, metavar="SLICE",
+                    help="one or more TPU slices: v5e:16x16, v5e-16, v5p:2x2x2, v5p-8, v4-32, v6e-8, ...")
+  comp.add_argument("--mesh", nargs="+", default=[], metavar="D,F,T",
+                    help="data,fsdp,tensor sizes, -1 fills one, or data / fsdp: every chip on that axis "
+                         "(default config.mesh.shape); one compile each")
+  comp.add_argument("--global-batch", type=int, default=0, help="images per step over all chips "
+                    "(default config.train.batch_size)")
+  comp.add_argument("--steps", nargs="+", choices=("train", "relabel"), default=["train", "relabel"],
+                    help="the steps to compile (default both)")
+  comp.add_argument("--search", type=int, default=3,
+                    help="when a step does not fit, compile up to this many stricter remat policies / "
+                         "fuller FSDP meshes to find one that does (0: none)")
+  comp.add_argument("--json", default="", help="also write the reports to this JSON file")
+  comp.set_defaults(run=_compile)
   return parser
 
 

@@ -19,10 +19,12 @@ def token_ids(vocab_size: int) -> TokenIds:
   return TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, sep=3, separator=7, vocab_size=vocab_size)
 
 
-def batch_shapes(config: ml_collections.ConfigDict) -> dict:
-  b, size, length = config.train.batch_size, config.model.vision.image_size, config.data.max_len
+def batch_shapes(config: ml_collections.ConfigDict, batch_size: int | None = None) -> dict:
+  """(shape, dtype) of each batch key the train and relabel steps read (step.MODEL_INPUTS)."""
+  b, size, length = batch_size or config.train.batch_size, config.model.vision.image_size, config.data.max_len
   return {"image": ((b, size, size, 1), jnp.float32), "text_ids": ((b, length), jnp.int32),
-          "keyword_mask": ((b, length), jnp.int32), "clause_ids": ((b, length), jnp.int32)}
+          "keyword_mask": ((b, length), jnp.int32), "clause_ids": ((b, length), jnp.int32),
+          "clause_fields": ((b, config.scio.max_clauses), jnp.int32)}
 
 
 def random_batch(config: ml_collections.ConfigDict, vocab_size: int, seed: int = 0,
@@ -57,7 +59,7 @@ def random_batch(config: ml_collections.ConfigDict, vocab_size: int, seed: int =
 
 def fresh_model(config: ml_collections.ConfigDict, vocab_size: int):
   """(mesh, graph, train state, state shardings, optimizer, schedule) of a new model."""
-  mesh = mesh_lib.make_mesh(config.mesh.shape)
+  mesh = mesh_lib.from_config(config.mesh)
   tx, schedule = state_lib.make_optimizer(config.optim, config.train.steps)
   graph, state, shardings = state_lib.create(config, vocab_size, tx, mesh)
   return mesh, graph, state, shardings, tx, schedule

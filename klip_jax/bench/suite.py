@@ -16,7 +16,7 @@ from importlib import metadata
 import jax
 import ml_collections
 
-from klip_jax.bench import caption, pipeline, relabel
+from klip_jax.bench import aot, caption, pipeline, relabel
 from klip_jax.bench import train as train_bench
 
 BENCHMARKS = ("train", "relabel", "caption", "pipeline", "memory")
@@ -65,7 +65,7 @@ def run(names, config: ml_collections.ConfigDict, *, vocab_size: int, compare_hf
         results[name]["train_step_images_per_s"] = results["train"]["klip_jax"]["images_per_s"]
         results[name]["headroom"] = results[name]["images_per_s"] / results[name]["train_step_images_per_s"]
     else:
-      results[name] = [train_bench.compiled_memory(config, vocab_size, mesh, devices) for mesh in meshes]
+      results[name] = [aot.compiled_memory(config, vocab_size, mesh, devices) for mesh in meshes]
   return results
 
 

@@ -1,10 +1,6 @@
-"""Train-step benchmarks: measured throughput, and compiled per-device memory (AOT).
-
-`throughput` runs the jitted step on random inputs of the config's shapes (compute only: the
-input pipeline has its own benchmark) and reports steps/s and images/s after compilation.
-`compiled_memory` lowers and compiles the step for abstract, sharded inputs without
-allocating anything, so the memory of configs/base.py on an 8-device mesh can be read on a
-laptop; on TPU topologies (jax[tpu], see launch/) the same function gives per-chip numbers.
+"""Train-step throughput: the jitted step on random inputs of the config's shapes (compute
+only: the input pipeline has its own benchmark), steps/s and images/s after compilation.
+(Compiled memory, on CPU devices or TPU topologies, is `aot.compiled_memory`.)
 """
 
 from __future__ import annotations
@@ -16,15 +12,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from klip_jax import compilations
-from klip_jax.bench import hf_blip, inputs, timing
+from klip_jax.bench import aot, hf_blip, inputs, timing
 from klip_jax.bench import peak as peak_lib
 from klip_jax.bench import profile as profile_lib
 from klip_jax.parallel import mesh as mesh_lib
-from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
 
@@ -117,58 +111,5 @@ def _flops(lowered) -> float:
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def tpu_devices(topology: str, chips_per_host=(2, 2, 1)):
-  """TPU devices of a topology such as "v5e:2x4", for ahead-of-time compilation on a CPU host
-  (needs libtpu: pip install -e ".[tpu]"; run with JAX_PLATFORMS=cpu)."""
-  from jax.experimental import topologies
-
-  try:
-    return topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                        chip_config_name="default", chips_per_host_bounds=chips_per_host,
-                                        num_slices=1).devices
-  except Exception as e:  # libtpu missing or an unknown topology name
-    from klip_jax.errors import ConfigError
-    raise ConfigError(f"cannot describe TPU topology {topology!r} ({e}); install the [tpu] extra "
-                      "and use a name like v5e:2x4.") from None
-
-
-def compiled_memory(config: ml_collections.ConfigDict, vocab_size: int, mesh_shape,
-                    devices=None) -> dict:
-  """Per-device bytes of the compiled train step (arguments, outputs, temporaries)."""
-  devices = list(jax.devices() if devices is None else devices)
-  if all(n > 0 for n in mesh_shape):
-    devices = devices[:int(np.prod(mesh_shape))]  # FSDP over 2 of 8 devices: a 2-device mesh
-  mesh = mesh_lib.make_mesh(mesh_shape, devices)
-  tx, schedule = state_lib.make_optimizer(config.optim, config.train.steps)
-  graph, abstract, shardings = state_lib.abstract_state(config, vocab_size, tx, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-           for k, (shape, dtype) in inputs.batch_shapes(config).items()}
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=mesh_lib.replicated(mesh))
-  with mesh_lib.logical_context(mesh, config.mesh.rules):
-    step = step_lib.make_train_step(config, graph, tx, schedule, inputs.token_ids(vocab_size), shardings, mesh)
-    start = time.perf_counter()
-    try:
-      compiled = step.lower(state, batch, rng).compile()
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      # The compiler's own verdict that the step does not fit is a result, not a crash.
-      return {"mesh": dict(zip(mesh_lib.AXES, mesh.devices.shape)), "fits": False,
-              "error": str(e).splitlines()[0][:300]}
-    compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  gib = 2.0**30
-  params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
-  return {"mesh": dict(zip(mesh_lib.AXES, mesh.devices.shape)), "fits": True, "params": params,
-          "argument_gib": memory.argument_size_in_bytes / gib,
-          "output_gib": memory.output_size_in_bytes / gib,
-          "temp_gib": memory.temp_size_in_bytes / gib,
-          "alias_gib": memory.alias_size_in_bytes / gib,
-          "total_gib": (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                        + memory.temp_size_in_bytes - memory.alias_size_in_bytes) / gib,
-          "flops_per_device": float(cost.get("flops", float("nan"))) if cost else float("nan"),
-          "compile_s": compile_s}
+# `klip bench memory --topology` (cli) reads the devices of a TPU slice here; they live in aot.
+tpu_devices = aot.tpu_devices
