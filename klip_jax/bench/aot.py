@@ -382,21 +382,28 @@ def alternatives(config: ml_collections.ConfigDict, mesh_shape) -> list[tuple[tu
 
 def search(config: ml_collections.ConfigDict, report: Report, tries: int, devices) -> tuple[Report | None, list]:
   """Compile up to `tries` of `alternatives` until one fits -> (that one or None, [(mesh, remat,
-  outcome)]). Skipped without compiling: an alternative whose train state alone exceeds the HBM,
-  and a remat change when only the relabel step (which computes no gradients) does not fit; a
-  remat change on the same mesh recompiles the train step only."""
+  outcome)]). When the train state takes over half the HBM, the other mesh comes first (no remat
+  policy shrinks the state). Skipped without compiling: an alternative whose train state alone
+  exceeds the HBM, and a remat change when only the relabel step (which computes no gradients)
+  does not fit; a remat change on the same mesh recompiles the train step only."""
   hbm = report.topology.chip.hbm_gib
   failing = {s.step for s in report.steps if not fits(s.total, hbm)}
+
+  def state_bytes(c, shape) -> int:  # the train state's bytes per chip, from shapes alone
+    return chip_bytes(_abstract_state(c, c.data.vocab_size, mesh_lib.make_mesh(shape, devices))[-1])
+
+  options = alternatives(config, report.mesh)
+  if state_bytes(config, report.mesh) > hbm * GIB / 2:
+    options.sort(key=lambda option: option[0] == tuple(report.mesh))  # stable: the order within each mesh stays
   tried = []
-  for mesh_shape, remat in alternatives(config, report.mesh):
+  for mesh_shape, remat in options:
     if sum(outcome != "skipped" for *_, outcome in tried) >= tries:
       break
     same_mesh = tuple(mesh_shape) == tuple(report.mesh)
     if same_mesh and "train_step" not in failing:
       continue
     candidate = _with_remat(config, remat)
-    mesh = mesh_lib.make_mesh(mesh_shape, devices)
-    if chip_bytes(_abstract_state(candidate, candidate.data.vocab_size, mesh)[-1]) > hbm * GIB:
+    if state_bytes(candidate, mesh_shape) > hbm * GIB:
       tried.append((mesh_shape, remat, "skipped"))
       continue
     kinds = tuple(s.step.removesuffix("_step") for s in report.steps)  # "train", "relabel"

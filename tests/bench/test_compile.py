@@ -244,8 +244,9 @@ def test_a_global_batch_that_does_not_split_over_the_mesh_is_refused_before_comp
 @pytest.fixture
 def fake_compile(monkeypatch):
   """compile_report stubbed: the train step fits (10 GiB of 16) only with full remat under full
-  FSDP; every call is recorded."""
-  calls = []
+  FSDP; every call is recorded. The train state's bytes per chip: 1 GiB, or what `state_gib`
+  says for a mesh shape."""
+  calls, state_gib = [], {}
 
   def compile_report(config, topology, mesh_shape, *, name, devices, steps):
     remat = config.model.vision.remat
@@ -255,24 +256,48 @@ def fake_compile(monkeypatch):
     return aot.Report(name, topology, "TPU v5 lite", mesh_shape, remat, [train, *relabel])
 
   monkeypatch.setattr(aot, "compile_report", compile_report)
-  return calls
+  monkeypatch.setattr(aot, "_abstract_state", lambda config, vocab, mesh: (None,) * 4 + (tuple(mesh.shape.values()),))
+  monkeypatch.setattr(aot, "chip_bytes", lambda shape: state_gib.get(shape, 1) * GIB)
+  return calls, state_gib
 
 
 def test_search_compiles_alternatives_in_order_until_one_fits(small, fake_compile):
+  calls, _ = fake_compile
   failed = _report([_step(total_gib=20), _step("relabel_step", total_gib=1)], mesh=(8, 1, 1), topology="v5e:2x4")
   found, tried = aot.search(small, failed, 10, jax.devices()[:8])
   assert [(m, r) for m, r, _ in tried] == aot.alternatives(small, (8, 1, 1))
   assert [outcome for *_, outcome in tried] == ["does not fit"] * 6 + ["fits"]
   assert (found.mesh, found.remat, found.fits) == ((1, 8, 1), "full", True)
   # A remat change on the same mesh recompiles the train step only and keeps the relabel step's report.
-  assert [steps for *_, steps in fake_compile] == [("train",)] * 3 + [("train", "relabel")] * 4
-  fake_compile.clear()
+  assert [steps for *_, steps in calls] == [("train",)] * 3 + [("train", "relabel")] * 4
+  assert [s.step for s in found.steps] == ["train_step", "relabel_step"]
+  calls.clear()
   assert aot.search(small, failed, 2, jax.devices()[:8]) == (None, [((8, 1, 1), "dots", "does not fit"),
                                                                     ((8, 1, 1), "dots_no_batch", "does not fit")])
-  assert len(fake_compile) == 2
+  assert len(calls) == 2
+
+
+def test_search_skips_without_compiling_a_mesh_whose_state_alone_exceeds_the_hbm(small, fake_compile):
+  calls, state_gib = fake_compile
+  state_gib[(1, 8, 1)] = 17  # (contrived: a mesh whose state does not fit 16 GiB)
+  failed = _report([_step(total_gib=20), _step("relabel_step", total_gib=1)], mesh=(8, 1, 1), topology="v5e:2x4")
+  found, tried = aot.search(small, failed, 10, jax.devices()[:8])
+  assert [outcome for *_, outcome in tried] == ["does not fit"] * 3 + ["skipped"] * 4
+  assert found is None and [mesh for mesh, *_ in calls] == [(8, 1, 1)] * 3
 
 
 def test_search_leaves_remat_alone_when_only_the_relabel_step_does_not_fit(small, fake_compile):
+  calls, _ = fake_compile
   failed = _report([_step(total_gib=10), _step("relabel_step", total_gib=20)], mesh=(8, 1, 1), topology="v5e:2x4")
   aot.search(small, failed, 1, jax.devices()[:8])
-  assert fake_compile == [((1, 8, 1), "none", ("train", "relabel"))]
+  assert calls == [((1, 8, 1), "none", ("train", "relabel"))]
+
+
+def test_search_shards_the_state_first_when_it_takes_over_half_the_hbm(small, fake_compile):
+  _, state_gib = fake_compile
+  state_gib[(8, 1, 1)] = 9  # of 16 GiB: no remat policy makes room
+  failed = _report([_step(total_gib=20), _step("relabel_step", total_gib=1)], mesh=(8, 1, 1), topology="v5e:2x4")
+  found, tried = aot.search(small, failed, 10, jax.devices()[:8])
+  assert [(m, r) for m, r, _ in tried] == [((1, 8, 1), "none"), ((1, 8, 1), "dots"), ((1, 8, 1), "dots_no_batch"),
+                                          ((1, 8, 1), "full")]
+  assert (found.mesh, found.remat) == ((1, 8, 1), "full")
