@@ -1,6 +1,9 @@
 """KLIP-base as in the paper: ViT-B/16 + BERT-base, 180 text tokens.
 
-Variants: `base.py` (224 px chips), `base.py:384` (384 px, BLIP's fine-tuning resolution)."""
+Variants: `base.py` (224 px chips), `base.py:384` (384 px, BLIP's fine-tuning resolution).
+
+The towers are scanned (one layer's program, parameters stacked on a "layers" axis), as pods
+run them: the TPU compiler takes ~15 s for the scanned train step against ~24 min unrolled."""
 
 from klip_jax.config import default_config, variant
 
@@ -10,4 +13,5 @@ def get_config(arg=None):
   c.model.vision.image_size = c.data.synth.image_size = int(variant(arg, ("224", "384")))
   c.model.dtype = "bfloat16"
   c.data.max_len = 180
+  c.model.vision.scan_layers = c.model.text.scan_layers = True
   return c
