@@ -50,7 +50,7 @@ setup(
         "pycocoevalcap>=1.2",  # captioning BLEU / CIDEr
     ],
     extras_require={
-        "test": ["pytest>=8.0", "hypothesis>=6.100", "ruff==0.17.6", *EXPORT,
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff==0.17.6", *EXPORT,
                  *(f"{r}; sys_platform == 'linux' and platform_machine == 'x86_64'" for r in TPU)],
         "export": EXPORT,
         "tpu": TPU,

@@ -1,10 +1,20 @@
 """Shared fixtures. Eight virtual CPU devices are set up before anything imports jax, so
 multi-device code is tested on a (data, fsdp, tensor) mesh on any machine."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  # Tests compile the same tiny programs many times over (each `klip` subprocess, each stage,
+  # each pytest-xdist worker), and compiling is most of a tiny run's time: one persistent XLA
+  # cache per session, which the subprocesses and workers inherit through the environment.
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache = tempfile.mkdtemp(prefix="klip-jax-test-xla-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest
 
@@ -32,3 +42,9 @@ def tiny_tokenizer(tiny_data, tmp_path_factory) -> str:
   path = tmp_path_factory.mktemp("tok") / "tok.model"
   tokenizer.train_sentencepiece(captions + [c for c, _ in all_template_captions()], 1000, path)
   return str(path)
+
+
+def pytest_collection_modifyitems(items):
+  """The slow tier first, the multi-process runs (the longest) before all: pytest-xdist workers
+  take tests in this order, so the long ones start early and the short ones fill the gaps."""
+  items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "multihost" not in item.nodeid))
