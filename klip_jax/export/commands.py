@@ -120,14 +120,17 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
   db_stats = (stats["db_mean"], stats["db_std"]) if "db_mean" in stats else None
   temperature = float(np.clip(flat["temp"], *config.model.temp_range))
   out = os.path.abspath(out)
-  written = {"step": int(state.step)}
-  if not hosts.is_writer():  # every process restored and gathered the parameters; one writes
+  models = {name: hf.to_hf(flat, entries(config.model)) for name, (_, entries) in _MODELS.items()}
+  # What every process returns; every process restored and gathered the parameters, one writes.
+  written = {"step": int(state.step),
+             **{name: {"path": os.path.join(out, name), "tensors": len(t)} for name, t in models.items()}}
+  if not hosts.is_writer():
     return written
   with io.atomic_path(out) as tmp:
-    for name, (architecture, entries) in _MODELS.items():
+    for name, (architecture, _) in _MODELS.items():
       folder = os.fspath(tmp / name)
       os.makedirs(folder)
-      tensors = hf.to_hf(flat, entries(config.model))
+      tensors = models[name]
       safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
       blip = hf.blip_config(config.model, data.codec.vocab_size, tokens)
       blip.architectures = [architecture]
@@ -135,7 +138,6 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
       (tmp / name / "tokenizer.model").write_bytes(data.codec.sp.serialized_model_proto())
       (tmp / name / "README.md").write_text(
           _readme(name, config, data.codec, tokens, written["step"], temperature, db_stats))
-      written[name] = {"path": os.path.join(out, name), "tensors": len(tensors)}
   log.info("exported step %d of %s to %s", written["step"], workdir, out)
   return written
 

@@ -13,13 +13,9 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
 
 from klip_jax import config as config_lib
-from klip_jax import io
-from klip_jax.data import prepare
 from klip_jax.data.tokenizer import TextCodec, TokenIds
 from klip_jax.errors import ConfigError, ExportError
 from klip_jax.export import commands, hf
@@ -110,18 +106,8 @@ def _compare(config, vocab, klip_params, models, label, tokens=parity.TOKENS):
 
 def test_export_workdir_loads_in_transformers_and_matches(tiny, tmp_path):
   workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
-  codec = prepare.ensure(tiny, workdir).codec
-  vocab, tokens = codec.vocab_size, TokenIds.from_codec(codec)
-  tx, _ = state_lib.make_optimizer(tiny.optim, tiny.train.steps)
-  _, abstract, shardings = state_lib.abstract_state(tiny, vocab, tx, mesh_lib.make_mesh(tiny.mesh.shape))
-  # A "trained" state: random parameters, zero optimizer state, at step 7.
-  state = jax.tree.map(lambda a, s: jax.device_put(np.full(a.shape, 7 if a.dtype == np.int32 else 0, a.dtype), s),
-                       abstract, shardings)
-  params = parity.random_params(tiny, vocab, seed=1)
-  nnx.replace_by_pure_dict(state.params, jax.tree.map(jax.device_put, params, shardings.params.to_pure_dict()))
-  with checkpoint.manager(workdir, tiny) as manager:
-    manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-  io.write_text(os.path.join(workdir, "config.json"), tiny.to_json_best_effort())
+  params, tokens = parity.trained_workdir(tiny, workdir, seed=1, step=7)
+  vocab = TextCodec(tiny.data.tokenizer, 8).vocab_size
 
   written = commands.export_workdir(workdir, out)  # the config comes from workdir/config.json
 

@@ -68,15 +68,18 @@ def _both(tmp_path, name: str, args_of) -> tuple[str, str]:
   return one, two
 
 
-def _params(workdir: str, step: int) -> dict:
-  """A checkpoint's parameters restored in this one process, onto one device (whatever the
+def _saved_params(path: str) -> dict:
+  """The tree saved at `path`, restored in this one process onto one device (whatever the
   processes and devices that saved it)."""
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as checkpointer:
     saved = checkpointer.metadata(path).item_metadata.tree
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), saved)
-    return checkpointer.restore(path, target)["params"]
+    return checkpointer.restore(path, target)
+
+
+def _params(workdir: str, step: int) -> dict:
+  return _saved_params(os.path.join(workdir, "checkpoints", str(step), "state"))["params"]
 
 
 def _assert_same_tree(a, b, rtol=1e-5, atol=1e-5):
@@ -160,3 +163,38 @@ def test_training_relabelling_and_eval_match_one_process(tiny_data, tiny_tokeniz
   assert results[0]["tasks"].keys() == {"retrieval", "itm", "scio_repair"}
   _assert_same_tree(results[0]["tasks"], results[1]["tasks"], rtol=1e-4, atol=1e-4)
   _assert_only_process_0_wrote(one, two, train_runs=2)
+
+
+def test_export_and_import_hf_match_one_process(tiny_data, tiny_tokenizer, tmp_path):
+  """`klip export` and `klip import-hf` as 2 processes x 4 devices write what one process
+  writes, exactly: every process restores and gathers the parameters, process 0 alone writes
+  the HF folders; every process saves its shards of the imported parameters."""
+  pytest.importorskip("transformers", reason="export needs the export extra: pip install -e '.[export]'")
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  from klip_jax import config as config_lib
+  from klip_jax.export import commands
+  from tests.export import parity
+
+  config = config_lib.load("configs/tiny.py:48px")
+  config.data.update(data_dir=tiny_data, tokenizer=tiny_tokenizer, max_len=96)
+  workdir = str(tmp_path / "run")
+  parity.trained_workdir(config, workdir, seed=1, step=7)
+  one, two = str(tmp_path / "hf_1x8"), str(tmp_path / "hf_2x4")
+  commands.export_workdir(workdir, one)  # this process: 1 x 8 devices
+  _klip(["export", "--workdir", workdir, "--out", two], 2, 4)
+  for name in ("retrieval", "captioning"):
+    assert sorted(os.listdir(os.path.join(one, name))) == sorted(os.listdir(os.path.join(two, name)))
+    a, b = (safetensors_numpy.load_file(os.path.join(d, name, "model.safetensors")) for d in (one, two))
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  assert sorted(os.listdir(tmp_path)) == ["hf_1x8", "hf_2x4", "run"]  # no temporaries left
+
+  args = lambda w: ["import-hf", two, "--workdir", w, "--config", "configs/tiny.py:48px",
+                    f"--config.data.data_dir={tiny_data}", f"--config.data.tokenizer={tiny_tokenizer}",
+                    "--config.data.max_len=96"]
+  commands.import_hf(two, config, str(tmp_path / "import_1x8"))
+  _klip(args(str(tmp_path / "import_2x4")), 2, 4)
+  restored = [_saved_params(os.path.join(tmp_path, w, "init_params")) for w in ("import_1x8", "import_2x4")]
+  _assert_same_tree(*restored, rtol=0, atol=0)
+  assert os.path.exists(os.path.join(tmp_path, "import_2x4", "config.json"))
