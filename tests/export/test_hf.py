@@ -108,20 +108,26 @@ def _compare(config, vocab, klip_params, models, label, tokens=parity.TOKENS):
   return parity.assert_parity(ours, theirs, label)
 
 
-def test_export_workdir_loads_in_transformers_and_matches(tiny, tmp_path):
-  workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
+def _trained_workdir(tiny, workdir: str):
+  """A workdir with a "trained" state: random parameters, zero optimizer state, at step 7;
+  returns (params, codec)."""
   codec = prepare.ensure(tiny, workdir).codec
-  vocab, tokens = codec.vocab_size, TokenIds.from_codec(codec)
   tx, _ = state_lib.make_optimizer(tiny.optim, tiny.train.steps)
-  _, abstract, shardings = state_lib.abstract_state(tiny, vocab, tx, mesh_lib.make_mesh(tiny.mesh.shape))
-  # A "trained" state: random parameters, zero optimizer state, at step 7.
+  _, abstract, shardings = state_lib.abstract_state(tiny, codec.vocab_size, tx, mesh_lib.make_mesh(tiny.mesh.shape))
   state = jax.tree.map(lambda a, s: jax.device_put(np.full(a.shape, 7 if a.dtype == np.int32 else 0, a.dtype), s),
                        abstract, shardings)
-  params = parity.random_params(tiny, vocab, seed=1)
+  params = parity.random_params(tiny, codec.vocab_size, seed=1)
   nnx.replace_by_pure_dict(state.params, jax.tree.map(jax.device_put, params, shardings.params.to_pure_dict()))
   with checkpoint.manager(workdir, tiny) as manager:
     manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
   io.write_text(os.path.join(workdir, "config.json"), tiny.to_json_best_effort())
+  return params, codec
+
+
+def test_export_workdir_loads_in_transformers_and_matches(tiny, tmp_path):
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
+  params, codec = _trained_workdir(tiny, workdir)
+  vocab, tokens = codec.vocab_size, TokenIds.from_codec(codec)
 
   written = commands.export_workdir(workdir, out)  # the config comes from workdir/config.json
 
@@ -160,6 +166,31 @@ def test_import_hf_initialises_a_workdir_that_matches(tiny, tmp_path):
   _, abstract, shardings = state_lib.abstract_state(tiny, codec.vocab_size, tx, mesh)
   params = checkpoint.restore_params(result["init_params"], abstract.params, shardings.params)
   _compare(tiny, codec.vocab_size, jax.device_get(params.to_pure_dict()), models, "import tiny", tokens)
+
+
+def test_export_to_and_import_from_gcs(tiny, tmp_path, fake_gcs):
+  """An export to gs:// (written locally, since safetensors and save_pretrained take local
+  paths, then uploaded) holds the bytes of a local export, and import-hf reads it back from
+  the bucket into the parameters a local import gives."""
+  workdir = str(tmp_path / "run")
+  _, codec = _trained_workdir(tiny, workdir)
+  commands.export_workdir(workdir, str(tmp_path / "hf"))
+  written = commands.export_workdir(workdir, "gs://bucket/hf")
+  assert written["retrieval"]["path"] == "gs://bucket/hf/retrieval"
+  local = {p.relative_to(tmp_path / "hf").as_posix(): p.read_bytes()
+           for p in (tmp_path / "hf").rglob("*") if p.is_file()}
+  assert {name.removeprefix("bucket/hf/"): data for name, data in fake_gcs.items()} == local
+
+  tx, _ = state_lib.make_optimizer(tiny.optim, tiny.train.steps)
+  _, abstract, shardings = state_lib.abstract_state(tiny, codec.vocab_size, tx, mesh_lib.make_mesh(tiny.mesh.shape))
+  imported = []
+  for source, target in (("gs://bucket/hf", "from_gcs"), (str(tmp_path / "hf"), "from_disk")):
+    result = commands.import_hf(source, tiny, str(tmp_path / target))
+    params = checkpoint.restore_params(result["init_params"], abstract.params, shardings.params)
+    imported.append((result["imported"], result["not_imported"], jax.device_get(params.to_pure_dict())))
+  (n_gcs, skipped_gcs, gcs), (n_disk, skipped_disk, disk) = imported
+  assert n_gcs == n_disk > 0 and skipped_gcs == skipped_disk
+  jax.tree.map(np.testing.assert_array_equal, gcs, disk)
 
 
 def test_other_layouts_export_and_import(tiny):
