@@ -9,6 +9,10 @@ EXPORT = ["torch==2.13.0", "transformers>=4.40", "safetensors>=0.4"]
 # libtpu (~700 MB, Linux x86-64 only): TPU slices described on a CPU host, so `klip compile` and
 # its tests compile for TPUs anywhere. Installed, it costs plain CPU jax nothing at startup.
 TPU = [f"jax[tpu]=={JAX_VERSION}"]
+# gs:// workdirs (klip_jax/io.py): gcsfs, through etils' epath-gcs extra, for the files klip_jax
+# and orbax write through etils.epath (orbax's arrays go through tensorstore, which talks to GCS
+# itself); google-cloud-storage for tensorboardX's event files. Datasets stay local (data/builder.py).
+GCS = ["etils[epath-gcs]>=1.7", "google-cloud-storage>=2.14"]
 
 setup(
     name="klip-jax",
@@ -54,6 +58,7 @@ setup(
                  *(f"{r}; sys_platform == 'linux' and platform_machine == 'x86_64'" for r in TPU)],
         "export": EXPORT,
         "tpu": TPU,
+        "gcs": GCS,
         "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
     },
     entry_points={"console_scripts": ["klip=klip_jax.cli:main"]},

@@ -92,11 +92,12 @@ def _eval(args, config) -> None:
 
 
 def _ablate(args, config) -> None:
+  from klip_jax import io
   from klip_jax.jobs import ablate
 
   arms = [a for a in args.arms.split(",") if a] if args.arms else None
   ablate.ablate(config, args.workdir, seeds=args.seeds, arms=arms)
-  print(open(os.path.join(args.workdir, "ablation.md")).read())
+  print(io.read_text(io.path(args.workdir) / "ablation.md"))
   print(f"table, JSON and plot in {args.workdir}: ablation.md, ablation.json, ablation.png")
 
 
@@ -121,14 +122,15 @@ def _import_hf(args, config) -> None:
 
 
 def _captions_diff(args) -> None:
+  from klip_jax import io
   from klip_jax.train import scio
 
   path = scio.overlay_path(args.workdir, args.round)
-  if not os.path.exists(path):
+  if not io.exists(path):
     from klip_jax.errors import DatasetError
     raise DatasetError(f"no caption round {args.round} in {args.workdir} (rounds: {scio.rounds(args.workdir)}).")
   shown = 0
-  with open(path) as f:
+  with io.path(path).open() as f:
     for entry in map(json.loads, f):
       if entry["flagged"] < 0:
         continue

@@ -9,7 +9,6 @@ A config file defines `get_config(arg=None) -> ConfigDict`, usually by calling
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from collections.abc import Sequence
 
@@ -238,10 +237,11 @@ def variant(arg: str | None, choices: Sequence[str]) -> str:
 def load_saved(path: str) -> ml_collections.ConfigDict:
   """The config a run saved (WORKDIR/config.json), on top of today's defaults, so sections
   added since the run was started take their default values."""
-  if not os.path.exists(path):
+  from klip_jax import io  # here: io imports jax, which loading a config file does not need
+
+  if not io.exists(path):
     raise ConfigError(f"no saved config at {path}; run klip train or klip pretrain in that workdir first.")
-  with open(path) as f:
-    saved = json.load(f)
+  saved = io.read_json(path)
   config = default_config()
   config.update(saved)
   return config

@@ -22,11 +22,12 @@ Options:
   --tpu TYPE             v4, v5e, v5p or v6e
   --topology TOPOLOGY    chips of one slice, e.g. 4x4 (v5e, v6e) or 2x2x4 (v4, v5p)
   --chips-per-host N     TPU chips per host VM (default 4)
-  --image IMAGE          container image with klip_jax[tpu] installed and the repository at
+  --image IMAGE          container image with klip_jax[tpu,gcs] installed and the repository at
                          /klip_jax, the working directory (launch/Dockerfile builds one)
   --config FILE[:VAR]    default: configs/base.py
   --workdir DIR          run directory every pod sees: gs://, or under --mount
-  --data-dir DIR         ArrayRecord dataset every pod sees (default: synthesise the embedded world)
+  --data-dir DIR         ArrayRecord dataset at a local path in every pod: under --mount, not gs://
+                         (default: synthesise the embedded world into a mounted --workdir)
   --dcn-shape SHAPE      config.mesh.dcn_shape, slices per (data, fsdp, tensor) axis (default: (N,1,1))
   --pvc CLAIM            a ReadWriteMany PersistentVolumeClaim (Filestore, NFS) to mount in every pod
   --mount DIR            where --pvc is mounted (default /shared)

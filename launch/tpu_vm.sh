@@ -28,7 +28,8 @@ Options:
   --ref REF              commit, branch or tag to install (default: HEAD)
   --config FILE[:VAR]    default: configs/base.py
   --workdir DIR          run directory every worker sees: a gcsfuse or NFS mount, or gs://
-  --data-dir DIR         ArrayRecord dataset every worker sees (default: synthesise the embedded world)
+  --data-dir DIR         ArrayRecord dataset at a local path on every worker: a disk copy or a mount,
+                         not gs:// (default: synthesise the embedded world into a mounted --workdir)
   --dry-run              print the commands, run nothing
   -- OVERRIDES           klip config overrides, e.g. -- --config.mesh.shape='(1,-1,1)' --config.train.steps=1000
 EOF
@@ -78,9 +79,9 @@ create() {
 }
 
 # On every worker: the code in ~/klip_jax (a clone of --repo, or this checkout's --ref copied
-# over), installed in a virtual environment ~/klip-venv with the [tpu] extra. One && chain, so
-# the first failure stops it and gcloud reports it; apt waits out the package lock that
-# unattended upgrades hold on a freshly booted VM.
+# over), installed in a virtual environment ~/klip-venv with the [tpu,gcs] extras (gcs: gs://
+# workdirs). One && chain, so the first failure stops it and gcloud reports it; apt waits out
+# the package lock that unattended upgrades hold on a freshly booted VM.
 install_klip() {
   local fetch apt="sudo apt-get -qq -o DPkg::Lock::Timeout=600"
   if [[ -n $REPO ]]; then
@@ -92,7 +93,7 @@ install_klip() {
     fetch="mkdir ~/klip_jax && tar -xzf ~/klip_jax.tar.gz -C ~/klip_jax"
   fi
   run gcloud compute tpus tpu-vm ssh "$NAME" "${WHERE[@]}" --worker=all --command \
-    "$apt update && $apt install -y python3-venv git && rm -rf ~/klip_jax ~/klip-venv && $fetch && python3 -m venv ~/klip-venv && ~/klip-venv/bin/pip install -q --upgrade pip && cd ~/klip_jax && ~/klip-venv/bin/pip install -q -e \".[tpu]\""
+    "$apt update && $apt install -y python3-venv git && rm -rf ~/klip_jax ~/klip-venv && $fetch && python3 -m venv ~/klip-venv && ~/klip-venv/bin/pip install -q --upgrade pip && cd ~/klip_jax && ~/klip-venv/bin/pip install -q -e \".[tpu,gcs]\""
 }
 
 # Every worker runs the same klip command; --distributed joins them into one JAX program.

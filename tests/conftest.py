@@ -17,8 +17,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest
+from etils.epath import backend as epath_backend
+from fsspec.registry import _registry as fsspec_registry
 
 from klip_jax.data import builder, records, tokenizer, world
+from tests.fake_gcs import FakeGCS
 
 TINY_WORLD = world.WorldConfig(image_size=48, resolution_m=(2.0, 10.0), max_targets=4)
 TINY_SETTINGS = builder.SynthSettings({"train": 48, "val": 12, "test": 12}, seed=3,
@@ -42,6 +45,22 @@ def tiny_tokenizer(tiny_data, tmp_path_factory) -> str:
   path = tmp_path_factory.mktemp("tok") / "tok.model"
   tokenizer.train_sentencepiece(captions + [c for c, _ in all_template_captions()], 1000, path)
   return str(path)
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch) -> dict:
+  """gs:// paths served by an empty in-memory GCS (tests/fake_gcs.py) for one test; yields its
+  object store (name "bucket/key" -> bytes). TensorFlow, when installed, is kept out of the way
+  (etils would use tf.io.gfile for gs:// otherwise)."""
+  monkeypatch.setenv("EPATH_USE_TF", "false")
+  for name in ("gs", "gcs"):
+    monkeypatch.setitem(fsspec_registry, name, FakeGCS)
+  monkeypatch.setattr(FakeGCS, "store", {})
+  FakeGCS.clear_instance_cache()
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # etils keeps the filesystem it made
+  yield FakeGCS.store
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  FakeGCS.clear_instance_cache()
 
 
 def pytest_collection_modifyitems(items):

@@ -6,6 +6,11 @@ when every split is written, so an interrupted build never leaves a dataset that
 complete. Every record is validated before it is written. The train split's dB statistics
 (for input normalisation) and the build settings are stored in the dataset's metadata, so a
 second build into the same folder with other settings is refused instead of silently reused.
+
+A dataset lives on a local disk (or a mounted share), never on gs://: array_record's reader and
+writer open the shards with POSIX open() (riegeli FdReader/FdWriter). Given a gs:// shard the
+writer fails at its first record ("open() failed: No such file or directory") and the reader
+(array-record 0.8.6) hangs, so `require_local` refuses an object-store data_dir up front.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from klip_jax import io
 from klip_jax.data import knowledge, records, world
 from klip_jax.errors import DatasetError
 
@@ -116,12 +122,23 @@ class KlipSar(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["settings"] = self._settings.as_metadata()
 
 
+def require_local(data_dir: str | os.PathLike) -> None:
+  """Refuse a data_dir on an object store, naming the fix (see the module docstring)."""
+  if io.is_remote(data_dir):
+    raise DatasetError(
+        f"the dataset {os.fspath(data_dir)} is on an object store, but ArrayRecord shards can only be "
+        "read and written as local files. Copy it to a local disk on every host (gcloud storage cp -r "
+        f"{os.fspath(data_dir)} /data/klip) or mount the bucket there (gcsfuse), and point "
+        "--config.data.data_dir (or --data / --out) at that folder.")
+
+
 def dataset_path(data_dir: str | os.PathLike) -> epath.Path:
   return epath.Path(data_dir) / NAME / VERSION
 
 
 def build(data_dir: str | os.PathLike, settings: RecordSource) -> epath.Path:
   """Write a dataset into `data_dir` (reuses an identical finished build)."""
+  require_local(data_dir)
   settings.validate()
   path = dataset_path(data_dir)
   if (path / "dataset_info.json").exists():
@@ -146,6 +163,7 @@ def _jsonable(value):
 
 
 def _open_builder(data_dir) -> tfds.core.DatasetBuilder:
+  require_local(data_dir)
   path = dataset_path(data_dir)
   if not (path / "dataset_info.json").exists():
     parent = epath.Path(data_dir) / NAME

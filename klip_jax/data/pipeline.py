@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from klip_jax import io
 from klip_jax.data import builder, knowledge, records
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.errors import ConfigError
@@ -257,11 +258,8 @@ class _Features:
 
 
 def read_overlay(path: str) -> dict:
-  """Caption overlay file -> {example id: entry}."""
-  import json
-
-  with open(path) as f:
-    return {entry["id"]: entry for entry in map(json.loads, f)}
+  """Caption overlay file (local or gs://) -> {example id: entry}."""
+  return {entry["id"]: entry for entry in io.read_jsonl(path)}
 
 
 def _check(options: PipelineOptions, process_count: int) -> None:

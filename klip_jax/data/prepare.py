@@ -5,15 +5,18 @@ when something restores a checkpoint.
 chips from `klip data ingest`); empty means the embedded world synthesised from
 `config.data.synth` into WORKDIR/data. `config.data.tokenizer` names a sentencepiece model;
 empty means WORKDIR/tokenizer.model, trained on the train split's captions.
+
+The workdir and the tokenizer may be on gs://; the dataset may not (ArrayRecord shards are
+local files, `builder.require_local`), so a gs:// workdir needs a local config.data.data_dir.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import ml_collections
 
+from klip_jax import io
 from klip_jax.data import builder, records, tokenizer, world
 from klip_jax.errors import DatasetError
 from klip_jax.parallel import hosts
@@ -45,8 +48,13 @@ def train_tokenizer(data_dir: str, vocab_size: int, out: str) -> tokenizer.TextC
 
 
 def _paths(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
-  return (config.data.data_dir or os.path.join(workdir, "data"),
-          config.data.tokenizer or os.path.join(workdir, "tokenizer.model"))
+  if not config.data.data_dir and io.is_remote(workdir):
+    raise DatasetError(f"the workdir {workdir} is on an object store, so the dataset cannot go into "
+                       "WORKDIR/data (ArrayRecord shards are read as local files): give a local "
+                       "--config.data.data_dir on every host (a local disk or a shared mount; build it "
+                       "with klip data synth --out DIR, or copy an existing one there).")
+  return (config.data.data_dir or str(io.path(workdir) / "data"),
+          config.data.tokenizer or str(io.path(workdir) / "tokenizer.model"))
 
 
 def ensure(config: ml_collections.ConfigDict, workdir: str) -> RunData:
@@ -56,7 +64,7 @@ def ensure(config: ml_collections.ConfigDict, workdir: str) -> RunData:
   if hosts.is_writer():
     if not config.data.data_dir:
       builder.build(data_dir, synth_settings(config.data.synth))
-    if not os.path.exists(tok_path):
+    if not io.exists(tok_path):
       train_tokenizer(data_dir, config.data.vocab_size, tok_path)
   hosts.sync("run data")
   return RunData(data_dir, tokenizer.TextCodec(tok_path, config.data.max_len))
@@ -66,10 +74,11 @@ def locate(config: ml_collections.ConfigDict, workdir: str) -> RunData:
   """The run's existing data; builds nothing (restoring a checkpoint must not synthesise a
   dataset or retrain a tokenizer behind the user's back)."""
   data_dir, tok_path = _paths(config, workdir)
-  if not os.path.exists(builder.dataset_path(data_dir) / "dataset_info.json"):
+  builder.require_local(data_dir)
+  if not (builder.dataset_path(data_dir) / "dataset_info.json").exists():
     raise DatasetError(f"no dataset at {data_dir} for {workdir}; the run's data was moved or never "
                        "built. Point --config.data.data_dir at it, or train in this workdir first.")
-  if not os.path.exists(tok_path):
+  if not io.exists(tok_path):
     raise DatasetError(f"no tokenizer at {tok_path} for {workdir}; point --config.data.tokenizer at "
                        "the run's tokenizer.model, or train in this workdir first.")
   return RunData(data_dir, tokenizer.TextCodec(tok_path, config.data.max_len))

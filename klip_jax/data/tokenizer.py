@@ -69,11 +69,11 @@ class TextCodec:
 
   def __init__(self, model: str | os.PathLike | bytes, max_len: int):
     if isinstance(model, (str, os.PathLike)):
-      if not os.path.exists(model):
+      # Read as bytes (sentencepiece loads a model_proto), so the model may be on gs:// too.
+      if not io.exists(model):
         raise TokenizerError(f"no tokenizer at {model}; train one with: klip data tokenizer "
                              "--data DIR --vocab-size V --out FILE")
-      with open(model, "rb") as f:
-        model = f.read()
+      model = io.read_bytes(model)
     if max_len < 3:
       raise TokenizerError(f"max_len={max_len}: need room for [CLS], one piece and [SEP].")
     self._proto = model

@@ -7,7 +7,6 @@ accuracies from metrics.jsonl, SCIO stages shaded, and the in-training evaluatio
 
 from __future__ import annotations
 
-import os
 import textwrap
 
 import matplotlib
@@ -89,7 +88,7 @@ def scio_examples(entries: list[dict], limit: int = 6) -> str:
   return "\n".join(rows)
 
 
-def write(folder: str, results: dict, details: dict, test, i2t_scores, metrics_path: str, scio_config,
+def write(folder: io.PathLike, results: dict, details: dict, test, i2t_scores, metrics_path: io.PathLike, scio_config,
           relabel_entries: list[dict] | None = None) -> None:
   """report.md and the plots into `folder` (each written to a temp name, then renamed)."""
   plots = []
@@ -98,7 +97,7 @@ def write(folder: str, results: dict, details: dict, test, i2t_scores, metrics_p
   matrices = {t: details[t]["confusion"] for t in _CONFUSIONS if "confusion" in details.get(t, {})}
   if matrices:
     plots.append(_save(folder, "confusion.png", _confusions(matrices)))
-  if os.path.exists(metrics_path):
+  if io.exists(metrics_path):
     plots.append(_save(folder, "training_curves.png", _curves(metrics_path, scio_config)))
   questions = [f"- `{t}`: {d['question']}" for t, d in details.items() if "question" in d]
   text = [f"# Benchmark at step {results['step']}", "",
@@ -119,11 +118,11 @@ def write(folder: str, results: dict, details: dict, test, i2t_scores, metrics_p
     text += ["SCIO before/after on train captions (`klip captions diff` shows a round the same way):", "",
              scio_examples(relabel_entries), ""]
   text += [f"![{name}]({name})" for name in plots]
-  io.write_text(os.path.join(folder, "report.md"), "\n".join(text) + "\n")
+  io.write_text(io.path(folder) / "report.md", "\n".join(text) + "\n")
 
 
-def _save(folder: str, name: str, fig) -> str:
-  with io.atomic_path(os.path.join(folder, name)) as tmp, tmp.open("wb") as f:
+def _save(folder: io.PathLike, name: str, fig) -> str:
+  with io.atomic_path(io.path(folder) / name) as tmp, tmp.open("wb") as f:
     fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
   plt.close(fig)
   return name
@@ -169,7 +168,7 @@ def _confusions(matrices: dict):
   return fig
 
 
-def _curves(metrics_path: str, scio_config):
+def _curves(metrics_path: io.PathLike, scio_config):
   """Training losses and accuracies, and the in-training evaluations' headline metrics."""
   lines = io.read_jsonl(metrics_path)
   logged = [m for m in lines if "eval" not in m]

@@ -14,8 +14,6 @@ reported as skipped, with the reason. The checkpoint's data must exist: nothing 
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
 from klip_jax import io
@@ -48,14 +46,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
     _, fresh, _ = state_lib.create(c, data.codec.vocab_size, tx, mesh)
     out["random_init"], _ = registry.evaluate(
         model.with_params(fresh.params), [t for t in tasks if "trained" not in registry.REGISTRY[t].needs])
-  folder = os.path.join(workdir, "eval")
-  io.write_json(os.path.join(folder, "results.json"), out)
-  io.write_json(os.path.join(folder, "details.json"), details)
+  folder = io.path(workdir) / "eval"
+  io.write_json(folder / "results.json", out)
+  io.write_json(folder / "details.json", details)
   if "captions" in model.outputs:
-    io.write_jsonl(os.path.join(folder, "captions_test.jsonl"), model.outputs["captions"])
+    io.write_jsonl(folder / "captions_test.jsonl", model.outputs["captions"])
   if "relabel_entries" in model.outputs:
-    io.write_jsonl(os.path.join(folder, "relabel_train.jsonl"), model.outputs["relabel_entries"])
+    io.write_jsonl(folder / "relabel_train.jsonl", model.outputs["relabel_entries"])
   test = model.test if "i2t_scores" in model.outputs else None
   report.write(folder, out, details, test, model.outputs.get("i2t_scores"),
-               os.path.join(workdir, "metrics.jsonl"), c.scio, model.outputs.get("relabel_entries"))
+               io.path(workdir) / "metrics.jsonl", c.scio, model.outputs.get("relabel_entries"))
   return out

@@ -105,12 +105,14 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
   models under `out`; returns what was written.
 
   `config` defaults to the run's workdir/config.json. `out` must be new, empty or an earlier
-  export (it is replaced).
+  export (it is replaced); it may be on gs:// (written locally, then uploaded: safetensors and
+  save_pretrained write local files only).
   """
   _, _, safetensors = hf.require()
-  if os.path.exists(out) and not (os.path.isdir(out) and set(os.listdir(out)) <= set(_MODELS)):
+  target = io.resolve(out)
+  if target.exists() and not (target.is_dir() and {p.name for p in target.iterdir()} <= set(_MODELS)):
     raise ExportError(f"{out} exists and is not an earlier export; choose a new --out.")
-  config = config_lib.load_saved(os.path.join(workdir, "config.json")) if config is None else config
+  config = config_lib.load_saved(str(io.path(workdir) / "config.json")) if config is None else config
   data = prepare.locate(config, workdir)
   _, state = checkpoint.restore(config, workdir, data.codec.vocab_size,
                                 mesh_lib.from_config(config.mesh), step)
@@ -119,14 +121,13 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
   stats = builder.metadata(data.data_dir)
   db_stats = (stats["db_mean"], stats["db_std"]) if "db_mean" in stats else None
   temperature = float(np.clip(flat["temp"], *config.model.temp_range))
-  out = os.path.abspath(out)
   models = {name: hf.to_hf(flat, entries(config.model)) for name, (_, entries) in _MODELS.items()}
   # What every process returns; every process restored and gathered the parameters, one writes.
   written = {"step": int(state.step),
-             **{name: {"path": os.path.join(out, name), "tensors": len(t)} for name, t in models.items()}}
+             **{name: {"path": str(target / name), "tensors": len(t)} for name, t in models.items()}}
   if not hosts.is_writer():
     return written
-  with io.atomic_path(out) as tmp:
+  with io.local_atomic_path(target) as tmp:
     for name, (architecture, _) in _MODELS.items():
       folder = os.fspath(tmp / name)
       os.makedirs(folder)
@@ -138,7 +139,7 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
       (tmp / name / "tokenizer.model").write_bytes(data.codec.sp.serialized_model_proto())
       (tmp / name / "README.md").write_text(
           _readme(name, config, data.codec, tokens, written["step"], temperature, db_stats))
-  log.info("exported step %d of %s to %s", written["step"], workdir, out)
+  log.info("exported step %d of %s to %s", written["step"], workdir, target)
   return written
 
 
@@ -181,11 +182,13 @@ def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str) -> d
 
   `hf_dir` is one save_pretrained folder (retrieval or captioning) or a folder holding
   retrieval/ and captioning/ ones (as `export_workdir` writes); see hf.import_plan for which
-  tensors come from where.
+  tensors come from where. A gs:// `hf_dir` is copied to a local folder first (transformers and
+  safetensors read local files only).
   """
   hf.require()
-  folders = [os.path.join(hf_dir, n) for n in _MODELS if os.path.isdir(os.path.join(hf_dir, n))] or [hf_dir]
-  sources = [_read_checkpoint(folder) for folder in folders]
+  with io.local_copy(hf_dir) as local:
+    folders = [str(local / n) for n in _MODELS if (local / n).is_dir()] or [str(local)]
+    sources = [_read_checkpoint(folder) for folder in folders]
   for source in sources:
     hf.check_compatible(config.model, source)
   config_lib.validate(config)
@@ -209,7 +212,7 @@ def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str) -> d
   # it when all are done, so an interrupted import leaves no init_params behind.
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, state.params)
-  io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  io.write_text(io.path(workdir) / "config.json", config.to_json_best_effort(indent=2))
   log.info("imported %d tensors from %s into %s", len(report.imported), hf_dir, path)
   return {"init_params": path, "sources": [s.name for s in sources], "imported": len(report.imported),
           "not_imported": report.not_imported, "adapted": report.adapted}

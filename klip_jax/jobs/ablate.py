@@ -22,8 +22,6 @@ its checkpoint. WORKDIR/ablation.json, ablation.md and ablation.png hold the sum
 
 from __future__ import annotations
 
-import os
-
 import matplotlib
 import ml_collections
 import numpy as np
@@ -143,7 +141,7 @@ def markdown(table: dict, arms: list[str], seeds: int) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(table: dict, arms: list[str], path: str) -> None:
+def plot(table: dict, arms: list[str], path: io.PathLike) -> None:
   names = list(table)
   fig, ax = plt.subplots(figsize=(12, 0.35 * len(names) * len(arms) + 1.5))
   height = 0.8 / len(arms)
@@ -162,8 +160,8 @@ def plot(table: dict, arms: list[str], path: str) -> None:
   ax.set_xlabel("mean over seeds, 95% CI")
   ax.legend(loc="lower right")
   fig.tight_layout()
-  with io.atomic_path(path) as tmp:
-    fig.savefig(str(tmp), format="png", dpi=110)
+  with io.atomic_path(path) as tmp, tmp.open("wb") as f:  # a file object: tmp may be on gs://
+    fig.savefig(f, format="png", dpi=110)
   plt.close(fig)
 
 
@@ -176,19 +174,19 @@ def ablate(config: ml_collections.ConfigDict, workdir: str, *, seeds: int, arms:
   if seeds < 1:
     raise ConfigError(f"--seeds {seeds}: give at least 1 (3 or more for a confidence interval).")
   data = prepare.ensure(config, workdir)
-  tokenizer = os.path.join(workdir, "tokenizer.model")
+  tokenizer = str(io.path(workdir) / "tokenizer.model")
   runs: dict[str, list[dict]] = {arm: [] for arm in arms}
   for seed in range(seeds):
     for arm in arms:
-      run_dir = os.path.join(workdir, arm, f"seed_{seed}")
-      results_path = os.path.join(run_dir, "eval", "results.json")
-      if not os.path.exists(results_path):
+      run_dir = str(io.path(workdir) / arm / f"seed_{seed}")
+      results_path = io.path(run_dir) / "eval" / "results.json"
+      if not results_path.exists():
         c = arm_config(config, arm, seed, data.data_dir, tokenizer)
         train_job.train(c, run_dir, progress=progress)
         suite.run(c, run_dir, progress=progress)
       runs[arm].append(io.read_json(results_path))
   table = summarise(runs)
-  io.write_json(os.path.join(workdir, "ablation.json"), {"seeds": seeds, "arms": arms, "table": table})
-  io.write_text(os.path.join(workdir, "ablation.md"), markdown(table, arms, seeds))
-  plot(table, arms, os.path.join(workdir, "ablation.png"))
+  io.write_json(io.path(workdir) / "ablation.json", {"seeds": seeds, "arms": arms, "table": table})
+  io.write_text(io.path(workdir) / "ablation.md", markdown(table, arms, seeds))
+  plot(table, arms, io.path(workdir) / "ablation.png")
   return table

@@ -4,14 +4,14 @@
   WORKDIR/init_params/          parameters a fresh run starts from (`klip import-hf`)
 Restoring reads arrays straight into the shardings of the current mesh, so a checkpoint
 written on one mesh, or by another number of processes, resumes on another. Nothing here reads
-or builds data.
+or builds data. A gs:// workdir is handed to orbax as it is (orbax writes buckets itself: arrays
+through tensorstore, metadata through etils.epath); only local paths are made absolute.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import grain
 import jax
@@ -58,7 +58,7 @@ class IteratorRestore(ocp.args.CheckpointArgs):
 
 def manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      io.resolve(workdir) / "checkpoints",
       item_names=("state", "data"),
       item_handlers={"state": ocp.StandardCheckpointHandler(), "data": IteratorHandler()},
       options=ocp.CheckpointManagerOptions(
@@ -87,7 +87,7 @@ def restore_state(checkpoints: ocp.CheckpointManager, step: int, abstract, shard
 
 def init_params_path(workdir: str) -> str:
   """Where `klip import-hf` leaves the parameters a fresh run of `workdir` starts from."""
-  return os.path.join(os.path.abspath(workdir), "init_params")
+  return str(io.resolve(workdir) / "init_params")
 
 
 def restore_params(path: str, abstract, shardings):
@@ -113,8 +113,8 @@ def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int, me
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuse to continue a workdir whose checkpoints belong to another model config."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = io.path(workdir) / "config.json"
+  if not path.exists():
     return
   saved = io.read_json(path)
   now = json.loads(config.to_json_best_effort())

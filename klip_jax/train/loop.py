@@ -14,7 +14,6 @@ seed and the step, and the data iterator is restored exactly).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -60,16 +59,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
   scio_on = scio.total_steps(c.scio) > 0
   if scio_on:
     scio.validate(c)
-  os.makedirs(workdir, exist_ok=True)
+  io.path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.from_config(c.mesh)
   tx, schedule = state_lib.make_optimizer(c.optim, c.train.steps)
   graph, abstract, shardings = state_lib.abstract_state(c, data.codec.vocab_size, tx, mesh)
   checkpoints = checkpoint.manager(workdir, c)
   start = checkpoints.latest_step() or 0
-  imported = not start and os.path.isdir(checkpoint.init_params_path(workdir))
+  imported = not start and io.path(checkpoint.init_params_path(workdir)).is_dir()
   if start or imported:
     checkpoint.check_resumable(c, workdir)
-  io.write_text(os.path.join(workdir, "config.json"), c.to_json_best_effort(indent=2))
+  io.write_text(io.path(workdir) / "config.json", c.to_json_best_effort(indent=2))
   stage = scio.stage_of(start, c.scio) if scio_on else "A"
   iterator = iter(scio.stage_pipeline(c, data, workdir, stage))
   if start:

@@ -4,11 +4,12 @@ Training metrics are logged as `train/<name>`; in-training evaluations as
 `eval/<task>/<metric>` in TensorBoard and as `{"step": s, "eval": {task: {metric: value}}}`
 lines in metrics.jsonl, so a reader can tell the two kinds of line apart. In a multi-process
 run only process 0 writes them (the metrics are global, the same on every process).
+A gs:// workdir works for both: metrics.jsonl through `io` (rewritten whole per line, as
+buckets cannot append), the event files through tensorboardX's own GCS writer, which needs
+google-cloud-storage (in the gcs extra) and re-uploads the events file on every flush.
 """
 
 from __future__ import annotations
-
-import os
 
 from tensorboardX import SummaryWriter
 
@@ -18,8 +19,8 @@ from klip_jax.parallel import hosts
 
 class MetricsWriter:
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tensorboard = SummaryWriter(os.path.join(workdir, "logs")) if hosts.is_writer() else None
+    self.path = io.path(workdir) / "metrics.jsonl"
+    self._tensorboard = SummaryWriter(str(io.path(workdir) / "logs")) if hosts.is_writer() else None
 
   def train(self, step: int, metrics: dict[str, float]) -> None:
     self._write(step, {"step": step, **metrics}, {f"train/{name}": v for name, v in metrics.items()})

@@ -9,7 +9,6 @@ to a temporary folder and renamed, and never overwritten, so every round stays a
 from __future__ import annotations
 
 import collections
-import os
 
 import jax
 import numpy as np
@@ -57,24 +56,24 @@ def validate(config) -> None:
 
 
 def overlay_path(workdir: str, round_index: int) -> str:
-  return os.path.join(workdir, "captions", f"round_{round_index}", "overlay.jsonl")
+  return str(io.path(workdir) / "captions" / f"round_{round_index}" / "overlay.jsonl")
 
 
 def rounds(workdir: str) -> list[int]:
-  folder = os.path.join(workdir, "captions")
-  if not os.path.isdir(folder):
+  folder = io.path(workdir) / "captions"
+  if not folder.is_dir():
     return []
-  return sorted(int(n.split("_")[1]) for n in os.listdir(folder)
-                if n.startswith("round_") and n.split("_")[1].isdigit())
+  names = [p.name for p in folder.iterdir()]  # a folder being written is .round_K.tmp-*: not listed
+  return sorted(int(n.split("_")[1]) for n in names if n.startswith("round_") and n.split("_")[1].isdigit())
 
 
 def write_overlay(workdir: str, round_index: int, entries: list[dict]) -> str:
   """Write round K atomically (process 0 writes, every process returns once it is there);
   refuse to overwrite an existing round."""
   path = overlay_path(workdir, round_index)
-  folder = os.path.dirname(path)
+  folder = io.path(path).parent
   if hosts.is_writer():
-    if os.path.exists(folder):
+    if folder.exists():
       raise KlipError(f"{folder} already exists; caption rounds are never overwritten "
                       "(delete it yourself if you really mean to redo that round).")
     with io.atomic_path(folder) as tmp:
@@ -103,7 +102,7 @@ def stage_pipeline(config, data: RunData, workdir: str, stage: str):
   if config.scio.mode == "offline" and stage in STAGE_OVERLAY:
     round_index, use = STAGE_OVERLAY[stage]
     path = overlay_path(workdir, round_index)
-    if os.path.exists(path):
+    if io.exists(path):
       return train_pipeline(config, data, path, use)
   return train_pipeline(config, data)
 
@@ -112,7 +111,7 @@ def enter_offline_stage(config, data: RunData, workdir: str, stage: str, relabel
   """Write the stage's caption round unless an earlier (interrupted) run did, and continue the
   data iterator, from where it stands, on the pipeline that reads that round."""
   round_index, _ = STAGE_OVERLAY[stage]
-  if not os.path.exists(overlay_path(workdir, round_index)):
+  if not io.exists(overlay_path(workdir, round_index)):
     entries = relabel_split(relabel, params, data, "train", mesh, config.scio.relabel_batch_size)
     write_overlay(workdir, round_index, entries)
   position = iterator.get_state()

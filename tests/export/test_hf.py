@@ -148,6 +148,32 @@ def test_import_hf_initialises_a_workdir_that_matches(tiny, tmp_path):
   _compare(tiny, codec.vocab_size, jax.device_get(params.to_pure_dict()), models, "import tiny", tokens)
 
 
+def test_export_to_and_import_from_gcs(tiny, tmp_path, fake_gcs):
+  """An export to gs:// (written locally, since safetensors and save_pretrained take local
+  paths, then uploaded) holds the bytes of a local export, and import-hf reads it back from
+  the bucket into the parameters a local import gives."""
+  workdir = str(tmp_path / "run")
+  parity.trained_workdir(tiny, workdir, seed=1, step=7)
+  vocab = TextCodec(tiny.data.tokenizer, 8).vocab_size
+  commands.export_workdir(workdir, str(tmp_path / "hf"))
+  written = commands.export_workdir(workdir, "gs://bucket/hf")
+  assert written["retrieval"]["path"] == "gs://bucket/hf/retrieval"
+  local = {p.relative_to(tmp_path / "hf").as_posix(): p.read_bytes()
+           for p in (tmp_path / "hf").rglob("*") if p.is_file()}
+  assert {name.removeprefix("bucket/hf/"): data for name, data in fake_gcs.items()} == local
+
+  tx, _ = state_lib.make_optimizer(tiny.optim, tiny.train.steps)
+  _, abstract, shardings = state_lib.abstract_state(tiny, vocab, tx, mesh_lib.make_mesh(tiny.mesh.shape))
+  imported = []
+  for source, target in (("gs://bucket/hf", "from_gcs"), (str(tmp_path / "hf"), "from_disk")):
+    result = commands.import_hf(source, tiny, str(tmp_path / target))
+    params = checkpoint.restore_params(result["init_params"], abstract.params, shardings.params)
+    imported.append((result["imported"], result["not_imported"], jax.device_get(params.to_pure_dict())))
+  (n_gcs, skipped_gcs, gcs), (n_disk, skipped_disk, disk) = imported
+  assert n_gcs == n_disk > 0 and skipped_gcs == skipped_disk
+  jax.tree.map(np.testing.assert_array_equal, gcs, disk)
+
+
 def test_other_layouts_export_and_import(tiny):
   # A separate decoder, split q/k/v vision attention, scanned towers, tanh GELU, other epsilons:
   # all expressed through the HF config or a layout change, never by editing numbers.

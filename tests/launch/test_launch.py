@@ -59,7 +59,7 @@ def test_tpu_vm_up_creates_installs_and_runs_on_every_worker():
   assert install[8:10] == ["--worker=all", "--command"]
   steps = remote(install)
   assert ["tar", "-xzf", "~/klip_jax.tar.gz", "-C", "~/klip_jax"] in steps
-  assert steps[-2:] == [["cd", "~/klip_jax"], ["~/klip-venv/bin/pip", "install", "-q", "-e", ".[tpu]"]]
+  assert steps[-2:] == [["cd", "~/klip_jax"], ["~/klip-venv/bin/pip", "install", "-q", "-e", ".[tpu,gcs]"]]
 
   assert run[:10] == install[:10]
   cd, klip = remote(run)
