@@ -18,7 +18,7 @@ def _data_synth(args, config) -> None:
   from klip_jax.data import builder, prepare
 
   settings = prepare.synth_settings(config.data.synth)
-  path = builder.build(args.out, settings)
+  path = builder.build(args.out, settings, rebuild=args.rebuild)
   meta = builder.metadata(args.out)
   print(f"dataset at {path}: {settings.num_examples}, train dB mean {meta['db_mean']:.2f} "
         f"std {meta['db_std']:.2f}")
@@ -27,10 +27,26 @@ def _data_synth(args, config) -> None:
 def _data_ingest(args) -> None:
   from klip_jax.data import builder, ingest
 
-  source = ingest.ManifestSource(args.manifest)
-  path = builder.build(args.out, source)
+  source = ingest.ManifestSource(args.manifest, skip_bad=args.skip_bad, chip_size=args.chip_size)
+  path = builder.build(args.out, source, rebuild=args.rebuild)
   meta = builder.metadata(args.out)
-  print(f"dataset at {path}: {source.num_examples}, train dB mean {meta.get('db_mean', float('nan')):.2f}")
+  print(f"dataset at {path}: {source.num_examples}, train dB mean {meta.get('db_mean', float('nan')):.2f} "
+        f"std {meta.get('db_std', float('nan')):.2f}")
+  if source.skipped:
+    print(f"skipped {len(source.skipped)} bad manifest lines (--skip-bad):")
+    for reason in source.skipped:
+      print(f"  {reason}")
+
+
+def _data_tile(args) -> None:
+  from klip_jax.data import tile
+
+  for scene in args.scene:
+    done = tile.tile(scene, args.chip, args.stride or args.chip, args.out, max_nodata=args.max_nodata,
+                     value=args.value, band=args.band, split=args.split)
+    print(f"{scene}: {done.chips} chips of {args.chip} px ({done.value}), {done.skipped_nodata} windows over "
+          f"{args.max_nodata:.0%} nodata skipped; manifest stub {done.manifest} (add scene_type, caption, "
+          "keywords)")
 
 
 def _data_tokenizer(args) -> None:
@@ -210,13 +226,34 @@ def _parser() -> argparse.ArgumentParser:
   synth = data.add_parser("synth", help="write the embedded synthetic SAR world as ArrayRecord "
                                          "(sizes, noise, image size: config.data.synth)")
   synth.add_argument("--out", required=True, help="dataset folder")
+  synth.add_argument("--rebuild", action="store_true", help="replace a dataset already there")
   _config_arg(synth, "demo.py", "its data.synth section; e.g. --config.data.synth.num_train=2000")
   synth.set_defaults(run=_data_synth)
 
   ing = data.add_parser("ingest", help="write real chips listed in a JSONL manifest as ArrayRecord")
   ing.add_argument("--manifest", required=True, help="JSONL, one chip per line (klip_jax/data/ingest.py)")
   ing.add_argument("--out", required=True, help="dataset folder")
+  ing.add_argument("--skip-bad", action="store_true",
+                   help="leave out bad lines (printed with the reason) instead of stopping at the first")
+  ing.add_argument("--chip-size", type=int, default=0,
+                   help="the chips' side in pixels (default: the first chip's); other sizes are refused")
+  ing.add_argument("--rebuild", action="store_true",
+                   help="replace a dataset already there (e.g. after images changed on disk)")
   ing.set_defaults(run=_data_ingest)
+
+  til = data.add_parser("tile", help="cut whole SAR scenes into chip GeoTIFFs with a manifest stub")
+  til.add_argument("--scene", nargs="+", required=True, help="GeoTIFF (or any GDAL raster) scenes")
+  til.add_argument("--chip", type=int, required=True, help="chip side in pixels (the model's image size)")
+  til.add_argument("--stride", type=int, default=0, help="pixels between chips (default: --chip, no overlap)")
+  til.add_argument("--out", required=True, help="folder: OUT/<scene>/*.tif and the stub OUT/<scene>.jsonl")
+  til.add_argument("--max-nodata", type=float, default=0.5,
+                   help="skip chips with a larger share of nodata/NaN pixels (default 0.5)")
+  til.add_argument("--value", choices=("amplitude", "intensity", "db", "complex"), default=None,
+                   help="the scene's value type (default: detected, klip_jax/data/raster.py)")
+  til.add_argument("--band", type=_band, default=None,
+                   help="band N of a multi-band scene, or I,Q for complex samples in two bands")
+  til.add_argument("--split", default="train", help="split written into the stub")
+  til.set_defaults(run=_data_tile)
 
   tok = data.add_parser("tokenizer", help="train a sentencepiece model on a dataset's captions")
   tok.add_argument("--data", required=True)
@@ -337,6 +374,17 @@ def _parser() -> argparse.ArgumentParser:
   comp.add_argument("--json", default="", help="also write the reports to this JSON file")
   comp.set_defaults(run=_compile)
   return parser
+
+
+def _band(text: str):
+  """--band N or --band I,Q -> N or [I, Q] (the manifest's "band")."""
+  try:
+    numbers = [int(b) for b in text.split(",")]
+  except ValueError:
+    numbers = []
+  if len(numbers) not in (1, 2):
+    raise argparse.ArgumentTypeError(f"{text!r}: give a band number N or a pair I,Q")
+  return numbers[0] if len(numbers) == 1 else numbers
 
 
 def _config_arg(parser: argparse.ArgumentParser, default: str | None, what: str) -> None:

@@ -1,11 +1,19 @@
 """The TFDS builder that writes ArrayRecord shards, and opening what it wrote.
 
-`KlipSar` is a `tfds.core.GeneratorBasedBuilder` run without TensorFlow. It writes into
-`DATA_DIR/klip_sar/1.0.0/`; TFDS builds into an `incomplete.*` folder and renames it only
-when every split is written, so an interrupted build never leaves a dataset that looks
-complete. Every record is validated before it is written. The train split's dB statistics
-(for input normalisation) and the build settings are stored in the dataset's metadata, so a
-second build into the same folder with other settings is refused instead of silently reused.
+`KlipSar` is a `tfds.core.GeneratorBasedBuilder` run without TensorFlow. A build writes
+into a staging folder `DATA_DIR/klip_sar/.build-*` (TFDS itself writes an `incomplete.*`
+folder inside it) and moves the finished `1.0.0/` into `DATA_DIR/klip_sar/` only when every
+split is written, so an interrupted build never leaves a dataset that looks complete, and a
+killed one (SIGKILL) leaves only a staging folder that the next build removes. Every record is
+validated before it is written. The train split's dB statistics over valid pixels (for input
+normalisation), the chip shape and the build settings (for ingested data: the manifest's and
+every image's sha256) are stored in the dataset's metadata, so a second build into the same
+folder with other settings or changed images is refused, naming what changed, instead of
+silently reused; `rebuild=True` replaces it (the old dataset stays until the new one is done).
+One build per folder at a time.
+
+Shards are read through `open_split`, which names the shard file when a read fails (a
+truncated or corrupted ArrayRecord file).
 
 A dataset lives on a local disk (or a mounted share), never on gs://: array_record's reader and
 writer open the shards with POSIX open() (riegeli FdReader/FdWriter). Given a gs:// shard the
@@ -16,7 +24,9 @@ writer fails at its first record ("open() failed: No such file or directory") an
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import uuid
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -33,9 +43,16 @@ VERSION = "1.0.0"
 SPLITS = ("train", "val", "test")
 
 
+# Float amplitude (calibrated data) is floored here: far below any backscatter a SAR measures,
+# so only exact zeros (e.g. negative intensities after noise subtraction) reach it.
+FLOAT_FLOOR_DB = -100.0
+
+
 def to_db(amplitude: np.ndarray) -> np.ndarray:
-  """Amplitude digital numbers -> dB (zero amplitudes, from quantisation, count as 1)."""
-  return 20.0 * np.log10(np.maximum(amplitude.astype(np.float32), 1.0))
+  """Amplitude -> dB, float32. Integer digital numbers: zeros (quantisation) count as 1, as
+  ever. Float amplitude: floored at FLOAT_FLOOR_DB; NaN (no data) stays NaN."""
+  floor = 1.0 if np.issubdtype(amplitude.dtype, np.integer) else 10.0 ** (FLOAT_FLOOR_DB / 20.0)
+  return 20.0 * np.log10(np.maximum(amplitude.astype(np.float32), np.float32(floor)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +106,7 @@ class KlipSar(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, settings: RecordSource, **kwargs):
     self._settings = settings
     self._db_sum = self._db_sq = self._db_count = 0.0
+    self._shapes = set()
     super().__init__(file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -110,16 +128,28 @@ class KlipSar(tfds.core.GeneratorBasedBuilder):
       record = self._settings.record(split, index)
       records.validate_record(record)
       if self._counts_for_stats(split):
-        db = to_db(record["image"])
-        self._db_sum += float(db.sum())
-        self._db_sq += float(np.square(db, dtype=np.float64).sum())
-        self._db_count += db.size
+        self._count_db(record["image"])
+      self._shapes.add(record["image"].shape)
       yield record["id"], records.to_example(record)
     if self._counts_for_stats(split) and self._db_count:
       mean = self._db_sum / self._db_count
       self.info.metadata["db_mean"] = mean
       self.info.metadata["db_std"] = float(np.sqrt(self._db_sq / self._db_count - mean**2))
+    if len(self._shapes) == 1:
+      self.info.metadata["image_shape"] = list(next(iter(self._shapes)))
     self.info.metadata["settings"] = self._settings.as_metadata()
+
+  def _count_db(self, image: np.ndarray) -> None:
+    db = to_db(image)
+    if np.issubdtype(image.dtype, np.integer):  # every pixel counts (the synthetic world's sums)
+      self._db_sum += float(db.sum())
+      self._db_sq += float(np.square(db, dtype=np.float64).sum())
+      self._db_count += db.size
+    else:  # float amplitude: no-data pixels (NaN) count in no statistic
+      db = db[np.isfinite(db)].astype(np.float64)
+      self._db_sum += float(db.sum())
+      self._db_sq += float(np.square(db).sum())
+      self._db_count += db.size
 
 
 def require_local(data_dir: str | os.PathLike) -> None:
@@ -136,21 +166,68 @@ def dataset_path(data_dir: str | os.PathLike) -> epath.Path:
   return epath.Path(data_dir) / NAME / VERSION
 
 
-def build(data_dir: str | os.PathLike, settings: RecordSource) -> epath.Path:
-  """Write a dataset into `data_dir` (reuses an identical finished build)."""
+def build(data_dir: str | os.PathLike, settings: RecordSource, rebuild: bool = False) -> epath.Path:
+  """Write a dataset into `data_dir` (reuses an identical finished build unless `rebuild`)."""
   require_local(data_dir)
   settings.validate()
   path = dataset_path(data_dir)
+  wanted = _jsonable(settings.as_metadata())
   if (path / "dataset_info.json").exists():
     existing = _open_builder(data_dir).info.metadata.get("settings")
-    if existing != _jsonable(settings.as_metadata()):
-      raise DatasetError(
+    if existing == wanted and not rebuild:
+      return path
+    if not rebuild:
+      describe = getattr(settings, "describe_change", None)
+      raise DatasetError((describe(existing, data_dir) if describe else None) or (
           f"{path} already holds a dataset built with other settings ({existing}); "
-          "choose another --out folder or delete that one.")
-    return path
-  KlipSar(settings=settings, data_dir=os.fspath(data_dir)).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+          "choose another --out folder, or replace it: "
+          f"{command(wanted, data_dir, '--rebuild')}."))
+  parent = epath.Path(data_dir) / NAME
+  _remove_leftovers(parent)
+  staging = parent / f".build-{uuid.uuid4().hex[:8]}"
+  staging.mkdir(parents=True)
+  try:
+    (staging / "settings.json").write_text(json.dumps(wanted))  # names the command after a kill
+    KlipSar(settings=settings, data_dir=os.fspath(staging)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    _move_in(staging / NAME / VERSION, path)
+  finally:
+    if staging.exists():
+      staging.rmtree()
   return path
+
+
+def command(settings: dict | None, data_dir, flags: str = "") -> str:
+  """The command that builds a dataset with these settings (for hints)."""
+  flags = f" {flags}" if flags else ""
+  if settings and "manifest" in settings:
+    return f"klip data ingest --manifest {settings['manifest']} --out {data_dir}{flags}"
+  return (f"klip data synth --out {data_dir}{flags} with the run's --config (klip train and klip "
+          "pretrain rebuild their own WORKDIR/data)")
+
+
+def _leftovers(parent: epath.Path) -> list[epath.Path]:
+  """What interrupted builds left: staging folders (a SIGKILL), TFDS `incomplete.*` folders
+  (builds before staging) and a replaced dataset not yet deleted."""
+  if not parent.exists():
+    return []
+  return sorted(p for pattern in (".build-*", "incomplete*", ".old-*") for p in parent.glob(pattern))
+
+
+def _remove_leftovers(parent: epath.Path) -> None:
+  for leftover in _leftovers(parent):
+    leftover.rmtree()
+
+
+def _move_in(new: epath.Path, path: epath.Path) -> None:
+  """Put the finished dataset `new` at `path`, replacing (then deleting) one already there."""
+  if path.exists():
+    old = path.parent / f".old-{uuid.uuid4().hex[:8]}"
+    path.rename(old)
+    new.rename(path)
+    old.rmtree()
+  else:
+    new.rename(path)
 
 
 def _jsonable(value):
@@ -166,13 +243,44 @@ def _open_builder(data_dir) -> tfds.core.DatasetBuilder:
   require_local(data_dir)
   path = dataset_path(data_dir)
   if not (path / "dataset_info.json").exists():
-    parent = epath.Path(data_dir) / NAME
-    partial = sorted(p.name for p in parent.glob("incomplete*")) if parent.exists() else []
-    hint = (f" Only an interrupted build ({', '.join(partial)}) is there: delete it and rebuild."
-            if partial else "")
-    raise DatasetError(f"no finished klip dataset at {data_dir} (expected {path}).{hint} "
-                       f"Create one with: klip data synth --out {data_dir}")
+    leftovers = _leftovers(epath.Path(data_dir) / NAME)
+    if leftovers:
+      started = [p / "settings.json" for p in leftovers if (p / "settings.json").exists()]
+      settings = json.loads(started[0].read_text()) if started else None
+      raise DatasetError(
+          f"no finished klip dataset at {data_dir}: only an interrupted build ({leftovers[0].name}) is "
+          f"there. Run the build again (it removes the leftover first): {command(settings, data_dir)}")
+    raise DatasetError(
+        f"no finished klip dataset at {data_dir} (expected {path}). Create one with: klip data synth "
+        f"--out {data_dir} (the synthetic world) or klip data ingest --manifest M --out {data_dir} (your chips)")
   return tfds.builder_from_directory(os.fspath(path))
+
+
+class _NamedShards:
+  """A split's random-access source whose read errors name the ArrayRecord shard that failed
+  (a truncated or corrupted file) and the command that rebuilds it."""
+
+  def __init__(self, source, files: list, lengths: list[int], fix: str):
+    self._source, self._files, self._fix = source, [os.fspath(f) for f in files], fix
+    self._ends = np.cumsum(lengths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int):
+    try:
+      example = self._source[index]
+      if example is None:
+        raise ValueError("no record")
+      return example
+    except Exception as e:  # riegeli/array_record/TFDS decode errors of a damaged file
+      shard = self._files[min(int(np.searchsorted(self._ends, index, side="right")), len(self._files) - 1)]
+      problem = " ".join(str(e).split())[:200]
+      raise DatasetError(f"shard {shard} is truncated or corrupted (reading example {index}: {problem}); "
+                         f"rebuild the dataset: {self._fix}") from None
+
+  def __getitems__(self, indices):
+    return [self[i] for i in indices]
 
 
 def open_split(data_dir, split: str):
@@ -180,7 +288,9 @@ def open_split(data_dir, split: str):
   builder = _open_builder(data_dir)
   if split not in builder.info.splits:
     raise DatasetError(f"{data_dir} has no split {split!r}; it has {sorted(builder.info.splits)}.")
-  return builder.as_data_source(split=split)
+  info = builder.info.splits[split]
+  fix = command(builder.info.metadata.get("settings"), data_dir, "--rebuild")
+  return _NamedShards(builder.as_data_source(split=split), info.filepaths, info.shard_lengths, fix)
 
 
 def metadata(data_dir) -> dict:

@@ -1,18 +1,40 @@
-"""Real data in: a JSONL manifest of SAR chips (GeoTIFF or PNG) -> records -> ArrayRecord.
+"""Real data in: a JSONL manifest of SAR chips (GeoTIFF, any GDAL raster, or PNG) -> records ->
+ArrayRecord.
 
-One JSON object per line; paths are relative to the manifest's folder:
+One JSON object per line (UTF-8); paths are relative to the manifest's folder:
 
     {"split": "train", "id": "gf3_000123", "image": "chips/gf3_000123.tif",
+     "value": "amplitude",            # optional: amplitude | intensity | db | complex (raster.py)
+     "band": 2,                        # which band of a multi-band file ([I, Q]: complex in two)
+     "nodata": 0,                      # optional: a fill value the file does not declare
      "scene_type": "target", "caption": "clause one$clause two$...", "keywords": [8 strings],
-     "spans": [[start, end], ...],             # optional: else found in each clause
+     "spans": [[start, end], ...],     # optional: else found in each clause
      "geo": {"platform": "Gaofen-3", "band": "C", "polarization": "HH", "incidence_deg": 35.2,
              "looks": 1, "acquired": "2021-06-30", "city": "Shanghai", "country": "China"},
      "truth": {"boxes": [[x0, y0, x1, y1], ...], "box_classes": ["cargo ship", ...],
                "landcover": "masks/gf3_000123.png"}}   # optional
 
-A GeoTIFF (read with rasterio) supplies lon/lat of the chip centre, EPSG code, geotransform and
-resolution; a PNG needs them in "geo". Images must be single-band uint16 (or uint8) amplitude.
-Every record is validated, with the manifest line in the error, before anything is written.
+`split` is one of builder.SPLITS (default "train"); ids are unique across all splits. The
+top-level "band" picks a raster band; "geo"."band" is the radar frequency band. Pixel values
+are converted to amplitude as raster.py states (value types, the detection rule, nodata and
+NaN masked out); a file with several bands is refused unless "band" picks one.
+
+A GeoTIFF supplies lon/lat of the chip centre, EPSG code, geotransform and resolution (any
+CRS; geodesic pixel size for geographic ones); a PNG, or a file without a CRS, needs them in
+"geo". The descriptive geo fields are optional: platform, band, polarization, city, country
+and acquired default to "unknown", incidence_deg to NaN (unknown), looks to 1.
+
+All chips are square and of one size: `chip_size`, or else that of the first chip. Another
+size is refused, not resized (resampling SAR changes its resolution and speckle statistics;
+`klip data tile` cuts scenes into chips of the size the model takes). A caption has one
+clause per field of its scene type.
+
+Every line is checked (JSON, UTF-8, split, unique id, readable image with valid pixels, size,
+text) before anything is written; a bad line raises a one-line RecordError naming the manifest
+line, the file and the fix, or with `skip_bad` is left out and reported in `skipped`. The
+manifest's and every image's sha256 go into the dataset's metadata: a rerun after an image
+changed on disk is refused with the command that rebuilds (builder.build). Manifests are
+parsed as JSON only; nothing in them is executed or unpickled.
 """
 
 from __future__ import annotations
@@ -20,51 +42,76 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 
 import numpy as np
-import pyproj
 from PIL import Image
 
-from klip_jax.data import knowledge, records, targets
-from klip_jax.errors import RecordError
+from klip_jax.data import knowledge, raster, records, targets
+from klip_jax.data.builder import SPLITS, command
+from klip_jax.errors import DatasetError, RecordError
 
 _CLASS_INDEX = {c.name: i for i, c in enumerate(targets.TARGET_CLASSES)}
+GEO_DEFAULTS = {"platform": records.UNKNOWN, "band": records.UNKNOWN, "polarization": records.UNKNOWN,
+                "city": records.UNKNOWN, "country": records.UNKNOWN, "acquired": records.UNKNOWN,
+                "incidence_deg": math.nan, "looks": 1}
 
 
-def _read_raster(path: str) -> tuple[np.ndarray, dict]:
-  """(band 1, geo fields a GeoTIFF carries) of an image file."""
-  if path.lower().endswith((".tif", ".tiff")):
-    import rasterio  # only ingest needs GDAL
-
-    with rasterio.open(path) as src:
-      data = src.read(1)
-      geo = {}
-      if src.crs is not None and src.crs.to_epsg():
-        a, b, c, d, e, f = tuple(src.transform)[:6]
-        geo["epsg"] = int(src.crs.to_epsg())
-        geo["geotransform"] = np.array([c, a, b, f, d, e], np.float64)
-        x, y = src.xy(src.height / 2, src.width / 2, offset="ul")
-        lon, lat = pyproj.Transformer.from_crs(src.crs.to_wkt(), 4326, always_xy=True).transform(x, y)
-        geo.update(lon=float(lon), lat=float(lat))
-        if src.crs.is_projected:
-          geo["resolution_m"] = float(abs(a))
-      return data, geo
-  return np.asarray(Image.open(path)), {}
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
-def _image(path: str, where: str) -> tuple[np.ndarray, dict]:
-  if not os.path.exists(path):
-    raise RecordError(f"{where}: image {path} does not exist.")
-  data, geo = _read_raster(path)
-  if data.ndim != 2:
-    raise RecordError(f"{where}: image {path} has shape {data.shape}; give one band of amplitude.")
-  if data.dtype == np.uint8:
-    data = data.astype(np.uint16)
-  if data.dtype != np.uint16:
-    raise RecordError(f"{where}: image {path} is {data.dtype}; convert it to uint16 amplitude "
-                      "(e.g. np.clip(np.rint(a), 0, 65535).astype(np.uint16)).")
-  return data, geo
+def read_image(entry: dict, folder: str, where: str) -> tuple[np.ndarray, dict]:
+  """(amplitude [H, W], geo fields from the file) of a manifest line's image."""
+  name = entry["image"]
+  path = os.path.join(folder, name)
+  if not os.path.isfile(path):
+    raise RecordError(f"{where}: image {name} does not exist (looked for {path}); fix the path, "
+                      "relative to the manifest's folder")
+  try:
+    image = raster.read(path, entry.get("band"), entry.get("nodata"))
+    amplitude = raster.to_amplitude(image, entry.get("value"))
+  except RecordError as e:
+    raise RecordError(f"{where}: image {name} {e}") from None
+  if not np.nanmax(amplitude) > 0:
+    raise RecordError(f"{where}: image {name} has only zero pixels (an empty chip or an undeclared "
+                      "fill value); drop its line, or declare its \"nodata\"")
+  return amplitude, image.geo
+
+
+def _check_size(shape: tuple[int, ...], expected: tuple[int, int] | None, origin: str, name: str, where: str):
+  if shape[0] != shape[1]:
+    raise RecordError(f"{where}: image {name} is {shape[0]}x{shape[1]} pixels; chips must be square: "
+                      "cut it with klip data tile --chip N")
+  if expected is not None and shape != expected:
+    size = expected[0]
+    raise RecordError(f"{where}: image {name} is {shape[0]}x{shape[1]} pixels but the chips are "
+                      f"{size}x{size} ({origin}); cut it into {size}x{size} chips with klip data tile "
+                      f"--chip {size} (chips are not resized)")
+
+
+def _text(entry: dict, where: str) -> dict:
+  """scene_type, field_names, keywords, caption and spans of a manifest line."""
+  scene_type = entry["scene_type"]
+  if scene_type not in records.SCENE_TYPES:
+    raise RecordError(f"{where}: scene_type {scene_type!r} is not a scene type; use one of "
+                      f"{list(records.SCENE_TYPES)}")
+  fields = knowledge.FIELDS[scene_type]
+  caption = entry["caption"]
+  clauses = caption.split(knowledge.SEPARATOR) if isinstance(caption, str) else []
+  if len(clauses) != len(fields):
+    raise RecordError(f"{where}: caption has {len(clauses)} clauses but a {scene_type} scene has "
+                      f"{len(fields)} fields ({', '.join(fields)}); write one clause per field, in "
+                      f"that order, joined by {knowledge.SEPARATOR!r}")
+  keywords = list(entry["keywords"])
+  spans = entry.get("spans") or _spans(caption, keywords, where)
+  return {"scene_type": scene_type, "field_names": list(fields), "keywords": keywords,
+          "caption": caption, "spans": np.asarray(spans, np.int32).reshape(-1, 2)}
 
 
 def _spans(caption: str, keywords: list[str], where: str) -> list[tuple[int, int]]:
@@ -79,18 +126,21 @@ def _spans(caption: str, keywords: list[str], where: str) -> list[tuple[int, int
   return spans
 
 
-def manifest_record(entry: dict, folder: str, where: str) -> dict:
-  """One manifest line -> a record (validated)."""
+def manifest_record(entry: dict, folder: str, where: str, size: tuple[tuple[int, int], str] | None = None) -> dict:
+  """One manifest line -> a record (validated); `size`: the (shape, where it was set) all chips share."""
   for key in ("id", "image", "scene_type", "caption", "keywords"):
     if key not in entry:
       raise RecordError(f"{where}: field '{key}' is missing; see klip_jax/data/ingest.py.")
-  image, file_geo = _image(os.path.join(folder, entry["image"]), where)
-  geo = {**file_geo, **entry.get("geo", {})}
+  text = _text(entry, where)
+  image, file_geo = read_image(entry, folder, where)
+  _check_size(image.shape, *(size or (None, "")), entry["image"], where)
+  geo = {**GEO_DEFAULTS, **file_geo, **entry.get("geo", {})}
+  missing = [key for key in ("lon", "lat", "epsg", "geotransform", "resolution_m") if key not in geo]
+  if missing:
+    raise RecordError(f"{where}: image {entry['image']} carries no geo-referencing (no CRS: a PNG, or a "
+                      f"product in radar geometry); give {', '.join('geo.' + k for k in missing)} in its line")
   if "geotransform" in geo:
     geo["geotransform"] = np.asarray(geo["geotransform"], np.float64)
-  scene_type = entry["scene_type"]
-  keywords = list(entry["keywords"])
-  spans = entry.get("spans") or _spans(entry["caption"], keywords, where)
   truth = entry.get("truth", {})
   try:
     classes = [_CLASS_INDEX[c] for c in truth.get("box_classes", [])]
@@ -99,12 +149,8 @@ def manifest_record(entry: dict, folder: str, where: str) -> dict:
   landcover = None
   if "landcover" in truth:
     landcover = np.asarray(Image.open(os.path.join(folder, truth["landcover"])), np.uint8)
-  record = {
-      "id": entry["id"], "image": image, "geo": geo, "scene_type": scene_type,
-      "field_names": list(knowledge.FIELDS.get(scene_type, ())), "keywords": keywords,
-      "caption": entry["caption"], "spans": np.asarray(spans, np.int32).reshape(-1, 2),
-      "truth": records.truth_from_targets(image.shape, truth.get("boxes", []), classes, landcover),
-  }
+  record = {"id": entry["id"], "image": image, "geo": geo, **text,
+            "truth": records.truth_from_targets(image.shape, truth.get("boxes", []), classes, landcover)}
   try:
     records.validate_record(record)
   except RecordError as e:
@@ -117,36 +163,136 @@ class ManifestSource:
   """A builder record source over a JSONL manifest (see the module docstring)."""
 
   manifest: str
+  skip_bad: bool = False  # leave bad lines out (listed in `skipped`) instead of stopping
+  chip_size: int = 0  # the chips' side in pixels; 0: the first chip's
 
   def __post_init__(self):
-    if not os.path.exists(self.manifest):
-      raise RecordError(f"no manifest at {self.manifest}.")
+    if not os.path.isfile(self.manifest):
+      raise DatasetError(f"no manifest at {self.manifest}; give the JSONL file with --manifest.")
     self._folder = os.path.dirname(os.path.abspath(self.manifest))
-    self._entries: dict[str, list[tuple[int, dict]]] = {}
     with open(self.manifest, "rb") as f:
       raw = f.read()
     self._sha256 = hashlib.sha256(raw).hexdigest()
-    for number, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-      if not line.strip():
-        continue
+    self._skipped: list[tuple[int, str]] = []
+    self._lines: list[tuple[int, dict]] = []
+    first_use: dict[str, int] = {}
+    self._validated = False
+    for number, data in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
       try:
-        entry = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise RecordError(f"{self.manifest}:{number}: not JSON ({e}).") from None
-      self._entries.setdefault(entry.get("split", "train"), []).append((number, entry))
+        entry = self._parse(number, data)
+        if entry is None:
+          continue
+        if entry["id"] in first_use:
+          raise RecordError(f"{self._where(number)}: id {entry['id']!r} is already used on line "
+                            f"{first_use[entry['id']]}; ids must be unique across all splits: rename one")
+        first_use[entry["id"]] = number
+        self._lines.append((number, entry))
+      except RecordError as e:
+        self._bad(number, e)
+    self._hashes: dict[int, str] = {}
+    self._size: tuple[tuple[int, int], str] | None = None
+    self._group()
+
+  def _where(self, number: int) -> str:
+    return f"{self.manifest}:{number}"
+
+  def _parse(self, number: int, data: bytes) -> dict | None:
+    where = self._where(number)
+    try:
+      line = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise RecordError(f"{where}: is not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start + 1}); "
+                        "save the manifest as UTF-8") from None
+    if not line.strip():
+      return None
+    try:
+      entry = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise RecordError(f"{where}: not JSON ({e}); write one JSON object per line") from None
+    if not isinstance(entry, dict):
+      raise RecordError(f"{where}: is a JSON {type(entry).__name__}, not an object; write one object per chip")
+    split = entry.setdefault("split", "train")
+    if split not in SPLITS:
+      raise RecordError(f"{where}: split {split!r} is not a split; use one of {list(SPLITS)}")
+    if not isinstance(entry.get("id"), str) or not entry["id"].strip():
+      raise RecordError(f"{where}: field 'id' is missing or not a string; give every chip a unique id")
+    return entry
+
+  def _bad(self, number: int, error: RecordError) -> None:
+    if not self.skip_bad:
+      raise RecordError(f"{error} (or --skip-bad to ingest the other lines)")
+    self._skipped.append((number, str(error)))
+
+  @property
+  def skipped(self) -> list[str]:
+    """Why each left-out line was bad (with --skip-bad), in manifest order."""
+    return [message for _, message in sorted(self._skipped)]
+
+  def _group(self) -> None:
+    self._entries: dict[str, list[tuple[int, dict]]] = {}
+    for number, entry in self._lines:
+      self._entries.setdefault(entry["split"], []).append((number, entry))
     self.num_examples = {split: len(items) for split, items in self._entries.items()}
 
   def validate(self) -> None:
+    """Check every line (reading every image) before TFDS writes anything."""
+    if self._validated:
+      return
+    self._validated = True
+    if self.chip_size:
+      self._size = ((self.chip_size, self.chip_size), f"--chip-size {self.chip_size}")
+    good = []
+    for number, entry in self._lines:
+      try:
+        image = self._record(number, entry)["image"]
+        self._hashes[number] = file_sha256(os.path.join(self._folder, entry["image"]))
+      except RecordError as e:
+        self._bad(number, e)
+        continue
+      if self._size is None:
+        self._size = (image.shape, f"set by line {number}")
+      good.append((number, entry))
+    self._lines = good
+    self._group()
     if not self.num_examples:
-      raise RecordError(f"{self.manifest} lists no chips.")
-    for split, items in self._entries.items():
-      for index in range(len(items)):
-        self.record(split, index)  # fail before TFDS writes anything
+      raise RecordError(f"{self.manifest} lists no usable chips" +
+                        (f" ({len(self.skipped)} lines skipped)." if self.skipped else "."))
+
+  def _record(self, number: int, entry: dict) -> dict:
+    where = self._where(number)
+    try:
+      return manifest_record(entry, self._folder, where, self._size)
+    except (TypeError, ValueError, KeyError, AttributeError, OSError) as e:  # a field of the wrong kind
+      problem = " ".join(f"{type(e).__name__}: {e}".split())
+      raise RecordError(f"{where}: malformed line ({problem}); see klip_jax/data/ingest.py for the "
+                        "format of each field") from None
 
   def record(self, split: str, index: int) -> dict:
     number, entry = self._entries[split][index]
-    return manifest_record(entry, self._folder, f"{self.manifest}:{number}")
+    record = self._record(number, entry)
+    if number in self._hashes and file_sha256(os.path.join(self._folder, entry["image"])) != self._hashes[number]:
+      raise RecordError(f"{self._where(number)}: image {entry['image']} changed while the dataset was "
+                        "being built; run the build again")
+    return record
 
   def as_metadata(self) -> dict:
     return {"manifest": os.path.abspath(self.manifest), "sha256": self._sha256,
-            "num_examples": self.num_examples}
+            "num_examples": self.num_examples,
+            "images": {str(number): [entry["image"], self._hashes.get(number)] for number, entry in self._lines}}
+
+  def describe_change(self, existing: dict | None, data_dir) -> str | None:
+    """What differs between this manifest (and its images) and the one a dataset was built
+    from, with the command that rebuilds it; None when it was not built from a manifest."""
+    if not existing or "manifest" not in existing:
+      return None
+    fix = command(self.as_metadata(), data_dir, "--rebuild")
+    if existing["manifest"] != os.path.abspath(self.manifest):
+      return (f"{data_dir} holds a dataset built from another manifest ({existing['manifest']}); "
+              f"choose another --out folder, or replace it: {fix}")
+    old = existing.get("images", {})
+    for number, (name, digest) in self.as_metadata()["images"].items():
+      if number in old and old[number][0] == name and old[number][1] != digest:
+        return (f"{self._where(int(number))}: image {name} changed on disk since the dataset at {data_dir} "
+                f"was built; rebuild it: {fix}")
+    return (f"{self.manifest} changed since the dataset at {data_dir} was built from it (lines, "
+            f"images or skipped lines differ); rebuild it: {fix}")

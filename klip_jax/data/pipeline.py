@@ -4,10 +4,11 @@ Train: a seeded global stream that draws a fresh permutation of the whole split 
 decode; augmentation that keeps the text true (flips transform the position and orientation
 keywords with the image; a radiometric gain jitter changes nothing the text says), drawn per
 stream position; SAR-aware normalisation (amplitude -> dB -> standardised with the train
-split's statistics); tokenisation with keyword mask and clause ids; then each host takes its
-part of every global batch (`HostRows`), so the global batches are the same on 1 host or N;
-batching; multiprocessing prefetch. The iterator's state (`get_state`/`set_state`, or grain's
-orbax handlers) makes a restarted run read exactly the batches an uninterrupted run would.
+split's statistics; no-data pixels -> 0); tokenisation with keyword mask and clause ids; then
+each host takes its part of every global batch (`HostRows`), so the global batches are the
+same on 1 host or N; batching; multiprocessing prefetch. The iterator's state
+(`get_state`/`set_state`, or grain's orbax handlers) makes a restarted run read exactly the
+batches an uninterrupted run would.
 
 Eval: no shuffle, no augmentation; the split in order, padded to whole global batches (every
 host makes the same number of calls) with a `valid` mask saying which rows are real.
@@ -147,8 +148,12 @@ class _IndexedSource:
 
 
 def normalise(amplitude: np.ndarray, db_mean: float, db_std: float) -> np.ndarray:
-  """uint16 amplitude -> standardised dB, float32 [H, W, 1]."""
-  return ((builder.to_db(amplitude) - db_mean) / db_std)[..., None].astype(np.float32)
+  """Amplitude (uint16, or float32 with NaN where there is no data) -> standardised dB, float32
+  [H, W, 1]; no-data pixels become 0, the train split's mean, so they carry no signal."""
+  image = ((builder.to_db(amplitude) - db_mean) / db_std)[..., None].astype(np.float32)
+  if np.issubdtype(amplitude.dtype, np.floating):
+    image = np.nan_to_num(image, nan=0.0)
+  return image
 
 
 def flip(record: dict, axis: str) -> dict:

@@ -18,7 +18,7 @@ import ml_collections
 
 from klip_jax import io
 from klip_jax.data import builder, records, tokenizer, world
-from klip_jax.errors import DatasetError
+from klip_jax.errors import ConfigError, DatasetError
 from klip_jax.parallel import hosts
 
 
@@ -68,6 +68,19 @@ def ensure(config: ml_collections.ConfigDict, workdir: str) -> RunData:
       train_tokenizer(data_dir, config.data.vocab_size, tok_path)
   hosts.sync("run data")
   return RunData(data_dir, tokenizer.TextCodec(tok_path, config.data.max_len))
+
+
+def check_chip_size(config: ml_collections.ConfigDict, data_dir: str) -> None:
+  """Refuse a dataset whose chips are not the model's image size (the ViT's position
+  embeddings fix it) where data meets the model (training, relabelling), before anything
+  compiles; datasets built before sizes were recorded are not checked."""
+  shape = builder.metadata(data_dir).get("image_shape")
+  size = config.model.vision.image_size
+  if shape and list(shape) != [size, size]:
+    raise ConfigError(f"{data_dir} holds {shape[0]}x{shape[1]} chips but model.vision.image_size is "
+                      f"{size}; set --config.model.vision.image_size={shape[0]} (a multiple of "
+                      f"model.vision.patch_size={config.model.vision.patch_size}) or cut chips of "
+                      f"{size} px with klip data tile --chip {size}")
 
 
 def locate(config: ml_collections.ConfigDict, workdir: str) -> RunData:

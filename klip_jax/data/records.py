@@ -2,13 +2,17 @@
 
 A record is a plain dict (numpy arrays, str, float, int) with the keys below. Synthetic chips
 and real data use the same schema; `validate_record` rejects a bad record with an error that
-names the field and the problem, before anything is written. Images are stored PNG-encoded
-(lossless uint16), other arrays as tensors.
+names the field and the problem, before anything is written. Images are stored lossless:
+uint16 as PNG, float32 as .npy bytes (read back with allow_pickle=False); other arrays as tensors.
 
     id            str, unique within the dataset (caption overlays are keyed by it)
-    image         uint16 [H, W] single-channel amplitude
-    geo           lon, lat (WGS84 chip centre), epsg, geotransform (6 floats), city, country,
-                  platform, band, polarization, resolution_m, incidence_deg, looks, acquired
+    image         single-channel amplitude [H, W]: uint16 digital numbers (the synthetic world,
+                  integer chips without nodata) or float32 (calibrated data, any value type
+                  converted by raster.py), NaN where the source had no data
+    geo           lon, lat (WGS84 chip centre), epsg (0: a CRS without an EPSG code),
+                  geotransform (6 floats), city, country, platform, band, polarization,
+                  resolution_m, incidence_deg (NaN: unknown), looks, acquired (ISO date, or
+                  "unknown")
     scene_type    "landform" or "target"
     field_names   the eight HCoT field names of that scene type, in clause order
     keywords      the eight keywords as written in the caption (possibly wrong)
@@ -38,6 +42,9 @@ GEO_INTS = ("epsg", "looks")
 GEO_STRINGS = ("city", "country", "platform", "band", "polarization", "acquired")
 SCENE_TYPES = ("landform", "target")
 
+
+# Descriptive geo fields a source does not know (ingest's defaults; incidence_deg: NaN).
+UNKNOWN = "unknown"
 
 # Real data without a land-cover mask: land cover 255 everywhere and dominant class -1.
 UNKNOWN_LANDCOVER = 255
@@ -116,10 +123,12 @@ def _array(record, path, record_id, dtype, ndim, shape=None) -> np.ndarray:
   return value
 
 
-def _number(record, path, record_id, lo=-math.inf, hi=math.inf) -> float:
+def _number(record, path, record_id, lo=-math.inf, hi=math.inf, unknown_nan=False) -> float:
   value = _get(record, path, record_id)
   if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
     _fail(record_id, path, f"must be a number, got {type(value).__name__}.")
+  if unknown_nan and math.isnan(value):
+    return float(value)
   if not math.isfinite(value):
     _fail(record_id, path, f"must be finite, got {value}.")
   if not lo <= value <= hi:
@@ -136,27 +145,45 @@ def _string(record, path, record_id, allow_empty=False) -> str:
   return value
 
 
+def _image(record: dict, rid) -> np.ndarray:
+  """uint16 amplitude, or float32 amplitude >= 0 with NaN (no data) but at least one value."""
+  image = _get(record, "image", rid)
+  if not isinstance(image, np.ndarray) or image.dtype != np.float32:
+    return _array(record, "image", rid, np.uint16, 2)
+  if image.ndim != 2:
+    _fail(rid, "image", f"must have 2 dims, got {image.shape}.")
+  if np.isinf(image).any():
+    _fail(rid, "image", "contains inf.")
+  if np.isnan(image).all():
+    _fail(rid, "image", "has no valid pixel (all NaN).")
+  if np.nanmin(image) < 0:
+    _fail(rid, "image", f"holds negative amplitudes (min {np.nanmin(image)}).")
+  return image
+
+
 def validate_record(record: dict) -> None:
   """Raise RecordError naming the first field that breaks the schema."""
   if not isinstance(record, dict):
     raise RecordError(f"a record must be a dict, got {type(record).__name__}.")
   rid = record.get("id", "<no id>")
   _string(record, "id", rid)
-  image = _array(record, "image", rid, np.uint16, 2)
+  image = _image(record, rid)
   if min(image.shape) < 8:
     _fail(rid, "image", f"is {image.shape}; chips must be at least 8x8 pixels.")
   _number(record, "geo.lon", rid, -180, 180)
   _number(record, "geo.lat", rid, -90, 90)
   _number(record, "geo.resolution_m", rid, 1e-3, 1e4)
-  _number(record, "geo.incidence_deg", rid, 0, 90)
-  for key in GEO_INTS:
-    _number(record, f"geo.{key}", rid, 1)
+  _number(record, "geo.incidence_deg", rid, 0, 90, unknown_nan=True)
+  _number(record, "geo.epsg", rid, 0)
+  _number(record, "geo.looks", rid, 1)
   for key in GEO_STRINGS:
     _string(record, f"geo.{key}", rid)
   try:
-    datetime.date.fromisoformat(record["geo"]["acquired"])
+    if record["geo"]["acquired"] != UNKNOWN:
+      datetime.date.fromisoformat(record["geo"]["acquired"])
   except ValueError:
-    _fail(rid, "geo.acquired", f"is {record['geo']['acquired']!r}; use an ISO date like 2021-06-30.")
+    _fail(rid, "geo.acquired", f"is {record['geo']['acquired']!r}; use an ISO date like 2021-06-30 "
+          f"(or {UNKNOWN!r}).")
   transform = _array(record, "geo.geotransform", rid, np.float64, 1, (6,))
   if transform[1] == 0 or transform[5] == 0:
     _fail(rid, "geo.geotransform", "has a zero pixel size; expected (x0, dx, 0, y0, 0, -dy).")
@@ -210,6 +237,24 @@ def decode_png(data: bytes) -> np.ndarray:
   return np.asarray(Image.open(io.BytesIO(data)))
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def encode_image(image: np.ndarray) -> bytes:
+  """uint16 -> PNG (as ever); float32 -> .npy bytes (exact, NaN kept; PNG has no floats)."""
+  if image.dtype == np.uint16:
+    return encode_png(image)
+  buffer = io.BytesIO()
+  np.save(buffer, np.ascontiguousarray(image, np.float32), allow_pickle=False)
+  return buffer.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  if data[:len(_NPY_MAGIC)] == _NPY_MAGIC:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+  return decode_png(data)
+
+
 def tfds_features():
   """The TFDS feature spec of a record (images as PNG bytes: TFDS encodes PNG only with TF)."""
   import tensorflow_datasets as tfds  # heavy; only the builder and readers need it
@@ -242,7 +287,7 @@ def to_example(record: dict) -> dict:
   geo["geotransform"] = np.asarray(geo["geotransform"], np.float64)
   truth = dict(record["truth"])
   truth["landcover"] = encode_png(truth["landcover"])
-  return {**record, "image": encode_png(record["image"]), "geo": geo, "truth": truth}
+  return {**record, "image": encode_image(record["image"]), "geo": geo, "truth": truth}
 
 
 def _text(value):
@@ -259,7 +304,7 @@ def from_example(example: dict, decode_rasters: bool = True) -> dict:
     truth["landcover"] = decode_png(truth["landcover"])
   return {
       "id": _text(example["id"]),
-      "image": decode_png(example["image"]) if decode_rasters else example["image"],
+      "image": decode_image(example["image"]) if decode_rasters else example["image"],
       "geo": geo,
       "scene_type": _text(example["scene_type"]),
       "field_names": [_text(n) for n in example["field_names"]],

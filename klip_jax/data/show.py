@@ -28,12 +28,13 @@ def contact_sheet(data_dir: str, split: str, indices: list[int], out_path: str) 
   for ax, index in zip(axes.flat, indices):
     r = records.from_example(source[index])
     db = builder.to_db(r["image"])
-    ax.imshow(db, cmap="gray", vmin=np.percentile(db, 1), vmax=np.percentile(db, 99.5))
+    ax.imshow(db, cmap="gray", vmin=np.nanpercentile(db, 1), vmax=np.nanpercentile(db, 99.5))  # NaN: no data
     for x0, y0, x1, y1 in r["truth"]["boxes"]:
       ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="red", lw=0.8))
     geo = r["geo"]
+    incidence = "unknown" if np.isnan(geo["incidence_deg"]) else f"{geo['incidence_deg']:.0f}°"
     title = (f"{r['id']}  {geo['city']}, {geo['country']}\n{geo['platform']} {geo['band']}-{geo['polarization']} "
-             f"{geo['resolution_m']:.1f} m  inc {geo['incidence_deg']:.0f}°  {geo['acquired']}")
+             f"{geo['resolution_m']:.1f} m  inc {incidence}  {geo['acquired']}")
     ax.set_title(title, fontsize=8)
     truth = dict(zip(r["truth"]["corrupted"].tolist(), r["truth"]["true_keywords"]))
     clauses = []

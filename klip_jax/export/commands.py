@@ -47,14 +47,14 @@ def _readme(name: str, config: ml_collections.ConfigDict, codec, tokens: TokenId
     pixels = f"DB_MEAN, DB_STD = {db_stats[0]:.6f}, {db_stats[1]:.6f}  # the training set's dB statistics"
   size = config.model.vision.image_size
   usage = {
-      "retrieval": f"""amplitude = ...  # a {size}x{size} uint16 SAR chip
+      "retrieval": f"""amplitude = ...  # a {size}x{size} SAR chip: uint16, or float32 amplitude
 model = BlipForImageTextRetrieval.from_pretrained("{name}")
 ids, mask = tokenize(["a caption"])  # [CLS] first: unimodal text for ITC
 out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(amplitude), use_itm_head=False)
 cosine = out.itm_score  # [images, texts]; contrastive logits = cosine / {temperature:.6f}
 ids[:, 0] = ENC  # [ENC] first: image-grounded text for ITM
 match = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(amplitude)).itm_score.softmax(-1)[:, 1]""",
-      "captioning": f"""amplitude = ...  # a {size}x{size} uint16 SAR chip
+      "captioning": f"""amplitude = ...  # a {size}x{size} SAR chip: uint16, or float32 amplitude
 model = BlipForConditionalGeneration.from_pretrained("{name}")
 out = model.generate(pixel_values=pixels(amplitude), max_length=MAX_LEN, num_beams=1,
                      do_sample=False, suppress_tokens=[PAD, DEC])  # starts with [DEC], ends at [SEP]
@@ -88,9 +88,11 @@ def tokenize(captions, first=CLS):
   return ids, (ids != PAD).long()
 
 
-def pixels(amplitude):  # uint16 SAR amplitude [H, W] -> [1, 3, H, W]
-  db = 20 * np.log10(np.maximum(amplitude.astype(np.float32), 1.0))
-  grey = torch.from_numpy((db - DB_MEAN) / DB_STD)
+def pixels(amplitude):  # SAR amplitude [H, W] as klip ingested it -> [1, 3, H, W]
+  # uint16 digital numbers: zeros count as 1; float amplitude: floored at -100 dB, NaN = no data
+  floor = 1.0 if np.issubdtype(amplitude.dtype, np.integer) else 1e-5
+  db = 20 * np.log10(np.maximum(amplitude.astype(np.float32), floor))
+  grey = torch.from_numpy(np.nan_to_num((db - DB_MEAN) / DB_STD))
   return grey[None, None].expand(1, 3, -1, -1)
 
 

@@ -14,6 +14,7 @@ from klip_jax.train import checkpoint, scio
 def relabel(config: ml_collections.ConfigDict, workdir: str, split: str, *, progress: bool = True) -> dict:
   """Relabel `split`; returns the round, its overlay path, the step and the repair metrics."""
   data = prepare.locate(config, workdir)
+  prepare.check_chip_size(config, data.data_dir)
   mesh = mesh_lib.from_config(config.mesh)
   graph, state = checkpoint.restore(config, workdir, data.codec.vocab_size, mesh)
   relabel_step = scio.restored_relabel_step(config, graph, state.params, TokenIds.from_codec(data.codec), mesh, data)

@@ -16,5 +16,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
   """Train (or resume) a workdir; returns the last logged training metrics."""
   config_lib.validate(config)
   data = prepare.ensure(config, workdir)
+  prepare.check_chip_size(config, data.data_dir)
   return loop.train(config, workdir, data, stop_at=stop_at, progress=progress,
                     evaluate=periodic.make_hook(config, data))

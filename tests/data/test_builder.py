@@ -73,3 +73,11 @@ def test_interrupted_build_leaves_no_complete_looking_split(tmp_path, monkeypatc
   monkeypatch.setattr(builder, "synth_record", real)
   builder.build(tmp_path, settings)
   assert len(builder.open_split(tmp_path, "val")) == 6
+
+
+def test_the_synthetic_world_is_still_stored_as_uint16_png(tiny_data):
+  """Float storage is for calibrated data only: synthetic chips keep their lossless uint16 PNG."""
+  source = builder.open_split(tiny_data, "train")
+  assert source[0]["image"][:8] == b"\x89PNG\r\n\x1a\n"
+  assert records.from_example(source[0])["image"].dtype == np.uint16
+  assert builder.metadata(tiny_data)["image_shape"] == [48, 48]

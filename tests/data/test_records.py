@@ -37,7 +37,10 @@ def _set(record, path, value):
 _DELETE = object()
 
 CASES = [
-    ("image", lambda r: r["image"].astype(np.float32), "image", "uint16"),
+    ("image", lambda r: r["image"].astype(np.float64), "image", "uint16"),
+    ("float image with inf", lambda r: np.full(r["image"].shape, np.inf, np.float32), "image", "inf"),
+    ("float image all nan", lambda r: np.full(r["image"].shape, np.nan, np.float32), "image", "no valid pixel"),
+    ("negative float image", lambda r: -r["image"].astype(np.float32), "image", "negative"),
     ("image shape", lambda r: r["image"][None], "image", "2 dims"),
     ("missing city", lambda r: _DELETE, "geo.city", "missing"),
     ("nan geotransform", lambda r: np.array([0, np.nan, 0, 0, 0, -1.0]), "geo.geotransform", "NaN"),
@@ -55,12 +58,23 @@ CASES = [
 @pytest.mark.parametrize("name,value,field,problem", CASES, ids=[c[0] for c in CASES])
 def test_bad_field_raises_naming_field_and_problem(record, name, value, field, problem):
   bad = copy.deepcopy(record)
-  path = {"image shape": "image"}.get(name, field)
+  path = field
   _set(bad, path, value(bad))
   if name == "nan box":
     bad["truth"]["box_classes"] = np.zeros(1, np.int32)
   with pytest.raises(RecordError, match=f"'{field}'.*{problem}"):
     records.validate_record(bad)
+
+
+def test_float_amplitude_with_nodata_and_unknown_geo_is_valid(record):
+  """Calibrated float32 amplitude with NaN holes, incidence and date unknown (ingest's defaults)."""
+  good = copy.deepcopy(record)
+  good["image"] = good["image"].astype(np.float32) / 1000
+  good["image"][:3, :5] = np.nan
+  good["geo"].update(incidence_deg=float("nan"), acquired="unknown", epsg=0)
+  records.validate_record(good)
+  stored = records.from_example(records.to_example(good))
+  assert stored["image"].dtype == np.float32 and np.array_equal(stored["image"], good["image"], equal_nan=True)
 
 
 def test_span_outside_the_caption_is_rejected(record):
