@@ -10,6 +10,10 @@ One JSON object per line; paths are relative to the manifest's folder:
      "truth": {"boxes": [[x0, y0, x1, y1], ...], "box_classes": ["cargo ship", ...],
                "landcover": "masks/gf3_000123.png"}}   # optional
 
+Instead of "caption" and "keywords" a line may carry FUSAR-GEOVL-style field values
+({"Terrain": ..., ...}), or take them from a records JSONL joined by image_id (`--records`);
+they are verbalised in our clause format (klip_jax/data/fields.py).
+
 A GeoTIFF (read with rasterio) supplies lon/lat of the chip centre, EPSG code, geotransform and
 resolution; a PNG needs them in "geo". Images must be single-band uint16 (or uint8) amplitude.
 Every record is validated, with the manifest line in the error, before anything is written.
@@ -26,7 +30,7 @@ import numpy as np
 import pyproj
 from PIL import Image
 
-from klip_jax.data import knowledge, records, targets
+from klip_jax.data import fields, knowledge, records, targets
 from klip_jax.errors import RecordError
 
 _CLASS_INDEX = {c.name: i for i, c in enumerate(targets.TARGET_CLASSES)}
@@ -79,8 +83,9 @@ def _spans(caption: str, keywords: list[str], where: str) -> list[tuple[int, int
   return spans
 
 
-def manifest_record(entry: dict, folder: str, where: str) -> dict:
+def manifest_record(entry: dict, folder: str, where: str, field_records: fields.RecordIndex | None = None) -> dict:
   """One manifest line -> a record (validated)."""
+  entry = fields.caption_entry(entry, where, field_records)
   for key in ("id", "image", "scene_type", "caption", "keywords"):
     if key not in entry:
       raise RecordError(f"{where}: field '{key}' is missing; see klip_jax/data/ingest.py.")
@@ -117,10 +122,12 @@ class ManifestSource:
   """A builder record source over a JSONL manifest (see the module docstring)."""
 
   manifest: str
+  records: str = ""  # FUSAR-GEOVL-style field records joined by image_id (fields.py)
 
   def __post_init__(self):
     if not os.path.exists(self.manifest):
       raise RecordError(f"no manifest at {self.manifest}.")
+    self._fields = fields.RecordIndex(self.records) if self.records else None
     self._folder = os.path.dirname(os.path.abspath(self.manifest))
     self._entries: dict[str, list[tuple[int, dict]]] = {}
     with open(self.manifest, "rb") as f:
@@ -135,6 +142,9 @@ class ManifestSource:
         raise RecordError(f"{self.manifest}:{number}: not JSON ({e}).") from None
       self._entries.setdefault(entry.get("split", "train"), []).append((number, entry))
     self.num_examples = {split: len(items) for split, items in self._entries.items()}
+    if self._fields:
+      self._fields.check_joined([fields.chip_id(e) for items in self._entries.values() for _, e in items],
+                                self.manifest)
 
   def validate(self) -> None:
     if not self.num_examples:
@@ -145,8 +155,11 @@ class ManifestSource:
 
   def record(self, split: str, index: int) -> dict:
     number, entry = self._entries[split][index]
-    return manifest_record(entry, self._folder, f"{self.manifest}:{number}")
+    return manifest_record(entry, self._folder, f"{self.manifest}:{number}", self._fields)
 
   def as_metadata(self) -> dict:
-    return {"manifest": os.path.abspath(self.manifest), "sha256": self._sha256,
+    meta = {"manifest": os.path.abspath(self.manifest), "sha256": self._sha256,
             "num_examples": self.num_examples}
+    if self._fields:
+      meta["records"] = {"path": os.path.abspath(self.records), "sha256": self._fields.sha256}
+    return meta
