@@ -27,7 +27,8 @@ def _data_synth(args, config) -> None:
 def _data_ingest(args) -> None:
   from klip_jax.data import builder, ingest
 
-  source = ingest.ManifestSource(args.manifest, skip_bad=args.skip_bad, chip_size=args.chip_size)
+  source = ingest.ManifestSource(args.manifest, records=args.records, skip_bad=args.skip_bad,
+                                 chip_size=args.chip_size)
   path = builder.build(args.out, source, rebuild=args.rebuild)
   meta = builder.metadata(args.out)
   print(f"dataset at {path}: {source.num_examples}, train dB mean {meta.get('db_mean', float('nan')):.2f} "
@@ -50,10 +51,34 @@ def _data_tile(args) -> None:
 
 
 def _data_tokenizer(args) -> None:
-  from klip_jax.data import prepare
+  from klip_jax.data import lengths, prepare
 
   codec = prepare.train_tokenizer(args.data, args.vocab_size, args.out)
   print(f"tokenizer at {args.out}: {codec.vocab_size} pieces (at most {args.vocab_size} asked)")
+  print(lengths.of_split(args.data, codec, args.max_len).text())
+
+
+def _data_hcot_prompts(args) -> None:
+  from klip_jax.data import hcot
+
+  out = hcot.write_prompts(args.manifest, args.out, args.records)
+  print(f"{out['prompts']} HCoT prompts (5 levels each) in {args.out}; {out['with_text']} chips already have "
+        "text. Run them through an LLM, then: klip data hcot-parse ANSWERS.jsonl --out RECORDS.jsonl")
+
+
+def _data_hcot_parse(args) -> None:
+  from klip_jax.data import hcot
+
+  accepted, rejected, dropped = hcot.parse_answers(args.answers)
+  for rejection in rejected[:args.show]:
+    print(rejection)
+  if len(rejected) > args.show:
+    print(f"... and {len(rejected) - args.show} more rejections")
+  hcot.write_records(accepted, rejected, args.answers, args.out)
+  print(f"{len(accepted)} of {len(accepted) + len(rejected)} answers -> field records in {args.out}"
+        + (f"; rejected {len(rejected)}: {hcot.summary(rejected)}" if rejected else "")
+        + (f"; {dropped} keywords not found in their values dropped (the head-phrase rule picks them)"
+           if dropped else ""))
 
 
 def _data_show(args) -> None:
@@ -139,26 +164,18 @@ def _import_hf(args, config) -> None:
 
 def _captions_diff(args) -> None:
   from klip_jax import io
+  from klip_jax.eval import report, truth
   from klip_jax.train import scio
 
   path = scio.overlay_path(args.workdir, args.round)
   if not io.exists(path):
     from klip_jax.errors import DatasetError
     raise DatasetError(f"no caption round {args.round} in {args.workdir} (rounds: {scio.rounds(args.workdir)}).")
-  shown = 0
-  with io.path(path).open() as f:
-    for entry in map(json.loads, f):
-      if entry["flagged"] < 0:
-        continue
-      clause = entry["caption"].split("$")[entry["flagged"]]
-      true = entry["truth"].get(str(entry["flagged"]), f"{entry['original_keyword']} (was correct)")
-      print(f"{entry['id']}  clause {entry['flagged']}: {clause}\n"
-            f"    original: {entry['original_keyword']!r}  corrected: {entry['corrected_keyword']!r}  "
-            f"true: {true!r}")
-      shown += 1
-      if shown == args.limit:
-        break
-  print(f"{shown} flagged captions shown (limit {args.limit}); a flagged keyword may be kept as it was")
+  entries = io.read_jsonl(path)
+  recorded = truth.corruption_recorded(args.workdir)
+  if recorded is None:  # the run's data is gone: the overlay's own truth is all there is
+    recorded = any(e["truth"] for e in entries)
+  print("\n".join(report.captions_diff(entries, recorded, args.limit)))
 
 
 def _bench(args, config) -> None:
@@ -233,6 +250,8 @@ def _parser() -> argparse.ArgumentParser:
   ing = data.add_parser("ingest", help="write real chips listed in a JSONL manifest as ArrayRecord")
   ing.add_argument("--manifest", required=True, help="JSONL, one chip per line (klip_jax/data/ingest.py)")
   ing.add_argument("--out", required=True, help="dataset folder")
+  ing.add_argument("--records", default="", help="FUSAR-GEOVL-style field records (JSONL) joined to the "
+                   "manifest's chips by image_id, for chips without a caption (klip_jax/data/fields.py)")
   ing.add_argument("--skip-bad", action="store_true",
                    help="leave out bad lines (printed with the reason) instead of stopping at the first")
   ing.add_argument("--chip-size", type=int, default=0,
@@ -255,11 +274,29 @@ def _parser() -> argparse.ArgumentParser:
   til.add_argument("--split", default="train", help="split written into the stub")
   til.set_defaults(run=_data_tile)
 
-  tok = data.add_parser("tokenizer", help="train a sentencepiece model on a dataset's captions")
+  tok = data.add_parser("tokenizer", help="train a sentencepiece model on a dataset's captions, and report "
+                                          "caption token lengths against --max-len")
   tok.add_argument("--data", required=True)
   tok.add_argument("--vocab-size", type=int, default=2000, help="upper bound")
   tok.add_argument("--out", required=True, help="the .model file to write")
+  tok.add_argument("--max-len", type=int, default=180,
+                   help="the run's config.data.max_len, for the truncation report (default 180; tiny/small: 128)")
   tok.set_defaults(run=_data_tokenizer)
+
+  prompts = data.add_parser("hcot-prompts", help="the paper's hierarchical (HCoT) LLM prompts for chips without "
+                                                 "text, one JSON line each (klip_jax/data/hcot.py); calls no LLM")
+  prompts.add_argument("--manifest", required=True, help="the ingest manifest (JSONL)")
+  prompts.add_argument("--out", required=True, help="prompts JSONL to write")
+  prompts.add_argument("--records", default="", help="field records JSONL: chips with a record get no prompt "
+                       "(re-ask only for the answers hcot-parse rejected)")
+  prompts.set_defaults(run=_data_hcot_prompts)
+
+  parse = data.add_parser("hcot-parse", help="an LLM's answers to the HCoT prompts -> field records for "
+                                             "klip data ingest --records; malformed answers rejected with reasons")
+  parse.add_argument("answers", help='JSONL, one {"image_id", "answer": "<reply>"} per line')
+  parse.add_argument("--out", required=True, help="field records JSONL to write")
+  parse.add_argument("--show", type=int, default=20, help="rejections listed at most")
+  parse.set_defaults(run=_data_hcot_parse)
 
   show = data.add_parser("show", help="save a PNG of chips with their captions")
   show.add_argument("--data", required=True)

@@ -14,6 +14,10 @@ One JSON object per line (UTF-8); paths are relative to the manifest's folder:
      "truth": {"boxes": [[x0, y0, x1, y1], ...], "box_classes": ["cargo ship", ...],
                "landcover": "masks/gf3_000123.png"}}   # optional
 
+Instead of "caption" and "keywords" a line may carry FUSAR-GEOVL-style field values
+({"Terrain": ..., ...}), or take them from a records JSONL joined by image_id (`--records`);
+they are verbalised in our clause format (klip_jax/data/fields.py). "id" defaults to "image_id".
+
 `split` is one of builder.SPLITS (default "train"); ids are unique across all splits. The
 top-level "band" picks a raster band; "geo"."band" is the radar frequency band. Pixel values
 are converted to amplitude as raster.py states (value types, the detection rule, nodata and
@@ -48,7 +52,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from klip_jax.data import knowledge, raster, records, targets
+from klip_jax.data import fields, knowledge, raster, records, targets
 from klip_jax.data.builder import SPLITS, command
 from klip_jax.errors import DatasetError, RecordError
 
@@ -101,13 +105,8 @@ def _text(entry: dict, where: str) -> dict:
   if scene_type not in records.SCENE_TYPES:
     raise RecordError(f"{where}: scene_type {scene_type!r} is not a scene type; use one of "
                       f"{list(records.SCENE_TYPES)}")
-  fields = knowledge.FIELDS[scene_type]
+  fields = knowledge.FIELDS[scene_type]  # fields.caption_entry checked one clause per field
   caption = entry["caption"]
-  clauses = caption.split(knowledge.SEPARATOR) if isinstance(caption, str) else []
-  if len(clauses) != len(fields):
-    raise RecordError(f"{where}: caption has {len(clauses)} clauses but a {scene_type} scene has "
-                      f"{len(fields)} fields ({', '.join(fields)}); write one clause per field, in "
-                      f"that order, joined by {knowledge.SEPARATOR!r}")
   keywords = list(entry["keywords"])
   spans = entry.get("spans") or _spans(caption, keywords, where)
   return {"scene_type": scene_type, "field_names": list(fields), "keywords": keywords,
@@ -126,8 +125,11 @@ def _spans(caption: str, keywords: list[str], where: str) -> list[tuple[int, int
   return spans
 
 
-def manifest_record(entry: dict, folder: str, where: str, size: tuple[tuple[int, int], str] | None = None) -> dict:
-  """One manifest line -> a record (validated); `size`: the (shape, where it was set) all chips share."""
+def manifest_record(entry: dict, folder: str, where: str, size: tuple[tuple[int, int], str] | None = None,
+                    field_records: fields.RecordIndex | None = None) -> dict:
+  """One manifest line -> a record (validated); `size`: the (shape, where it was set) all chips
+  share; `field_records`: field values joined by id, verbalised into the caption (fields.py)."""
+  entry = fields.caption_entry(entry, where, field_records)
   for key in ("id", "image", "scene_type", "caption", "keywords"):
     if key not in entry:
       raise RecordError(f"{where}: field '{key}' is missing; see klip_jax/data/ingest.py.")
@@ -165,10 +167,12 @@ class ManifestSource:
   manifest: str
   skip_bad: bool = False  # leave bad lines out (listed in `skipped`) instead of stopping
   chip_size: int = 0  # the chips' side in pixels; 0: the first chip's
+  records: str = ""  # FUSAR-GEOVL-style field records joined by image_id (fields.py)
 
   def __post_init__(self):
     if not os.path.isfile(self.manifest):
       raise DatasetError(f"no manifest at {self.manifest}; give the JSONL file with --manifest.")
+    self._fields = fields.RecordIndex(self.records) if self.records else None
     self._folder = os.path.dirname(os.path.abspath(self.manifest))
     with open(self.manifest, "rb") as f:
       raw = f.read()
@@ -192,6 +196,8 @@ class ManifestSource:
     self._hashes: dict[int, str] = {}
     self._size: tuple[tuple[int, int], str] | None = None
     self._group()
+    if self._fields:
+      self._fields.check_joined([entry["id"] for _, entry in self._lines], self.manifest)
 
   def _where(self, number: int) -> str:
     return f"{self.manifest}:{number}"
@@ -211,6 +217,8 @@ class ManifestSource:
       raise RecordError(f"{where}: not JSON ({e}); write one JSON object per line") from None
     if not isinstance(entry, dict):
       raise RecordError(f"{where}: is a JSON {type(entry).__name__}, not an object; write one object per chip")
+    if "id" not in entry and "image_id" in entry:
+      entry["id"] = entry["image_id"]
     split = entry.setdefault("split", "train")
     if split not in SPLITS:
       raise RecordError(f"{where}: split {split!r} is not a split; use one of {list(SPLITS)}")
@@ -261,7 +269,7 @@ class ManifestSource:
   def _record(self, number: int, entry: dict) -> dict:
     where = self._where(number)
     try:
-      return manifest_record(entry, self._folder, where, self._size)
+      return manifest_record(entry, self._folder, where, self._size, self._fields)
     except (TypeError, ValueError, KeyError, AttributeError, OSError) as e:  # a field of the wrong kind
       problem = " ".join(f"{type(e).__name__}: {e}".split())
       raise RecordError(f"{where}: malformed line ({problem}); see klip_jax/data/ingest.py for the "
@@ -276,9 +284,12 @@ class ManifestSource:
     return record
 
   def as_metadata(self) -> dict:
-    return {"manifest": os.path.abspath(self.manifest), "sha256": self._sha256,
+    meta = {"manifest": os.path.abspath(self.manifest), "sha256": self._sha256,
             "num_examples": self.num_examples,
             "images": {str(number): [entry["image"], self._hashes.get(number)] for number, entry in self._lines}}
+    if self._fields:
+      meta["records"] = {"path": os.path.abspath(self.records), "sha256": self._fields.sha256}
+    return meta
 
   def describe_change(self, existing: dict | None, data_dir) -> str | None:
     """What differs between this manifest (and its images) and the one a dataset was built

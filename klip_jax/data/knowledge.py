@@ -45,7 +45,7 @@ def field_slots(scene_type: str, field_names) -> np.ndarray:
 
 CELL_NAMES = ("upper left", "upper middle", "upper right", "middle left", "centre",
               "middle right", "lower left", "lower middle", "lower right")
-_COVER_NAMES = ("water", "vegetation", "bare land", "buildings", "roads", "runways")
+COVER_NAMES = ("water", "vegetation", "bare land", "buildings", "roads", "runways")
 
 # Value vocabularies. Noise draws a wrong value of the same field from these (numbers and
 # free-form values such as cell lists have their own corruption rules below).
@@ -166,10 +166,10 @@ def landform_fields(chip: world.Chip) -> dict[str, str]:
   order = np.argsort(-frac, kind="stable")
   dominant, second = int(order[0]), int(order[1])
   if frac[second] >= 0.05:
-    distribution = f"{_COVER_NAMES[second]} mainly in the {_region_name(chip.landcover == second)}"
-    boundary = f"{_COVER_NAMES[dominant]} and {_COVER_NAMES[second]}"
+    distribution = f"{COVER_NAMES[second]} mainly in the {_region_name(chip.landcover == second)}"
+    boundary = f"{COVER_NAMES[dominant]} and {COVER_NAMES[second]}"
   else:
-    distribution = f"uniform {_COVER_NAMES[dominant]}"
+    distribution = f"uniform {COVER_NAMES[dominant]}"
     boundary = "no distinct regions"
   urban = frac[terrain.URBAN]
   buildings = _BUILDINGS[0] if urban >= 0.3 else _BUILDINGS[1] if urban >= 0.03 else _BUILDINGS[2]
@@ -216,10 +216,10 @@ def _random_value(field: str, scene_type: str, rng: np.random.Generator) -> str:
     city = gazetteer.CITIES[rng.integers(len(gazetteer.CITIES))]
     return f"{city.name}, {city.country}".lower()
   if field == "boundary":
-    a, b = rng.choice(len(_COVER_NAMES), 2, replace=False)
-    return f"{_COVER_NAMES[a]} and {_COVER_NAMES[b]}"
+    a, b = rng.choice(len(COVER_NAMES), 2, replace=False)
+    return f"{COVER_NAMES[a]} and {COVER_NAMES[b]}"
   if field == "distribution" and scene_type == "landform":
-    return f"{_COVER_NAMES[rng.integers(len(_COVER_NAMES))]} mainly in the {CELL_NAMES[rng.integers(9)]}"
+    return f"{COVER_NAMES[rng.integers(len(COVER_NAMES))]} mainly in the {CELL_NAMES[rng.integers(9)]}"
   vocabulary = _VOCABULARY[(scene_type, field)]
   return vocabulary[rng.integers(len(vocabulary))]
 

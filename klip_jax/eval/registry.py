@@ -25,12 +25,12 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from klip_jax.data import knowledge, targets
+from klip_jax.data import knowledge, records, targets
 from klip_jax.data.prepare import RunData
 from klip_jax.errors import ConfigError
 from klip_jax.eval import captioning, detection, matching, probes, retrieval, screening, vqa, zeroshot
 from klip_jax.eval.runner import ModelRunner
-from klip_jax.eval.truth import NoTruth, Split, load_split
+from klip_jax.eval.truth import NoTruth, Split, corruption_missing, load_split
 from klip_jax.train import scio
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def _zeroshot_landcover(ctx: EvalContext) -> dict:
   return zeroshot.evaluate(ctx.runner, ctx.data.codec, ctx.test, ctx.test_encoded[1], ctx.train)
 
 
-@register("target_classification", needs=("train",))
+@register("target_classification", needs=("train", "boxes"))
 def _target_classification(ctx: EvalContext) -> dict:
   return probes.target_classification(ctx.train, ctx.train_tokens, ctx.test, ctx.test_encoded[0],
                                       ctx.config.eval.seed)
@@ -179,8 +179,9 @@ def _detection(ctx: EvalContext) -> dict:
 def _vqa(question: str) -> Callable[[EvalContext], dict]:
   def run(ctx: EvalContext) -> dict:
     e = ctx.config.eval
-    return vqa.evaluate(question, ctx.runner, ctx.data.codec, ctx.test, ctx.test_encoded[0], ctx.train,
-                        max_questions=e.vqa_questions, max_candidates=e.vqa_candidates)
+    planned = vqa.plan(question, ctx.test, ctx.train, max_questions=e.vqa_questions,
+                       max_candidates=e.vqa_candidates)  # a skip costs no image encoding
+    return vqa.score(planned, ctx.runner, ctx.data.codec, ctx.test_encoded[0])
   return run
 
 
@@ -201,11 +202,13 @@ def _relabel(ctx: EvalContext, split: str, proofread: bool) -> list[dict]:
 def _screening(ctx: EvalContext) -> dict:
   """Per-clause screening AUC of SCIO's signals on the val split's noisy captions (captions the
   model never trained on)."""
+  _require_corruption(ctx, "val")
   return screening.evaluate(_relabel(ctx, "val", proofread=False))
 
 
 @register("scio_repair", needs=("trained", "decoder", "corruption"))
 def _scio_repair(ctx: EvalContext) -> dict:
+  _require_corruption(ctx, "train")
   entries = _relabel(ctx, "train", proofread=True)
   out = scio.repair_metrics(entries)
   if not out["corrupted_clauses"]:
@@ -219,7 +222,33 @@ def _scio_repair(ctx: EvalContext) -> dict:
   return out
 
 
+def _require_corruption(ctx: EvalContext, split: str) -> None:
+  """Skip before the relabel pass (the expensive part) when the split records no corrupted clause."""
+  if reason := corruption_missing(ctx.data.data_dir, split, ctx.config.eval.train_examples):
+    raise NoTruth(reason)
+
+
 TASKS = tuple(REGISTRY)
+
+# Ground truth a task needs: (what, where a manifest gives it, whether a record has it).
+_TRUTH = {
+    "landcover": ("land-cover masks", "truth.landcover",
+                  lambda r: r["truth"]["dominant"] != records.UNKNOWN_CLASS),
+    "boxes": ("target boxes", "truth.boxes with box_classes", lambda r: len(r["truth"]["boxes"]) > 0),
+}
+
+
+def _check_truth(ctx: EvalContext, evaluator: Evaluator) -> None:
+  """NoTruth naming the split and the missing truth, before any model call, when a split the
+  task reads records none of the land cover or boxes it is scored against."""
+  for need in evaluator.needs:
+    if need not in _TRUTH:
+      continue
+    what, key, has = _TRUTH[need]
+    for split in [ctx.test] + ([ctx.train] if "train" in evaluator.needs else []):
+      if not any(has(r) for r in split.records):
+        raise NoTruth(f"no {what} in the {split.name} split: none of its chips records {key} (an ingest "
+                      f"manifest gives them per chip)")
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -247,6 +276,7 @@ def evaluate(ctx: EvalContext, tasks: list[str]) -> tuple[dict, dict]:
       # One BLAS thread: scikit-learn's solvers beside XLA's busy thread pool otherwise run
       # ~40x slower (measured: a probe fit 10.8 s -> 0.25 s on 2 cores).
       with threadpool_limits(1):
+        _check_truth(ctx, REGISTRY[name])
         out = REGISTRY[name].run(ctx)
     except NoTruth as skip:
       log.warning("task %s skipped: %s", name, skip)

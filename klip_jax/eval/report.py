@@ -55,7 +55,8 @@ def table(results: dict, details: dict) -> str:
   baseline = results.get("random_init", {})
   for task, metrics in results["tasks"].items():
     if "skipped" in metrics:
-      rows.append(f"| {task} | skipped: {details.get(task, {}).get('skipped', '')} | | | |")
+      reason = details.get(task, {}).get("skipped") or results.get("skipped", {}).get(task, "reason not recorded")
+      rows.append(f"| {task} | skipped: {reason} | | | |")
       continue
     for metric in HEADLINES.get(task, ("accuracy",)):
       rows.append(f"| {task} | {metric} | {_fmt(metrics.get(metric))} | "
@@ -86,6 +87,27 @@ def scio_examples(entries: list[dict], limit: int = 6) -> str:
         ("clean, kept" if e["corrected_keyword"] == true else "clean, changed")
     rows.append(f"| {e['id']} | {clause} | {e['corrected_keyword']} | {true} | {verdict} |")
   return "\n".join(rows)
+
+
+def captions_diff(entries: list[dict], truth_recorded: bool, limit: int) -> list[str]:
+  """`klip captions diff`: each flagged clause of a caption round with its original and
+  corrected keyword, and its true keyword only where the data records one (the synthetic
+  world's noise); ingested captions have no truth, so nothing is called correct there."""
+  flagged = [e for e in entries if e["flagged"] >= 0][:limit]
+  lines = []
+  for e in flagged:
+    clause = e["caption"].split(knowledge.SEPARATOR)[e["flagged"]]
+    line = (f"{e['id']}  clause {e['flagged']}: {clause}\n"
+            f"    original: {e['original_keyword']!r}  corrected: {e['corrected_keyword']!r}")
+    if truth_recorded:
+      true = e["truth"].get(str(e["flagged"]))
+      line += f"  true: {true!r}" if true is not None else f"  true: {e['original_keyword']!r} (was correct)"
+    lines.append(line)
+  lines.append(f"{len(flagged)} flagged captions shown (limit {limit}); a flagged keyword may be kept as it was")
+  if not truth_recorded:
+    lines.append("no true keywords: this data records no corrupted clauses (ingested captions carry no truth), "
+                 "so whether a flagged keyword was wrong is unknown")
+  return lines
 
 
 def write(folder: io.PathLike, results: dict, details: dict, test, i2t_scores, metrics_path: io.PathLike, scio_config,

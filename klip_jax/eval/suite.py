@@ -9,7 +9,8 @@ prefix of the train split for probes, heads and answer vocabularies, and writes 
   relabel_train.jsonl  SCIO's screening/proofreading of every train caption (scio_repair)
   report.md and PNG plots (report.py)
 A task whose ground truth the data lacks (e.g. real chips without land-cover masks) is
-reported as skipped, with the reason. The checkpoint's data must exist: nothing is built.
+reported as skipped, with the reason (also in results.json, as "skipped": {task: reason}).
+The checkpoint's data must exist: nothing is built.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
                                progress=progress)
   results, details = registry.evaluate(model, tasks)
   out = {"step": int(state.step), "tasks": results}
+  skipped = {task: d["skipped"] for task, d in details.items() if "skipped" in d}
+  if skipped:  # the reasons travel with the results (the stdout table and results.json show them)
+    out["skipped"] = skipped
   if c.eval.random_baseline:
     tx, _ = state_lib.make_optimizer(c.optim, c.train.steps)
     _, fresh, _ = state_lib.create(c, data.codec.vocab_size, tx, mesh)

@@ -10,17 +10,49 @@ normalised exactly as the training pipeline does (dB, train-split statistics).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
-from klip_jax.data import builder, knowledge, pipeline, records
+from klip_jax import config as config_lib
+from klip_jax.data import builder, knowledge, pipeline, prepare, records
 from klip_jax.data.tokenizer import TextCodec
-from klip_jax.errors import DatasetError
+from klip_jax.errors import DatasetError, KlipError
 
 
 class NoTruth(ValueError):
   """A task's ground truth is absent from the split (e.g. real data without land cover): the
   benchmark reports the task as skipped with this message."""
+
+
+def corruption_missing(data_dir: str, split: str, limit: int) -> str | None:
+  """None when the first `limit` records of `split` record a corrupted clause (the truth that
+  screening and repair are scored against); otherwise why none does. Real captions are noisy
+  too, but nobody has marked which of their clauses are wrong."""
+  source = builder.open_split(data_dir, split)
+  count = min(len(source), limit)
+  for i in range(count):
+    if len(records.from_example(source[i], decode_rasters=False)["truth"]["corrupted"]):
+      return None
+  settings = builder.metadata(data_dir).get("settings", {})
+  if "noise_rate" not in settings:
+    why = ("ingested captions carry no record of which clause is wrong, so screening and repair have nothing "
+           "to be graded against")
+  elif settings["noise_rate"] == 0:
+    why = "the synthetic world was built with noise_rate 0, so no clause is wrong"
+  else:
+    why = f"the synthetic world's caption noise (noise_rate {settings['noise_rate']}) corrupted none of them"
+  return f"none of the first {count} {split} captions records a corrupted clause: {why}"
+
+
+def corruption_recorded(workdir: str, limit: int = 1024) -> bool | None:
+  """Whether the dataset of a workdir's run records corrupted clauses (None: its saved config
+  or dataset cannot be found)."""
+  try:
+    data = prepare.locate(config_lib.load_saved(os.path.join(workdir, "config.json")), workdir)
+    return corruption_missing(data.data_dir, "train", limit) is None
+  except KlipError:
+    return None
 
 
 @dataclasses.dataclass

@@ -147,7 +147,7 @@ def test_clause_count_that_does_not_match_the_scene_type(folder, capsys):
   line["caption"] = "$".join(line["caption"].split("$")[:7])
   line["keywords"] = line["keywords"][:7]
   geotiffs.manifest(folder, _good(folder) + [line])
-  _refused(folder, capsys, 3, "caption has 7 clauses but a target scene has 8 fields", "one clause per field")
+  _refused(folder, capsys, 3, "the caption has 7 clauses for a target scene; give 8, one per field", "joined by")
 
 
 def test_image_changed_since_the_build_is_refused_then_rebuilt(folder, capsys):

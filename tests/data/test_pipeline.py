@@ -167,7 +167,7 @@ def test_clause_negatives_differ_from_their_caption_in_exactly_one_clause(tiny_d
 
 
 def _plausible(scene_type: str, field: str, value: str) -> bool:
-  covers, cells = knowledge._COVER_NAMES, knowledge.CELL_NAMES
+  covers, cells = knowledge.COVER_NAMES, knowledge.CELL_NAMES
   if field == "region":
     return value in {f"{c.name}, {c.country}".lower() for c in gazetteer.CITIES}
   if field == "location":
