@@ -156,7 +156,8 @@ def _retrieval_grid(test, scores: np.ndarray, rows: int = 6, top: int = 3):
                            squeeze=False)
   for r in range(rows):
     image = builder.to_db(test.records[r]["image"])
-    axes[r, 0].imshow(image, cmap="gray", vmin=np.percentile(image, 2), vmax=np.percentile(image, 98))
+    # NaN: no data (ingested float chips)
+    axes[r, 0].imshow(image, cmap="gray", vmin=np.nanpercentile(image, 2), vmax=np.nanpercentile(image, 98))
     axes[r, 0].set_title(test.records[r]["id"], fontsize=7)
     axes[r, 0].axis("off")
     axes[r, 1].axis("off")

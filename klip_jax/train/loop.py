@@ -77,7 +77,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
   else:
     state = _initial_state(c, data, tx, mesh, workdir, abstract, shardings, imported)
   tokens = TokenIds.from_codec(data.codec)
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, start)
   base_rng = jax.random.key(c.seed)
   last: dict = {}
   with mesh_lib.logical_context(mesh, c.mesh.rules), compilations.Counter() as compiled:

@@ -18,9 +18,17 @@ from klip_jax.parallel import hosts
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start: int = 0):
+    """`start`: the step a resumed run restarts from. Lines logged after it (by a run killed
+    between checkpoints) are dropped, as those steps run and log again: the log of an
+    interrupted run reads as that of an uninterrupted one."""
     self.path = io.path(workdir) / "metrics.jsonl"
     self._tensorboard = SummaryWriter(str(io.path(workdir) / "logs")) if hosts.is_writer() else None
+    if self._tensorboard is not None and self.path.exists():
+      lines = io.read_jsonl(self.path)
+      kept = [line for line in lines if line["step"] <= start]
+      if len(kept) < len(lines):
+        io.write_jsonl(self.path, kept)
 
   def train(self, step: int, metrics: dict[str, float]) -> None:
     self._write(step, {"step": step, **metrics}, {f"train/{name}": v for name, v in metrics.items()})

@@ -20,6 +20,7 @@ from klip_jax.train import step as step_lib
 torch = pytest.importorskip(
     "torch", reason="the comparison is with PyTorch BLIP: install the test or export extra (torch==2.13.0)")
 VOCAB = 300
+pytestmark = pytest.mark.xdist_group("bench_models")  # the module's tests share the models it builds
 
 
 @pytest.fixture(scope="module")

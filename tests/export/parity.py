@@ -7,24 +7,20 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import torch
 from flax import nnx, traverse_util
 
-from klip_jax import io
 from klip_jax.data import prepare
 from klip_jax.data.tokenizer import TokenIds
 from klip_jax.model import decode
 from klip_jax.model.klip import KLIP
 from klip_jax.parallel import mesh as mesh_lib
-from klip_jax.train import checkpoint
-from klip_jax.train import state as state_lib
+from tests.workdir import saved_workdir
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +71,10 @@ def random_params(config, vocab_size: int, seed: int) -> dict:
 
 
 def trained_workdir(config, workdir: str, seed: int, step: int) -> tuple[dict, TokenIds]:
-  """A workdir as `klip train` leaves it, at `step`, holding `random_params(seed)` (zero
-  optimizer state), its tokenizer and config.json -> (those params, the codec's token ids)."""
-  codec = prepare.ensure(config, workdir).codec
-  tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
-  _, abstract, shardings = state_lib.abstract_state(config, codec.vocab_size, tx, mesh_lib.from_config(config.mesh))
-  state = jax.tree.map(lambda a, s: jax.device_put(np.full(a.shape, step if a.dtype == np.int32 else 0, a.dtype), s),
-                       abstract, shardings)
-  params = random_params(config, codec.vocab_size, seed)
-  nnx.replace_by_pure_dict(state.params, jax.tree.map(jax.device_put, params, shardings.params.to_pure_dict()))
-  with checkpoint.manager(workdir, config) as manager:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-  io.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort())
-  return params, TokenIds.from_codec(codec)
+  """A workdir as `klip train` leaves it, at `step`, holding `random_params(seed)` -> (those
+  params, the codec's token ids)."""
+  vocab_size = prepare.ensure(config, workdir).codec.vocab_size
+  return saved_workdir(config, workdir, step, random_params(config, vocab_size, seed))
 
 
 def klip_model(config, vocab_size: int, params: dict) -> tuple[KLIP, jax.sharding.Mesh]:

@@ -1,8 +1,8 @@
 """2 processes x 4 CPU devices (jax.distributed on localhost, gloo collectives) against 1 process
 x 8 devices on the same global mesh: `klip train` with online SCIO, an offline SCIO round
-(`klip relabel`) and `klip eval` give the same parameters, caption rounds and results, and only
-process 0 writes the run's files. A single-process 8-device test cannot see multi-host bugs;
-this one can."""
+(`klip relabel`), `klip eval`, `klip export` and `klip import-hf` give the same parameters,
+caption rounds, results and files, and only process 0 writes the run's files. A single-process
+8-device test cannot see multi-host bugs; this one can."""
 
 import json
 import os
@@ -120,6 +120,8 @@ def _assert_only_process_0_wrote(one: str, two: str, train_runs: int = 1) -> Non
     return out
   assert files(one) == files(two)
   assert not [f for f in files(two) if ".tmp-" in f or ".old-" in f]
+  if not train_runs:
+    return
   assert len(os.listdir(os.path.join(two, "logs"))) == train_runs
   lines_one, lines_two = _lines(os.path.join(one, "metrics.jsonl")), _lines(os.path.join(two, "metrics.jsonl"))
   assert [m["step"] for m in lines_one] == [m["step"] for m in lines_two]
@@ -127,15 +129,18 @@ def _assert_only_process_0_wrote(one: str, two: str, train_runs: int = 1) -> Non
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
 
 
-def test_training_relabelling_and_eval_match_one_process(tiny_data, tiny_tokenizer, tmp_path):
+def _scio(*more: str) -> list[str]:
+  return ["--config.train.steps=6", "--config.scio.stage_a_steps=1", "--config.scio.stage_b_steps=2",
+          "--config.scio.stage_c_steps=3", *more]
+
+
+def test_training_matches_one_process_and_resumes_in_one(tiny_data, tiny_tokenizer, tmp_path):
   """Online SCIO (each batch relabelled before its step) through stages A, B, C: 2 processes
   train to step 4 on mesh (data=8); 1 process resumes that checkpoint on (fsdp=4, tensor=2) to
-  step 6. Parameters, losses and data positions equal 1 process on (data=8) throughout. Then
-  an offline SCIO round (`klip relabel`: caption round 1) and `klip eval` on a small task set,
-  as 2 processes, write what 1 process writes."""
+  step 6. Parameters, losses and data positions equal 1 process on (data=8) throughout, and
+  only process 0 wrote the run's files."""
   args = lambda w, *more: ["train", "--workdir", w, *_config_args(
-      tiny_data, tiny_tokenizer, "--config.train.steps=6", "--config.train.ckpt_every=2",
-      "--config.scio.stage_a_steps=1", "--config.scio.stage_b_steps=2", "--config.scio.stage_c_steps=3", *more)]
+      tiny_data, tiny_tokenizer, *_scio("--config.train.ckpt_every=2"), *more)]
   one, two = _both(tmp_path, "run", lambda w: args(w, "--stop-at", "4") if w.endswith("2x4") else args(w))
   for step in (2, 4):
     _assert_same_tree(_params(one, step), _params(two, step))
@@ -146,23 +151,37 @@ def test_training_relabelling_and_eval_match_one_process(tiny_data, tiny_tokeniz
   assert len(states[one]) == 1 and states[two] == states[one] * 2
   _klip(args(two, "--config.mesh.shape=(1,4,2)"), 1, 8)
   _assert_same_tree(_params(one, 6), _params(two, 6))
+  _assert_only_process_0_wrote(one, two, train_runs=2)
 
+
+def test_relabelling_and_eval_match_one_process(tiny_data, tiny_tokenizer, tmp_path):
+  """From the same checkpoint, an offline SCIO round (`klip relabel`: caption round 1) and
+  `klip eval` on a small task set, as 2 processes, write what 1 process writes."""
+  from klip_jax import config as config_lib
+  from tests.workdir import saved_workdir
+
+  config = config_lib.load("configs/tiny.py:48px")
+  config.data.update(data_dir=tiny_data, tokenizer=tiny_tokenizer, max_len=96)
+  config.scio.update(stage_a_steps=1, stage_b_steps=2, stage_c_steps=3, relabel_batch_size=16)
+  config.train.update(steps=6, batch_size=16)
+  one, two = str(tmp_path / "run_1x8"), str(tmp_path / "run_2x4")
+  params, _ = saved_workdir(config, one, step=6)
+  saved_workdir(config, two, step=6, params=params)
   for workdir, processes, devices in ((one, 1, 8), (two, 2, 4)):
     _klip(["relabel", "--workdir", workdir], processes, devices)
-    _klip(["eval", "--workdir", workdir, *_config_args(tiny_data, tiny_tokenizer, "--config.train.steps=6",
-           "--config.scio.stage_a_steps=1", "--config.scio.stage_b_steps=2", "--config.scio.stage_c_steps=3",
-           "--config.eval.tasks=retrieval,itm,scio_repair", "--config.eval.random_baseline=False")],
+    _klip(["eval", "--workdir", workdir, *_config_args(tiny_data, tiny_tokenizer, *_scio(
+           "--config.eval.tasks=retrieval,itm,scio_repair", "--config.eval.random_baseline=False"))],
           processes, devices)
   path = os.path.join("captions", "round_1", "overlay.jsonl")
   a, b = _lines(os.path.join(one, path)), _lines(os.path.join(two, path))
-  assert len(a) == len(b) == 48
+  assert len(a) == len(b) == 48 and any(x["flagged"] >= 0 for x in a)
   for x, y in zip(a, b):
     assert (x["id"], x["flagged"], x["corrected_keyword"]) == (y["id"], y["flagged"], y["corrected_keyword"])
     np.testing.assert_allclose(x["itm"], y["itm"], atol=1e-4)
   results = [json.load(open(os.path.join(w, "eval", "results.json"))) for w in (one, two)]
   assert results[0]["tasks"].keys() == {"retrieval", "itm", "scio_repair"}
   _assert_same_tree(results[0]["tasks"], results[1]["tasks"], rtol=1e-4, atol=1e-4)
-  _assert_only_process_0_wrote(one, two, train_runs=2)
+  _assert_only_process_0_wrote(one, two, train_runs=0)
 
 
 def test_export_and_import_hf_match_one_process(tiny_data, tiny_tokenizer, tmp_path):

@@ -2,6 +2,8 @@
 
 import json
 import os
+import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -43,40 +45,62 @@ def _checkpoint(workdir, step):
   return params, data
 
 
+def _train_until(args, metrics: str, lines: int, sig: int) -> subprocess.Popen:
+  """Start `klip ARGS`, send it `sig` once `metrics` has `lines` lines; returns the process."""
+  run = subprocess.Popen([sys.executable, "-m", "klip_jax.cli", *args], env=_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+  while run.poll() is None and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= lines):
+    time.sleep(0.01)
+  run.send_signal(sig)
+  return run
+
+
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_0_and_the_rerun_equals_an_uninterrupted_run(tiny_data, tiny_tokenizer, tmp_path):
-  """A SIGTERM (preemption) mid-run: the run checkpoints at the next step boundary and exits 0;
-  running it again in a new process ends where an uninterrupted run ends, bit for bit."""
+def test_sigterm_and_sigkill_then_rerun_equal_an_uninterrupted_run(tiny_data, tiny_tokenizer, tmp_path):
+  """A SIGTERM (preemption) after step 1: the run checkpoints at the next step boundary and
+  exits 0. Its rerun is SIGKILLed at a random step past the step-12 checkpoint, and a checkpoint
+  write is found cut short: the next rerun restores the last whole checkpoint. The run ends
+  where an uninterrupted run ends, bit for bit, and its metrics log reads as that run's."""
   steps = 24
   overrides = [f"--config.data.data_dir={tiny_data}", f"--config.data.tokenizer={tiny_tokenizer}",
                "--config.data.max_len=96", "--config.model.vision.image_size=48",
                f"--config.train.steps={steps}", "--config.train.batch_size=8", "--config.train.log_every=1",
                "--config.train.ckpt_every=12", "--config.momentum.queue_size=16", "--config.eval.every=0"]
+  train = lambda workdir: ["train", "--config", "configs/tiny.py", "--workdir", workdir, *overrides]
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  _klip("train", "--config", "configs/tiny.py", "--workdir", straight, *overrides)
-  run = subprocess.Popen([sys.executable, "-m", "klip_jax.cli", "train", "--config", "configs/tiny.py",
-                          "--workdir", resumed, *overrides], env=_env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(resumed, "metrics.jsonl")
-  while run.poll() is None and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 1):
-    time.sleep(0.01)
-  run.send_signal(signal.SIGTERM)  # after step 1, well before step 24
+  metrics, checkpoints = os.path.join(resumed, "metrics.jsonl"), os.path.join(resumed, "checkpoints")
+  _klip(*train(straight))
+
+  run = _train_until(train(resumed), metrics, 1, signal.SIGTERM)
   _, err = run.communicate(timeout=120)
   assert run.returncode == 0, err
-  stopped = [int(s) for s in os.listdir(os.path.join(resumed, "checkpoints"))]
-  assert len(stopped) == 1 and 1 <= stopped[0] < steps and f"checkpointed at step {stopped[0]}" in err
-  _klip("train", "--config", "configs/tiny.py", "--workdir", resumed, *overrides)
+  stopped = [int(s) for s in os.listdir(checkpoints)]
+  assert len(stopped) == 1 and 1 <= stopped[0] < 12 and f"checkpointed at step {stopped[0]}" in err
+
+  at = random.Random().randint(13, steps - 1)  # past the step-12 checkpoint
+  run = _train_until(train(resumed), metrics, at, signal.SIGKILL)
+  run.communicate(timeout=120)
+  assert run.returncode == -signal.SIGKILL, f"the run ended before step {at}"
+  # Step 12's checkpoint is written asynchronously: a kill soon after may cut that write short.
+  assert sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())[-1] in (stopped[0], 12), at
+  # A write of step 24 cut short (orbax writes into a temporary folder, renamed when complete).
+  cut = os.path.join(checkpoints, "24.orbax-checkpoint-tmp-1796170000")
+  shutil.copytree(os.path.join(straight, "checkpoints", "12"), cut)
+  for root, _, names in os.walk(cut):
+    for name in names:
+      os.truncate(os.path.join(root, name), 0)
+  _klip(*train(resumed))
 
   params_a, data_a = _checkpoint(straight, steps)
   params_b, data_b = _checkpoint(resumed, steps)
   leaves_a, leaves_b = jax.tree.leaves(params_a), jax.tree.leaves(params_b)
   assert len(leaves_a) == len(leaves_b) > 50
   for a, b in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, b, err_msg=f"killed at step {at}")
   assert data_a and data_a == data_b  # the iterators stand at the same place of the same order
   lines = lambda w: [json.loads(l) for l in open(os.path.join(w, "metrics.jsonl"))]
   a, b = lines(straight), lines(resumed)
-  assert [m["step"] for m in b] == list(range(1, steps + 1))
+  assert [m["step"] for m in b] == list(range(1, steps + 1)), f"killed at step {at}"
   for x, y in zip(a, b):
     assert x["loss"] == y["loss"] and x["loss_itc"] == y["loss_itc"]  # same batches, same math
   # The step compiled once per process; the steps (and a resume) never recompiled it.

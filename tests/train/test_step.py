@@ -12,6 +12,8 @@ from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
+# The module's tests share `one_and_eight` (two compiled train steps): one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("train_step")
 VOCAB = 120
 TOKENS = TokenIds(pad=0, cls=4, enc=5, dec=2, mask=6, sep=3, separator=7, vocab_size=VOCAB)
 
