@@ -15,7 +15,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-pytestmark = pytest.mark.slow  # klip commands run as 1 and as 2 processes
+# klip commands run as 1 and as 2 processes; one such run at a time (one pytest-xdist worker):
+# two at once on two cores starve jax.distributed's heartbeats (100 s) and the service aborts.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost")]
 
 _TIMEOUT_S = 600
 
