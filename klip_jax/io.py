@@ -81,6 +81,18 @@ def resolve(p: PathLike) -> epath.Path:
   return path(p) if is_remote(p) else epath.Path(os.path.abspath(p))
 
 
+def replace(new: epath.Path, final: epath.Path) -> None:
+  """Put the finished file or folder `new` at `final`; a folder already at `final` is moved
+  aside first and deleted once `new` is in place, so `final` is never missing a whole version."""
+  if final.is_dir():
+    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    final.rename(old)
+    new.rename(final)
+    old.rmtree()
+  else:
+    new.replace(final)
+
+
 @contextlib.contextmanager
 def atomic_path(p: PathLike) -> Iterator[epath.Path]:
   """Yield a temporary path beside `p`; on success rename it to `p` (replacing a file or
@@ -102,13 +114,7 @@ def atomic_path(p: PathLike) -> Iterator[epath.Path]:
   tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
   try:
     yield tmp
-    if final.is_dir():
-      old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-      final.rename(old)
-      tmp.rename(final)
-      old.rmtree()
-    else:
-      tmp.replace(final)
+    replace(tmp, final)
   finally:
     if tmp.is_dir():
       tmp.rmtree()

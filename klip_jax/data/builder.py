@@ -190,7 +190,7 @@ def build(data_dir: str | os.PathLike, settings: RecordSource, rebuild: bool = F
     (staging / "settings.json").write_text(json.dumps(wanted))  # names the command after a kill
     KlipSar(settings=settings, data_dir=os.fspath(staging)).download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    _move_in(staging / NAME / VERSION, path)
+    io.replace(staging / NAME / VERSION, path)
   finally:
     if staging.exists():
       staging.rmtree()
@@ -211,23 +211,12 @@ def _leftovers(parent: epath.Path) -> list[epath.Path]:
   (builds before staging) and a replaced dataset not yet deleted."""
   if not parent.exists():
     return []
-  return sorted(p for pattern in (".build-*", "incomplete*", ".old-*") for p in parent.glob(pattern))
+  return sorted(p for pattern in (".build-*", "incomplete*", ".*.old-*") for p in parent.glob(pattern))
 
 
 def _remove_leftovers(parent: epath.Path) -> None:
   for leftover in _leftovers(parent):
     leftover.rmtree()
-
-
-def _move_in(new: epath.Path, path: epath.Path) -> None:
-  """Put the finished dataset `new` at `path`, replacing (then deleting) one already there."""
-  if path.exists():
-    old = path.parent / f".old-{uuid.uuid4().hex[:8]}"
-    path.rename(old)
-    new.rename(path)
-    old.rmtree()
-  else:
-    new.rename(path)
 
 
 def _jsonable(value):

@@ -33,7 +33,7 @@ import math
 import os
 
 from klip_jax import io
-from klip_jax.data import fields, knowledge, targets
+from klip_jax.data import fields, ingest, knowledge, targets
 from klip_jax.errors import RecordError
 
 LEVELS = ("geoscience", "social development and regional function", "SAR scattering",
@@ -269,21 +269,9 @@ def _manifest_lines(manifest: str):
   """(line number, entry) of every non-empty line; RecordError naming the line otherwise."""
   if not os.path.exists(manifest):
     raise RecordError(f"no manifest at {manifest}.")
-  with open(manifest, "rb") as f:
-    raw = f.read()
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = raw[:e.start].count(b"\n") + 1
-    raise RecordError(f"{manifest}:{line}: not UTF-8 text; save it as UTF-8.") from None
-  for number, line in enumerate(text.splitlines(), 1):
-    if line.strip():
-      try:
-        entry = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise RecordError(f"{manifest}:{number}: not JSON ({e}).") from None
-      if not isinstance(entry, dict):
-        raise RecordError(f"{manifest}:{number}: a manifest line is a JSON object, got {type(entry).__name__}.")
+  for number, data in ingest.manifest_lines(manifest):
+    entry = ingest.parse_line(data, f"{manifest}:{number}")
+    if entry is not None:
       yield number, entry
 
 

@@ -48,6 +48,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -160,6 +161,31 @@ def manifest_record(entry: dict, folder: str, where: str, size: tuple[tuple[int,
   return record
 
 
+def manifest_lines(manifest: str) -> Iterator[tuple[int, bytes]]:
+  """(line number, raw bytes) of every line of a JSONL manifest (a UTF-8 BOM dropped)."""
+  with open(manifest, "rb") as f:
+    raw = f.read()
+  return enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1)
+
+
+def parse_line(data: bytes, where: str) -> dict | None:
+  """One manifest line -> its JSON object (None for a blank line); RecordError naming `where`."""
+  try:
+    line = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise RecordError(f"{where}: is not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start + 1}); "
+                      "save the manifest as UTF-8") from None
+  if not line.strip():
+    return None
+  try:
+    entry = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise RecordError(f"{where}: not JSON ({e}); write one JSON object per line") from None
+  if not isinstance(entry, dict):
+    raise RecordError(f"{where}: is a JSON {type(entry).__name__}, not an object; write one object per chip")
+  return entry
+
+
 @dataclasses.dataclass
 class ManifestSource:
   """A builder record source over a JSONL manifest (see the module docstring)."""
@@ -175,13 +201,12 @@ class ManifestSource:
     self._fields = fields.RecordIndex(self.records) if self.records else None
     self._folder = os.path.dirname(os.path.abspath(self.manifest))
     with open(self.manifest, "rb") as f:
-      raw = f.read()
-    self._sha256 = hashlib.sha256(raw).hexdigest()
+      self._sha256 = hashlib.sha256(f.read()).hexdigest()
     self._skipped: list[tuple[int, str]] = []
     self._lines: list[tuple[int, dict]] = []
     first_use: dict[str, int] = {}
     self._validated = False
-    for number, data in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1):
+    for number, data in manifest_lines(self.manifest):
       try:
         entry = self._parse(number, data)
         if entry is None:
@@ -204,19 +229,9 @@ class ManifestSource:
 
   def _parse(self, number: int, data: bytes) -> dict | None:
     where = self._where(number)
-    try:
-      line = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise RecordError(f"{where}: is not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start + 1}); "
-                        "save the manifest as UTF-8") from None
-    if not line.strip():
+    entry = parse_line(data, where)
+    if entry is None:
       return None
-    try:
-      entry = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise RecordError(f"{where}: not JSON ({e}); write one JSON object per line") from None
-    if not isinstance(entry, dict):
-      raise RecordError(f"{where}: is a JSON {type(entry).__name__}, not an object; write one object per chip")
     if "id" not in entry and "image_id" in entry:
       entry["id"] = entry["image_id"]
     split = entry.setdefault("split", "train")
