@@ -141,15 +141,11 @@ class KlipSar(tfds.core.GeneratorBasedBuilder):
 
   def _count_db(self, image: np.ndarray) -> None:
     db = to_db(image)
-    if np.issubdtype(image.dtype, np.integer):  # every pixel counts (the synthetic world's sums)
-      self._db_sum += float(db.sum())
-      self._db_sq += float(np.square(db, dtype=np.float64).sum())
-      self._db_count += db.size
-    else:  # float amplitude: no-data pixels (NaN) count in no statistic
+    if not np.issubdtype(image.dtype, np.integer):  # float amplitude: no-data (NaN) counts in no statistic
       db = db[np.isfinite(db)].astype(np.float64)
-      self._db_sum += float(db.sum())
-      self._db_sq += float(np.square(db).sum())
-      self._db_count += db.size
+    self._db_sum += float(db.sum())
+    self._db_sq += float(np.square(db, dtype=np.float64).sum())
+    self._db_count += db.size
 
 
 def require_local(data_dir: str | os.PathLike) -> None:

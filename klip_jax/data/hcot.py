@@ -33,7 +33,7 @@ import math
 import os
 
 from klip_jax import io
-from klip_jax.data import fields, ingest, knowledge, targets
+from klip_jax.data import fields, ingest, knowledge, raster, targets
 from klip_jax.errors import RecordError
 
 LEVELS = ("geoscience", "social development and regional function", "SAR scattering",
@@ -105,31 +105,19 @@ class Chip:
 
 
 def _raster_geo(path: str) -> dict:
-  """Size, centre lon/lat and ground pixel size of an image file, from its header only."""
+  """Size, centre lon/lat and ground pixel size of an image file, from its header only (the
+  geo-referencing ingest stores, raster.file_geo)."""
   if not path.lower().endswith((".tif", ".tiff")):
     from PIL import Image
 
     with Image.open(path) as image:
       return {"width": image.width, "height": image.height}
-  import pyproj
   import rasterio  # only GeoTIFF chips need GDAL
 
   with rasterio.open(path) as src:
-    out = {"width": src.width, "height": src.height}
-    if src.crs is None:
-      return out
-    a, _, _, _, e = tuple(src.transform)[:5]
-    x, y = src.xy(src.height / 2, src.width / 2, offset="ul")
-    lon, lat = pyproj.Transformer.from_crs(src.crs.to_wkt(), 4326, always_xy=True).transform(x, y)
-    out.update(lon=float(lon), lat=float(lat))
-    if src.crs.is_geographic:  # degrees: the geodesic length of one pixel at the centre
-      geod = pyproj.Geod(ellps="WGS84")
-      dx = geod.inv(lon, lat, lon + abs(a), lat)[2]
-      dy = geod.inv(lon, lat, lon, lat + abs(e))[2]
-      out["resolution_m"] = float((dx + dy) / 2)
-    else:
-      out["resolution_m"] = float((abs(a) + abs(e)) / 2 * (src.crs.linear_units_factor[1] or 1.0))
-    return out
+    geo = raster.file_geo(src)
+    return {"width": src.width, "height": src.height,
+            **{k: geo[k] for k in ("lon", "lat", "resolution_m") if k in geo}}
 
 
 def chip_of(entry: dict, folder: str, where: str) -> Chip:

@@ -97,7 +97,8 @@ def test_geographic_crs_resolution_is_the_geodesic_pixel_size(folder):
   # Degree lengths on the WGS84 ellipsoid (series formulas, independent of pyproj).
   lon_m = 111412.84 * math.cos(phi) - 93.5 * math.cos(3 * phi)
   lat_m = 111132.92 - 559.82 * math.cos(2 * phi) + 1.175 * math.cos(4 * phi)
-  assert chip.resolution_m == pytest.approx((lon_m + lat_m) / 2 * 1e-4, rel=1e-3)
+  # The pixel's ground size as ingest stores it: the geometric mean of its two sides.
+  assert chip.resolution_m == pytest.approx(math.sqrt(lon_m * lat_m) * 1e-4, rel=1e-3)
   assert chip.lon == pytest.approx(-95.37 + 16e-4) and chip.lat == pytest.approx(29.76 - 16e-4)
 
 
