@@ -69,6 +69,17 @@ def truth_from_targets(shape, boxes, box_classes, landcover=None) -> dict:
           "dominant": dominant, "grid": grid, "corrupted": np.zeros(0, np.int32), "true_keywords": []}
 
 
+def true_text(record: dict) -> tuple[list[str], str, list[tuple[int, int]]]:
+  """(true keywords, true caption, its keyword spans) of a record: a corrupted clause gets its
+  true keyword back (truth.corrupted / truth.true_keywords)."""
+  keywords = list(record["keywords"])
+  truth = record.get("truth", {})
+  for index, keyword in zip(np.asarray(truth.get("corrupted", []), int), truth.get("true_keywords", [])):
+    keywords[index] = keyword
+  caption, spans = knowledge.replace_keywords(record["caption"], record["spans"], keywords)
+  return keywords, caption, spans
+
+
 def chip_record(chip: world.Chip, text: knowledge.Knowledge) -> dict:
   """A synthetic chip and its knowledge text as a record."""
   return {
@@ -237,7 +248,7 @@ def decode_png(data: bytes) -> np.ndarray:
   return np.asarray(Image.open(io.BytesIO(data)))
 
 
-_NPY_MAGIC = b"\x93NUMPY"
+NPY_MAGIC = b"\x93NUMPY"
 
 
 def encode_image(image: np.ndarray) -> bytes:
@@ -250,7 +261,7 @@ def encode_image(image: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes) -> np.ndarray:
-  if data[:len(_NPY_MAGIC)] == _NPY_MAGIC:
+  if data[:len(NPY_MAGIC)] == NPY_MAGIC:
     return np.load(io.BytesIO(data), allow_pickle=False)
   return decode_png(data)
 

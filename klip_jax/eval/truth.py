@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from klip_jax import config as config_lib
-from klip_jax.data import builder, knowledge, pipeline, prepare, records
+from klip_jax.data import builder, pipeline, prepare, records
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.errors import DatasetError, KlipError
 
@@ -73,16 +73,6 @@ class Split:
                  self.text_ids[:n])
 
 
-def true_text(record: dict) -> tuple[list[str], str, list[tuple[int, int]]]:
-  """(true keywords, true caption, its keyword spans) of a record."""
-  keywords = list(record["keywords"])
-  truth = record.get("truth", {})
-  for index, keyword in zip(np.asarray(truth.get("corrupted", []), int), truth.get("true_keywords", [])):
-    keywords[index] = keyword
-  caption, spans = knowledge.replace_keywords(record["caption"], record["spans"], keywords)
-  return keywords, caption, spans
-
-
 def load_split(data_dir: str, split: str, codec: TextCodec, limit: int = 0) -> Split:
   """The first `limit` examples of a split (all when 0)."""
   source = builder.open_split(data_dir, split)
@@ -95,7 +85,7 @@ def load_split(data_dir: str, split: str, codec: TextCodec, limit: int = 0) -> S
   if len(sizes) > 1:
     raise DatasetError(f"split {split!r} mixes image sizes {sorted(sizes)}; evaluation batches "
                        "need one size (re-chip the data to one size).")
-  texts = [true_text(r) for r in recs]
+  texts = [records.true_text(r) for r in recs]
   return Split(
       name=split, records=recs,
       images=np.stack([pipeline.normalise(r["image"], stats["db_mean"], stats["db_std"]) for r in recs]),

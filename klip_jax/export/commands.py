@@ -26,7 +26,7 @@ from klip_jax import io
 from klip_jax.data import builder, prepare
 from klip_jax.data.tokenizer import TokenIds
 from klip_jax.errors import ExportError
-from klip_jax.export import hf
+from klip_jax.export import hf, processor
 from klip_jax.parallel import hosts
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import checkpoint
@@ -59,7 +59,7 @@ model = BlipForConditionalGeneration.from_pretrained("{name}")
 out = model.generate(pixel_values=pixels(amplitude), max_length=MAX_LEN, num_beams=1,
                      do_sample=False, suppress_tokens=[PAD, DEC])  # starts with [DEC], ends at [SEP]
 caption = sp.decode([i for i in out[0].tolist() if i not in SPECIAL])"""}[name]
-  return f"""# klip_jax export: {_MODELS[name][0]}
+  readme = f"""# klip_jax export: {_MODELS[name][0]}
 
 Exported from a klip_jax checkpoint at step {step}. The model reads single-channel SAR: give it
 the standardised dB image replicated to 3 channels (the patch embedding holds a third of the
@@ -99,6 +99,7 @@ def pixels(amplitude):  # SAR amplitude [H, W] as klip ingested it -> [1, 3, H, 
 {usage}
 ```
 """
+  return readme + "\n" + processor.readme_section(name)  # the processor, tokenizer and example
 
 
 def export_workdir(workdir: str, out: str, step: int | None = None,
@@ -112,7 +113,8 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
   """
   _, _, safetensors = hf.require()
   target = io.resolve(out)
-  if target.exists() and not (target.is_dir() and {p.name for p in target.iterdir()} <= set(_MODELS)):
+  ours = {*_MODELS, *processor.TOP_LEVEL}
+  if target.exists() and not (target.is_dir() and {p.name for p in target.iterdir()} <= ours):
     raise ExportError(f"{out} exists and is not an earlier export; choose a new --out.")
   config = config_lib.load_saved(str(io.path(workdir) / "config.json")) if config is None else config
   data = prepare.locate(config, workdir)
@@ -141,6 +143,8 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
       (tmp / name / "tokenizer.model").write_bytes(data.codec.sp.serialized_model_proto())
       (tmp / name / "README.md").write_text(
           _readme(name, config, data.codec, tokens, written["step"], temperature, db_stats))
+    processor.write(tmp, tuple(_MODELS), data.codec, config.data.max_len, config.model.vision.image_size,
+                    data.data_dir, db_stats)
   log.info("exported step %d of %s to %s", written["step"], workdir, target)
   return written
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from klip_jax.data import knowledge
+from klip_jax.data.records import true_text
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.eval import vqa
-from klip_jax.eval.truth import NoTruth, Split, true_text
+from klip_jax.eval.truth import NoTruth, Split
 
 TARGET = ["3", "upper left", "north-south", "120", "cargo ships", "isolated",
           "rotterdam, netherlands", "open sea"]
