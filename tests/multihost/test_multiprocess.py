@@ -6,9 +6,11 @@ caption rounds, results and files, and only process 0 writes the run's files. A 
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -28,9 +30,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _klip(args: list[str], processes: int, devices: int) -> None:
+def _klip(args: list[str], processes: int, devices: int, sigterm_when=None) -> list[str]:
   """Run `klip ARGS` as `processes` processes of `devices` CPU devices each; fail with their
-  stderr when any process fails."""
+  stderr when any process fails, else return each one's stderr. `sigterm_when()` true sends
+  SIGTERM to the last process alone (a preemption notice reaches one host of a pod first)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
   command = [sys.executable, "-m", "klip_jax.cli", *args]
   if processes > 1:
@@ -41,7 +44,11 @@ def _klip(args: list[str], processes: int, devices: int) -> None:
     commands = [command]
   runs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
           for c in commands]
-  errors = []
+  while sigterm_when is not None and runs[-1].poll() is None and not sigterm_when():
+    time.sleep(0.05)
+  if sigterm_when is not None:
+    runs[-1].send_signal(signal.SIGTERM)
+  errors, stderr = [], []
   for i, run in enumerate(runs):
     try:
       _, err = run.communicate(timeout=_TIMEOUT_S)
@@ -51,7 +58,9 @@ def _klip(args: list[str], processes: int, devices: int) -> None:
       raise AssertionError(f"process {i} of {' '.join(args)} hung (> {_TIMEOUT_S} s)") from None
     if run.returncode:
       errors.append(f"process {i} exited {run.returncode}:\n{err[-3000:]}")
+    stderr.append(err)
   assert not errors, "\n".join(errors)
+  return stderr
 
 
 def _config_args(tiny_data, tiny_tokenizer, *overrides: str) -> list[str]:
@@ -60,14 +69,6 @@ def _config_args(tiny_data, tiny_tokenizer, *overrides: str) -> list[str]:
           "--config.train.batch_size=16", "--config.train.log_every=1", "--config.train.keep=4",
           "--config.eval.every=0",
           "--config.scio.relabel_batch_size=16", *overrides]
-
-
-def _both(tmp_path, name: str, args_of) -> tuple[str, str]:
-  """Run the same command in a 1 x 8 workdir and a 2 x 4 one; returns (one, two)."""
-  one, two = str(tmp_path / f"{name}_1x8"), str(tmp_path / f"{name}_2x4")
-  _klip(args_of(one), 1, 8)
-  _klip(args_of(two), 2, 4)
-  return one, two
 
 
 def _saved_params(path: str) -> dict:
@@ -138,17 +139,25 @@ def _scio(*more: str) -> list[str]:
 
 def test_training_matches_one_process_and_resumes_in_one(tiny_data, tiny_tokenizer, tmp_path):
   """Online SCIO (each batch relabelled before its step) through stages A, B, C: 2 processes
-  train to step 4 on mesh (data=8); 1 process resumes that checkpoint on (fsdp=4, tensor=2) to
+  train on mesh (data=8) until a SIGTERM to process 1 alone after step 1 stops both at one step
+  k, checkpointed, exit status 0; 1 process resumes that checkpoint on (fsdp=4, tensor=2) to
   step 6. Parameters, losses and data positions equal 1 process on (data=8) throughout, and
   only process 0 wrote the run's files."""
-  args = lambda w, *more: ["train", "--workdir", w, *_config_args(
-      tiny_data, tiny_tokenizer, *_scio("--config.train.ckpt_every=2"), *more)]
-  one, two = _both(tmp_path, "run", lambda w: args(w, "--stop-at", "4") if w.endswith("2x4") else args(w))
-  for step in (2, 4):
+  args = lambda w, *more: ["train", "--workdir", w, *_config_args(tiny_data, tiny_tokenizer, *_scio(*more))]
+  one, two = str(tmp_path / "run_1x8"), str(tmp_path / "run_2x4")
+  _klip(args(one, "--config.train.ckpt_every=1", "--config.train.keep=6"), 1, 8)
+  metrics = os.path.join(two, "metrics.jsonl")
+  stderr = _klip(args(two, "--config.train.ckpt_every=2"), 2, 4,
+                 sigterm_when=lambda: os.path.exists(metrics) and len(_lines(metrics)) >= 1)
+  saved = sorted(int(s) for s in os.listdir(os.path.join(two, "checkpoints")) if s.isdigit())
+  k = saved[-1]
+  assert 1 <= k < 6, f"the SIGTERM did not stop the run early: checkpoints {saved}"
+  assert all(f"checkpointed at step {k}" in err for err in stderr), stderr[0][-2000:]
+  for step in saved:
     _assert_same_tree(_params(one, step), _params(two, step))
   # Each host's data iterator stands at the same global batch as the single process's.
-  states = {w: [json.load(open(os.path.join(w, "checkpoints", "4", "data", f)))
-                for f in sorted(os.listdir(os.path.join(w, "checkpoints", "4", "data"))) if f.endswith(".json")]
+  data = lambda w: os.path.join(w, "checkpoints", str(k), "data")
+  states = {w: [json.load(open(os.path.join(data(w), f))) for f in sorted(os.listdir(data(w))) if f.endswith(".json")]
             for w in (one, two)}
   assert len(states[one]) == 1 and states[two] == states[one] * 2
   _klip(args(two, "--config.mesh.shape=(1,4,2)"), 1, 8)
