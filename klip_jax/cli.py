@@ -142,6 +142,14 @@ def _ablate(args, config) -> None:
   print(f"table, JSON and plot in {args.workdir}: ablation.md, ablation.json, ablation.png")
 
 
+def _sweep_fit(args) -> None:
+  from klip_jax.sweep import table
+
+  _, text = table.run(args.workdir, loss=args.loss, data=args.data, bootstrap=args.bootstrap, seed=args.seed)
+  print(text)
+  print(f"fit.json, fit.md and plots/ in {args.workdir}")
+
+
 def _export(args, config) -> None:
   from klip_jax.export import commands
 
@@ -346,6 +354,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="comma-separated arms (default stage_a,paper,extended; also stage_a_extended, "
                              "extended-no_<extension> for each extension, extended+clause_negatives)")
   abl_scio.set_defaults(run=_ablate)
+
+  sweep = commands.add_parser("sweep", help="scaling-law sweeps: fit L(N), L(D), L(N, D) with bootstrap CIs"
+                              ).add_subparsers(dest="sweep_command", required=True)
+  sweep_fit = sweep.add_parser("fit", help="fit WORKDIR/sweep.jsonl: fit.json, fit.md, plots/ (klip_jax/sweep/fit.py)")
+  sweep_fit.add_argument("workdir", help="the sweep's workdir, holding sweep.jsonl")
+  sweep_fit.add_argument("--loss", choices=("total", "itc", "itm", "reconstruction"), default="total",
+                         help="the held-out loss head to fit (default total)")
+  sweep_fit.add_argument("--data", choices=("images_seen", "unique_images"), default="images_seen",
+                         help="D: images seen at each eval (default), or each run's unique train images (final "
+                              "evals only; data-constrained questions)")
+  sweep_fit.add_argument("--bootstrap", type=int, default=200, help="resamples of the runs for the 95%% CIs (0: none)")
+  sweep_fit.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+  sweep_fit.set_defaults(run=_sweep_fit)
 
   exp = commands.add_parser("export", help="Hugging Face BLIP (PyTorch) folders: retrieval/ and captioning/")
   exp.add_argument("--workdir", required=True)

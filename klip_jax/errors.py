@@ -31,6 +31,10 @@ class ExportError(KlipError):
   """A checkpoint cannot be exported or imported (missing files or optional dependencies)."""
 
 
+class FitError(KlipError):
+  """A sweep table cannot be read or determines no scaling law (says which term and why)."""
+
+
 class Preempted(Exception):
   """Training stopped early on a preemption notice (SIGTERM), after checkpointing: not an
   error (the CLI exits 0); running the same command again continues exactly."""

@@ -22,6 +22,7 @@ FORBIDDEN = {
     "export": ("eval", "jobs", "cli", "bench", "train.loop"),
     "bench": ("eval", "jobs", "cli"),
     "jobs": ("cli",),
+    "sweep": ("train", "eval", "export", "jobs", "cli", "bench", "model", "data", "parallel"),
 }
 
 
