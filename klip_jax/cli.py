@@ -150,12 +150,29 @@ def _sweep_fit(args) -> None:
   print(f"fit.json, fit.md and plots/ in {args.workdir}")
 
 
+def _finetune_caption(args, config) -> None:
+  from klip_jax.jobs import finetune
+
+  out = finetune.caption(config, args.workdir, steps=args.steps, lr=args.lr, rebuild=args.rebuild)
+  folder = os.path.join(args.workdir, "caption_finetune")
+  m = out["metrics"]
+  if out["skipped"]:
+    print(f"{folder} already holds the caption fine-tune of step {out['source_step']} ({out['steps']} steps, "
+          f"lr {out['lr']:g}); kept (--rebuild to redo)")
+  else:
+    print(f"caption fine-tune of step {out['source_step']} ({out['steps']} steps, lr {out['lr']:g}) -> {folder}")
+  print(f"test split ({m['num_images']} chips): greedy BLEU-4 {m['greedy_bleu4']:.3f} CIDEr {m['greedy_cider']:.3f}, "
+        f"beam BLEU-4 {m['beam_bleu4']:.3f} CIDEr {m['beam_cider']:.3f} (image-blind chance BLEU-4 "
+        f"{m['chance_bleu4']:.3f} CIDEr {m['chance_cider']:.3f})")
+
+
 def _export(args, config) -> None:
   from klip_jax.export import commands
 
-  result = commands.export_workdir(args.workdir, args.out, step=args.step, config=config)
+  result = commands.export_workdir(args.workdir, args.out, step=args.step, config=config, captioner=args.captioner)
   print(f"step {result['step']}: {result['retrieval']['path']} (BlipForImageTextRetrieval), "
         f"{result['captioning']['path']} (BlipForConditionalGeneration)")
+  print(f"captioning: {result['captioner']['note']}")
 
 
 def _import_hf(args, config) -> None:
@@ -368,9 +385,26 @@ def _parser() -> argparse.ArgumentParser:
   sweep_fit.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
   sweep_fit.set_defaults(run=_sweep_fit)
 
+  fine = commands.add_parser("finetune", help="fine-tune a trained workdir for a downstream task").add_subparsers(
+      dest="finetune_command", required=True)
+  fine_caption = fine.add_parser(
+      "caption", help="the benchmark's caption fine-tune of the latest checkpoint, saved to "
+                      "WORKDIR/caption_finetune (what klip export ships and klip eval scores)")
+  fine_caption.add_argument("--workdir", required=True)
+  fine_caption.add_argument("--steps", type=int, default=None, help="default: config.eval.caption_steps")
+  fine_caption.add_argument("--lr", type=float, default=None, help="default: config.eval.caption_lr")
+  fine_caption.add_argument("--rebuild", action="store_true", help="replace a fine-tune already there")
+  _config_arg(fine_caption, "", "default: the workdir's saved config.json")
+  _distributed_args(fine_caption)
+  fine_caption.set_defaults(run=_finetune_caption)
+
   exp = commands.add_parser("export", help="Hugging Face BLIP (PyTorch) folders: retrieval/ and captioning/")
   exp.add_argument("--workdir", required=True)
-  exp.add_argument("--out", required=True, help="folder to write (replaced only if an earlier export)")
+  exp.add_argument("--out", required=True, help="folder to write: new, empty, or an earlier export (replaced)")
+  exp.add_argument("--captioner", choices=("auto", "finetuned", "pretrain"), default="auto",
+                   help="what captioning/ holds: the caption fine-tune (klip finetune caption), the pretraining "
+                        "decoder (reconstructs keywords only), or auto: the fine-tune when it was made from the "
+                        "exported step, else the pretraining decoder with a warning")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   _config_arg(exp, "", "default: the workdir's saved config.json")
   _distributed_args(exp)

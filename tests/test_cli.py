@@ -66,7 +66,7 @@ def test_default_config_does_not_depend_on_the_working_directory(tmp_path):
   assert os.path.isabs(path) and path.endswith(os.path.join("configs", "demo.py")) and exists == "True"
 
 
-@pytest.mark.parametrize("command", [["eval"], ["relabel"], ["export", "--out", "OUT"]])
+@pytest.mark.parametrize("command", [["eval"], ["relabel"], ["export", "--out", "OUT"], ["finetune", "caption"]])
 def test_restoring_commands_never_build_data(tmp_path, capsys, command):
   """A workdir whose run saved a config but whose data is gone: a clear error, nothing made."""
   workdir = tmp_path / "run"

@@ -168,6 +168,11 @@ class TokenIds:
     return cls(codec.pad_id, codec.cls_id, codec.enc_id, codec.dec_id, codec.mask_id, codec.sep_id,
                codec.separator_id, codec.vocab_size, continuations)
 
+  def never_generated(self) -> tuple[int, ...]:
+    """Ids a caption decoder never writes: padding and the markers of other text modes ([SEP]
+    is written: it ends the caption)."""
+    return tuple(sorted({self.pad, self.dec, self.cls, self.enc, self.mask}))
+
   def special(self) -> tuple[int, ...]:
     """Ids a decoder must never write into a keyword."""
     return tuple(sorted({self.pad, self.cls, self.enc, self.dec, self.mask, self.sep, self.separator}))

@@ -4,7 +4,9 @@
 Pretraining teaches the decoder only the keywords (masked-keyword reconstruction, not full
 caption language modelling), so captioning is fine-tuned first, as BLIP and the paper do:
 a fixed number of steps of the language-modelling loss on every token of the train captions,
-the same recipe for the trained model and the random-init baseline.
+the same recipe for the trained model and the random-init baseline. `klip finetune caption`
+saves the trained model's fine-tune (the one `klip export` ships); the benchmark then scores
+those saved parameters instead of fine-tuning again, so the report and the export agree.
 
 The chance level is what a caption that ignores the image scores: the true caption of a
 random training chip (fixed seed) put forward for each test chip. Template captions share
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -61,6 +64,16 @@ def finetune(runner: ModelRunner, train: Split, *, steps: int, lr: float, seed: 
                                     mesh_lib.batch_sharding(runner.mesh))
       params, opt_state, _ = step(params, opt_state, images, ids)
   return params
+
+
+def score(runner: ModelRunner, codec: TextCodec, test: Split, train: Split,
+          config: ml_collections.ConfigDict) -> tuple[dict, list[dict]]:
+  """`evaluate` on the first `config.eval.caption_examples` test chips (0: all), as the
+  benchmark scores a (fine-tuned) captioner."""
+  e = config.eval
+  shown = test.head(e.caption_examples or len(test))
+  return evaluate(runner, codec, shown, runner.encode_images(shown.images)[0], train.captions,
+                  max_len=codec.max_len, beam_size=e.beam_size, seed=e.seed)
 
 
 def evaluate(runner: ModelRunner, codec: TextCodec, test: Split, image_tokens: np.ndarray,

@@ -69,9 +69,12 @@ class EvalContext:
   cheap in-training evaluation computes only what its tasks need."""
 
   def __init__(self, config: ml_collections.ConfigDict, data: RunData, runner: ModelRunner,
-               examples: Examples, *, trained_state=None, progress: bool = True):
+               examples: Examples, *, trained_state=None, caption_finetune=None, progress: bool = True):
     self.config, self.data, self.runner, self.examples = config, data, runner, examples
     self.trained_state = trained_state  # (graph, params) of the trained model, for SCIO tasks
+    # (params, finetune.json) of the trained model's saved caption fine-tune, which captioning
+    # scores instead of fine-tuning again; None: fine-tune (other parameter sets always do)
+    self.caption_finetune = caption_finetune
     self.progress = progress
     self.outputs: dict = {}  # what tasks leave for the suite to write (captions, relabel entries)
 
@@ -127,13 +130,16 @@ def _itm(ctx: EvalContext) -> dict:
 @register("captioning", needs=("decoder", "train"))
 def _captioning(ctx: EvalContext) -> dict:
   e = ctx.config.eval
-  tuned = ctx.runner.with_params(captioning.finetune(ctx.runner, ctx.train, steps=e.caption_steps,
-                                                     lr=e.caption_lr, seed=e.seed))
-  shown = ctx.test.head(e.caption_examples or len(ctx.test))
-  out, ctx.outputs["captions"] = captioning.evaluate(
-      tuned, ctx.data.codec, shown, tuned.encode_images(shown.images)[0], ctx.train.captions,
-      max_len=ctx.data.codec.max_len, beam_size=e.beam_size, seed=e.seed)
-  out["finetune_steps"] = e.caption_steps
+  if ctx.caption_finetune is not None:  # the trained model's saved fine-tune (klip finetune caption)
+    params, meta = ctx.caption_finetune
+    steps = meta["steps"]
+  else:
+    params = captioning.finetune(ctx.runner, ctx.train, steps=e.caption_steps, lr=e.caption_lr, seed=e.seed)
+    steps = e.caption_steps
+  out, ctx.outputs["captions"] = captioning.score(ctx.runner.with_params(params), ctx.data.codec, ctx.test,
+                                                  ctx.train, ctx.config)
+  out["finetune_steps"] = steps
+  out["finetune_saved"] = float(ctx.caption_finetune is not None)
   return out
 
 

@@ -117,7 +117,7 @@ class ModelRunner:
     fn = functools.partial(
         _generate, max_len=max_len, beam_size=beam_size, length_penalty=length_penalty,
         dec_id=t.dec, sep_id=t.sep, pad_id=t.pad,
-        banned_ids=tuple(sorted({t.cls, t.enc, t.mask})))
+        banned_ids=t.never_generated())
     return self._call(f"generate_{beam_size}_{max_len}", fn, image_tokens)
 
 

@@ -15,6 +15,8 @@ The checkpoint's data must exist: nothing is built.
 
 from __future__ import annotations
 
+import logging
+
 import ml_collections
 
 from klip_jax import io
@@ -25,6 +27,23 @@ from klip_jax.eval.runner import ModelRunner
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import checkpoint
 from klip_jax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+
+def _saved_caption_finetune(config: ml_collections.ConfigDict, workdir: str, data, mesh, step: int,
+                            wanted: bool):
+  """(params, finetune.json) of the workdir's caption fine-tune when it was made from checkpoint
+  `step`; None otherwise (captioning then fine-tunes as part of the benchmark)."""
+  meta = checkpoint.caption_finetune_meta(workdir) if wanted else None
+  if meta is None:
+    return None
+  if meta["source_step"] != step:
+    log.warning("%s/caption_finetune was made from step %d, not the evaluated step %d: fine-tuning again",
+                workdir, meta["source_step"], step)
+    return None
+  log.info("captioning scores the saved caption fine-tune of step %d (%d steps)", step, meta["steps"])
+  return checkpoint.restore_caption_finetune(config, workdir, data.codec.vocab_size, mesh), meta
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
@@ -39,6 +58,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
                        c.eval.batch_size)
   examples = registry.Examples(c, data, "test", c.eval.test_examples)
   model = registry.EvalContext(c, data, runner, examples, trained_state=(graph, state.params),
+                               caption_finetune=_saved_caption_finetune(c, workdir, data, mesh, int(state.step),
+                                                                        "captioning" in tasks),
                                progress=progress)
   results, details = registry.evaluate(model, tasks)
   out = {"step": int(state.step), "tasks": results}

@@ -2,8 +2,10 @@
 
 Export writes OUT/retrieval (BlipForImageTextRetrieval: vision tower, text encoder, ITC
 projections, ITM head) and OUT/captioning (BlipForConditionalGeneration: vision tower, text
-decoder, LM head), each with model.safetensors, config.json, the sentencepiece tokenizer.model
-and a README.md with the tokenisation recipe. Import initialises a workdir from HF BLIP weights:
+decoder, LM head; the caption fine-tune when the workdir has one of the exported step), each
+with model.safetensors, config.json, the sentencepiece tokenizer.model and a README.md with the
+tokenisation recipe, captioning/ also with generation_config.json (our decoding rule), and
+OUT/README.md, the model card (export/card.py). Import initialises a workdir from HF BLIP weights:
 it writes WORKDIR/init_params, which `klip train` starts from when it has no checkpoint yet.
 Both write into a temporary folder and rename it into place, so a failure leaves nothing
 half-written.
@@ -26,7 +28,7 @@ from klip_jax import io
 from klip_jax.data import builder, prepare
 from klip_jax.data.tokenizer import TokenIds
 from klip_jax.errors import ExportError
-from klip_jax.export import hf, processor
+from klip_jax.export import card, hf, processor
 from klip_jax.parallel import hosts
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import checkpoint
@@ -36,10 +38,12 @@ log = logging.getLogger(__name__)
 
 _MODELS = {"retrieval": ("BlipForImageTextRetrieval", hf.retrieval_entries),
            "captioning": ("BlipForConditionalGeneration", hf.captioning_entries)}
+_EXPORT_NAMES = {*_MODELS, "README.md", *processor.TOP_LEVEL}  # what an export's top level holds
 
 
 def _readme(name: str, config: ml_collections.ConfigDict, codec, tokens: TokenIds,
-            step: int, temperature: float, db_stats: tuple[float, float] | None) -> str:
+            step: int, temperature: float, db_stats: tuple[float, float] | None, captioner: dict,
+            transformers_version: str, results: dict | None) -> str:
   special = sorted(codec.special_ids)
   if db_stats is None:
     pixels = "DB_MEAN, DB_STD = ...  # the training set's dB statistics (builder metadata)"
@@ -55,13 +59,24 @@ cosine = out.itm_score  # [images, texts]; contrastive logits = cosine / {temper
 ids[:, 0] = ENC  # [ENC] first: image-grounded text for ITM
 match = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(amplitude)).itm_score.softmax(-1)[:, 1]""",
       "captioning": f"""amplitude = ...  # a {size}x{size} SAR chip: uint16, or float32 amplitude
-model = BlipForConditionalGeneration.from_pretrained("{name}")
-out = model.generate(pixel_values=pixels(amplitude), max_length=MAX_LEN, num_beams=1,
-                     do_sample=False, suppress_tokens=[PAD, DEC])  # starts with [DEC], ends at [SEP]
+# trust_remote_code runs custom_generate/generate.py (3 lines): it hands generation_config.json to
+# BLIP's text decoder, which transformers {transformers_version} does not do by itself. Without it, add
+# `model.text_decoder.generation_config = model.generation_config` after loading.
+model = BlipForConditionalGeneration.from_pretrained("{name}", trust_remote_code=True)
+out = model.generate(pixel_values=pixels(amplitude))  # greedy from [DEC] to [SEP], at most MAX_LEN tokens
 caption = sp.decode([i for i in out[0].tolist() if i not in SPECIAL])"""}[name]
-  readme = f"""# klip_jax export: {_MODELS[name][0]}
+  what = {"retrieval": f"""ITC similarities (cosine; the contrastive logits are cosine / {temperature:.6f}, the
+trained temperature, which config.json holds as logit_scale_init_value = log(1 / temperature)) and
+ITM match probabilities.""",
+          "captioning": f"""Captioning: {captioner["note"]}. generation_config.json holds
+klip_jax's decoding rule: greedy, starting with [DEC], ending at [SEP], at most {config.data.max_len} tokens,
+never writing {", ".join(f"{n}={i}" for n, i in _never_generated(tokens))}."""}[name]
+  readme = f"""{card.front_matter(name, results)}
+# klip_jax export: {_MODELS[name][0]}
 
-Exported from a klip_jax checkpoint at step {step}. The model reads single-channel SAR: give it
+Exported from a klip_jax checkpoint at step {step}. {what}
+
+The model reads single-channel SAR: give it
 the standardised dB image replicated to 3 channels (the patch embedding holds a third of the
 single-channel kernel per channel), {size}x{size} pixels. Text uses the sentencepiece model in
 `tokenizer.model`, not a BERT tokenizer: [PAD]={tokens.pad} [DEC]={tokens.dec} (decoder start, bos)
@@ -102,50 +117,116 @@ def pixels(amplitude):  # SAR amplitude [H, W] as klip ingested it -> [1, 3, H, 
   return readme + "\n" + processor.readme_section(name)  # the processor, tokenizer and example
 
 
-def export_workdir(workdir: str, out: str, step: int | None = None,
-                   config: ml_collections.ConfigDict | None = None) -> dict:
-  """Export a workdir's checkpoint (default: the latest) as HF BLIP retrieval and captioning
-  models under `out`; returns what was written.
+# Hands the folder's generation_config.json to BLIP's text decoder: BlipForConditionalGeneration
+# .generate() delegates to text_decoder.generate(), whose generation config transformers builds
+# from text_config (generation fields stripped) and never loads from the folder.
+_CUSTOM_GENERATE = '''"""klip_jax: generate() with this folder's generation_config.json (klip_jax's decoding rule)."""
 
-  `config` defaults to the run's workdir/config.json. `out` must be new, empty or an earlier
-  export (it is replaced); it may be on gs:// (written locally, then uploaded: safetensors and
-  save_pretrained write local files only).
+
+def generate(model, *args, **kwargs):
+  model.text_decoder.generation_config = model.generation_config
+  return type(model).generate(model, *args, **kwargs)
+'''
+
+
+def _never_generated(tokens: TokenIds) -> list[tuple[str, int]]:
+  names = {tokens.pad: "PAD", tokens.dec: "DEC", tokens.cls: "CLS", tokens.enc: "ENC", tokens.mask: "MASK"}
+  return [(names[i], i) for i in tokens.never_generated()]
+
+
+def _captioner(choice: str, workdir: str, step: int) -> dict:
+  """Which decoder OUT/captioning holds: {"source": "finetuned" | "pretrain", "note", "finetune"}.
+
+  auto: the caption fine-tune when one was made from the exported step, else the pretraining
+  decoder with a warning; finetuned: that fine-tune or an ExportError; pretrain: the decoder as
+  pretrained."""
+  meta = checkpoint.caption_finetune_meta(workdir)
+  fix = f"run `klip finetune caption --workdir {workdir}`"
+  if meta is not None and meta["source_step"] != step:
+    problem = (f"{workdir}/caption_finetune was made from checkpoint step {meta['source_step']}, not the exported "
+               f"step {step}; {fix} --rebuild (or export --step {meta['source_step']})")
+  elif meta is None:
+    problem = f"{workdir} has no caption fine-tune; {fix}"
+  else:
+    problem = None
+  if choice == "finetuned" and problem:
+    raise ExportError(f"--captioner finetuned: {problem}.")
+  if choice == "pretrain" or problem:
+    why = "--captioner pretrain" if choice == "pretrain" else "no usable caption fine-tune"
+    note = (f"the pretraining decoder ({why}): it was trained only to reconstruct masked keywords, so it does "
+            "not write fluent captions (it rarely emits [SEP] and repeats to the length limit)")
+    if choice == "auto":
+      note = f"{note}; {problem} to export the fine-tuned captioner"
+      log.warning("captioning/ holds %s", note)
+    return {"source": "pretrain", "note": note, "finetune": None}
+  m = meta["metrics"]
+  return {"source": "finetuned", "finetune": meta,
+          "note": (f"the caption fine-tune of step {step} (klip finetune caption: {meta['steps']} steps of caption "
+                   f"language modelling, lr {meta['lr']:g}; test split greedy BLEU-4 {m['greedy_bleu4']:.3f}, "
+                   f"CIDEr {m['greedy_cider']:.3f} on {m['num_images']} chips)")}
+
+
+def export_workdir(workdir: str, out: str, step: int | None = None,
+                   config: ml_collections.ConfigDict | None = None, captioner: str = "auto") -> dict:
+  """Export a workdir's checkpoint (default: the latest) as HF BLIP retrieval and captioning
+  models under `out`, with a model card; returns what was written.
+
+  `config` defaults to the run's workdir/config.json. `captioner` picks what captioning/ holds
+  (`_captioner`). `out` must be new, empty or an earlier export (it is replaced); it may be on
+  gs:// (written locally, then uploaded: safetensors and save_pretrained write local files only).
   """
-  _, _, safetensors = hf.require()
+  _, transformers, safetensors = hf.require()
   target = io.resolve(out)
-  ours = {*_MODELS, *processor.TOP_LEVEL}
-  if target.exists() and not (target.is_dir() and {p.name for p in target.iterdir()} <= ours):
-    raise ExportError(f"{out} exists and is not an earlier export; choose a new --out.")
+  if target.exists() and not (target.is_dir() and {p.name for p in target.iterdir()} <= _EXPORT_NAMES):
+    raise ExportError(f"{out} exists, is not empty and is not an earlier export; choose a new or empty --out.")
   config = config_lib.load_saved(str(io.path(workdir) / "config.json")) if config is None else config
   data = prepare.locate(config, workdir)
-  _, state = checkpoint.restore(config, workdir, data.codec.vocab_size,
-                                mesh_lib.from_config(config.mesh), step)
+  mesh = mesh_lib.from_config(config.mesh)
+  _, state = checkpoint.restore(config, workdir, data.codec.vocab_size, mesh, step)
   flat = hf.flatten(hosts.fetch(state.params.to_pure_dict()), config.model)
+  chosen = _captioner(captioner, workdir, int(state.step))
+  caption_flat = flat
+  if chosen["source"] == "finetuned":
+    tuned = checkpoint.restore_caption_finetune(config, workdir, data.codec.vocab_size, mesh)
+    caption_flat = hf.flatten(hosts.fetch(tuned.to_pure_dict()), config.model)
   tokens = TokenIds.from_codec(data.codec)
   stats = builder.metadata(data.data_dir)
   db_stats = (stats["db_mean"], stats["db_std"]) if "db_mean" in stats else None
   temperature = float(np.clip(flat["temp"], *config.model.temp_range))
-  models = {name: hf.to_hf(flat, entries(config.model)) for name, (_, entries) in _MODELS.items()}
+  models = {"retrieval": hf.to_hf(flat, hf.retrieval_entries(config.model)),
+            "captioning": hf.to_hf(caption_flat, hf.captioning_entries(config.model))}
   # What every process returns; every process restored and gathered the parameters, one writes.
-  written = {"step": int(state.step),
+  written = {"step": int(state.step), "captioner": chosen,
              **{name: {"path": str(target / name), "tensors": len(t)} for name, t in models.items()}}
   if not hosts.is_writer():
     return written
+  facts = card.Facts(workdir=workdir, step=written["step"], config=config, tokens=tokens, temperature=temperature,
+                     db_stats=db_stats, dataset=stats, captioner=chosen,
+                     results=io.read_json(io.path(workdir) / "eval" / "results.json")
+                     if io.exists(io.path(workdir) / "eval" / "results.json") else None)
   with io.local_atomic_path(target) as tmp:
     for name, (architecture, _) in _MODELS.items():
       folder = os.fspath(tmp / name)
       os.makedirs(folder)
-      tensors = models[name]
-      safetensors.numpy.save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-      blip = hf.blip_config(config.model, data.codec.vocab_size, tokens)
+      safetensors.numpy.save_file(models[name], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+      blip = hf.blip_config(config.model, data.codec.vocab_size, tokens, temperature)
       blip.architectures = [architecture]
+      # Where the weights came from, for whoever loads the folder without its README.
+      blip.klip_jax = {"step": written["step"], "temperature": temperature,
+                       **({"captioner": chosen["source"]} if name == "captioning" else {})}
       blip.save_pretrained(folder)
+      if name == "captioning":
+        hf.generation_config(config.data.max_len, tokens).save_pretrained(folder)
+        (tmp / name / "custom_generate").mkdir()
+        (tmp / name / "custom_generate" / "generate.py").write_text(_CUSTOM_GENERATE)
       (tmp / name / "tokenizer.model").write_bytes(data.codec.sp.serialized_model_proto())
       (tmp / name / "README.md").write_text(
-          _readme(name, config, data.codec, tokens, written["step"], temperature, db_stats))
+          _readme(name, config, data.codec, tokens, written["step"], temperature, db_stats, chosen,
+                  transformers.__version__, facts.results))
     processor.write(tmp, tuple(_MODELS), data.codec, config.data.max_len, config.model.vision.image_size,
                     data.data_dir, db_stats)
-  log.info("exported step %d of %s to %s", written["step"], workdir, target)
+    (tmp / "README.md").write_text(card.model_card(facts))
+  log.info("exported step %d of %s to %s (captioning: %s)", written["step"], workdir, target, chosen["source"])
   return written
 
 

@@ -52,24 +52,46 @@ def require() -> tuple[Any, Any, Any]:
   return torch, transformers, safetensors
 
 
-def blip_config(model: ml_collections.ConfigDict, vocab_size: int, tokens: TokenIds):
+def blip_config(model: ml_collections.ConfigDict, vocab_size: int, tokens: TokenIds,
+                temperature: float | None = None):
   """The transformers.BlipConfig that computes what the klip_jax model config computes.
 
-  generate() starts with bos ([DEC]) and stops at sep ([SEP]); pad is [PAD].
+  Every field klip_jax has a value for is written from it, so no HF default contradicts the
+  model: widths, epsilons, activations, the ITC width (`image_text_hidden_size`, and
+  `projection_dim`, which only BlipModel reads), initialiser scales, no dropout, no label
+  smoothing, and `logit_scale_init_value` = log(1 / temperature) (BlipModel's ITC logits are
+  cosine * exp(logit_scale), ours cosine / temperature; the retrieval model returns the plain
+  cosine). generate() starts with bos ([DEC]) and stops at sep ([SEP]); pad is [PAD].
   """
   _, transformers, _ = require()
   v, t = model.vision, model.text
   vision = {"hidden_size": v.width, "intermediate_size": v.mlp_dim, "num_hidden_layers": v.depth,
             "num_attention_heads": v.heads, "image_size": v.image_size, "patch_size": v.patch_size,
-            "hidden_act": _HIDDEN_ACT[bool(v.approximate_gelu)], "layer_norm_eps": float(v.ln_eps)}
+            "hidden_act": _HIDDEN_ACT[bool(v.approximate_gelu)], "layer_norm_eps": float(v.ln_eps),
+            "projection_dim": model.embed_dim, "attention_dropout": 0.0, "initializer_range": float(v.init_std)}
   text = {"vocab_size": vocab_size, "hidden_size": t.width, "intermediate_size": t.mlp_dim,
           "num_hidden_layers": t.depth, "num_attention_heads": t.heads, "max_position_embeddings": t.max_len,
           "hidden_act": _HIDDEN_ACT[bool(t.approximate_gelu)], "layer_norm_eps": float(t.ln_eps),
           "bos_token_id": tokens.dec, "eos_token_id": tokens.sep, "sep_token_id": tokens.sep,
-          "pad_token_id": tokens.pad,
+          "pad_token_id": tokens.pad, "projection_dim": model.embed_dim, "hidden_dropout_prob": 0.0,
+          "attention_probs_dropout_prob": 0.0, "initializer_range": float(t.init_std), "label_smoothing": 0.0,
+          "tie_word_embeddings": True,  # klip_jax's LM head reads the word embeddings
           "is_decoder": True}  # is_decoder: BLIP text layers get cross-attention
+  temperature = model.temp_init if temperature is None else temperature
   return transformers.BlipConfig(vision_config=vision, text_config=text,
-                                 image_text_hidden_size=model.embed_dim, projection_dim=model.embed_dim)
+                                 image_text_hidden_size=model.embed_dim, projection_dim=model.embed_dim,
+                                 logit_scale_init_value=math.log(1.0 / temperature), label_smoothing=0.0,
+                                 initializer_range=float(t.init_std))
+
+
+def generation_config(max_len: int, tokens: TokenIds):
+  """klip_jax's caption decoding rule as a transformers.GenerationConfig: greedy from [DEC] to
+  [SEP] (or `max_len` tokens, [DEC] included), never writing `TokenIds.never_generated`."""
+  _, transformers, _ = require()
+  return transformers.GenerationConfig(
+      bos_token_id=tokens.dec, decoder_start_token_id=tokens.dec, eos_token_id=tokens.sep,
+      pad_token_id=tokens.pad, max_length=max_len, num_beams=1, do_sample=False,
+      suppress_tokens=list(tokens.never_generated()))
 
 
 @dataclasses.dataclass

@@ -51,13 +51,12 @@ def main():
   print("  image->text " + "  ".join(f"R@{k} {v:.3f}" for k, v in i2t.items()))
   print("  text->image " + "  ".join(f"R@{k} {v:.3f}" for k, v in t2i.items()))
 
-  captioning = BlipForConditionalGeneration.from_pretrained(os.path.join(args.export, "captioning")).eval()
+  # trust_remote_code: custom_generate/generate.py hands generation_config.json (klip_jax's
+  # decoding rule: greedy from [DEC] to [SEP], no other special token) to BLIP's text decoder.
+  captioning = BlipForConditionalGeneration.from_pretrained(os.path.join(args.export, "captioning"),
+                                                            trust_remote_code=True).eval()
+  out = captioning.generate(pixel_values=batch["pixel_values"][:args.captions])
   tokenizer = processor.tokenizer
-  # Greedy, as klip_jax decodes: starts at [DEC], stops at [SEP], never writes the other
-  # special tokens, at most the text length the model was trained on.
-  banned = tokenizer.convert_tokens_to_ids(["[PAD]", "[DEC]", "[CLS]", "[ENC]", "[MASK]"])
-  out = captioning.generate(pixel_values=batch["pixel_values"][:args.captions], num_beams=1,
-                            do_sample=False, max_length=tokenizer.model_max_length, suppress_tokens=banned)
   for i, text in enumerate(tokenizer.batch_decode(out, skip_special_tokens=True)):
     print(f"chip {rows[i]['file']}\n  generated: {text}\n  true:      {truths[i]}")
 

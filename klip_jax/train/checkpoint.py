@@ -2,6 +2,8 @@
 
   WORKDIR/checkpoints/<step>/   state (sharded train state) + data (iterator position)
   WORKDIR/init_params/          parameters a fresh run starts from (`klip import-hf`)
+  WORKDIR/caption_finetune/     params/ (a checkpoint's parameters after the caption fine-tune,
+                                `klip finetune caption`) and finetune.json (what it was made from)
 Restoring reads arrays straight into the shardings of the current mesh, so a checkpoint
 written on one mesh, or by another number of processes, resumes on another. Nothing here reads
 or builds data. A gs:// workdir is handed to orbax as it is (orbax writes buckets itself: arrays
@@ -21,6 +23,7 @@ from etils import epath
 
 from klip_jax import io
 from klip_jax.errors import ConfigError, DatasetError
+from klip_jax.parallel import hosts
 from klip_jax.train import state as state_lib
 
 # Config sections a checkpoint's arrays depend on: changing them cannot resume.
@@ -94,6 +97,40 @@ def restore_params(path: str, abstract, shardings):
   """Parameters saved with orbax's StandardSave at `path`, sharded like `shardings`."""
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(path, sharded_target(abstract, shardings))
+
+
+def caption_finetune_meta(workdir: str) -> dict | None:
+  """What WORKDIR/caption_finetune was made from (source_step, steps, lr, metrics, ...), or None
+  when there is no finished fine-tune (the JSON is written last, so it marks a complete one)."""
+  path = io.resolve(workdir) / "caption_finetune" / "finetune.json"
+  return io.read_json(path) if path.exists() else None
+
+
+def save_caption_finetune(workdir: str, params, meta: dict) -> None:
+  """Save fine-tuned parameters (all processes, as orbax does) and then their JSON record; an
+  earlier fine-tune loses its record first, so an interrupted rebuild leaves none to trust."""
+  folder = io.resolve(workdir) / "caption_finetune"
+  if hosts.is_writer() and (folder / "finetune.json").exists():
+    (folder / "finetune.json").unlink()
+  hosts.sync("caption_finetune_unmarked")
+  with ocp.StandardCheckpointer() as checkpointer:  # a temporary folder renamed into place
+    checkpointer.save(folder / "params", params, force=True)
+  io.write_json(folder / "finetune.json", meta)
+
+
+def restore_caption_finetune(config: ml_collections.ConfigDict, workdir: str, vocab_size: int,
+                             mesh: jax.sharding.Mesh):
+  """The parameters `save_caption_finetune` left in `workdir`, sharded for `mesh`."""
+  tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
+  _, abstract, shardings = state_lib.abstract_state(config, vocab_size, tx, mesh)
+  return restore_params(str(io.resolve(workdir) / "caption_finetune" / "params"), abstract.params,
+                        shardings.params)
+
+
+def latest_step(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+  """The step of a workdir's latest checkpoint (None: none yet), without restoring it."""
+  with manager(workdir, config) as checkpoints:
+    return checkpoints.latest_step()
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int, mesh: jax.sharding.Mesh,

@@ -111,7 +111,8 @@ def test_export_workdir_loads_in_transformers_and_matches(tiny, tmp_path):
 
   written = commands.export_workdir(workdir, out)  # the config comes from workdir/config.json
 
-  assert written["step"] == 7 and sorted(os.listdir(out)) == ["captioning", "example.py", "retrieval", "samples"]
+  assert written["step"] == 7
+  assert sorted(os.listdir(out)) == ["README.md", "captioning", "example.py", "retrieval", "samples"]
   models = {}
   for name, cls in HF_CLASSES.items():
     folder = os.path.join(out, name)
