@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 JAX_VERSION = "0.10.2"
 # HF BLIP export/import (klip export, klip import-hf) and its parity tests. torch is pinned
 # exactly: a looser spec can pull a multi-GB CUDA build.
-EXPORT = ["torch==2.13.0", "transformers>=4.40", "safetensors>=0.4", "pyyaml>=5.1"]
+# transformers: the version the export is tested with (custom_generate/, the tokenizer conversion).
+EXPORT = ["torch==2.13.0", "transformers>=5.24", "safetensors>=0.4", "pyyaml>=5.1"]
 # libtpu (~700 MB, Linux x86-64 only): TPU slices described on a CPU host, so `klip compile` and
 # its tests compile for TPUs anywhere. Installed, it costs plain CPU jax nothing at startup.
 TPU = [f"jax[tpu]=={JAX_VERSION}"]
