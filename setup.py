@@ -23,7 +23,7 @@ setup(
     long_description_content_type="text/markdown",
     # configs/ ships inside the package as klip_jax.configs, so `klip` finds its configs from
     # any working directory and in non-editable installs too.
-    packages=[*find_packages(include=["klip_jax", "klip_jax.*"]), "klip_jax.configs"],
+    packages=[*find_packages(include=["klip_jax", "klip_jax.*"]), "klip_jax.configs", "klip_jax.configs.sweeps"],
     package_dir={"klip_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=[

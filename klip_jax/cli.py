@@ -142,6 +142,21 @@ def _ablate(args, config) -> None:
   print(f"table, JSON and plot in {args.workdir}: ablation.md, ablation.json, ablation.png")
 
 
+def _sweep_run(args, config) -> None:
+  from klip_jax.jobs import sweep
+
+  only = [p for p in args.points.split(",") if p] or None
+  if args.emit_launch:
+    if not args.zone:
+      from klip_jax.errors import ConfigError
+      raise ConfigError("--emit-launch needs --zone ZONE, the TPU slices' zone (e.g. us-west4-a).")
+    for command in sweep.launch_commands(config, args.workdir, tpu_name=args.tpu_name, zone=args.zone,
+                                         launch_args=args.launch_args, only=only):
+      print(command)
+    return
+  sweep.run(config, args.workdir, only=only, progress=_shows_progress())
+
+
 def _sweep_fit(args) -> None:
   from klip_jax.sweep import table
 
@@ -372,18 +387,32 @@ def _parser() -> argparse.ArgumentParser:
                              "extended-no_<extension> for each extension, extended+clause_negatives)")
   abl_scio.set_defaults(run=_ablate)
 
-  sweep = commands.add_parser("sweep", help="scaling-law sweeps: fit L(N), L(D), L(N, D) with bootstrap CIs"
-                              ).add_subparsers(dest="sweep_command", required=True)
-  sweep_fit = sweep.add_parser("fit", help="fit WORKDIR/sweep.jsonl: fit.json, fit.md, plots/ (klip_jax/sweep/fit.py)")
-  sweep_fit.add_argument("workdir", help="the sweep's workdir, holding sweep.jsonl")
-  sweep_fit.add_argument("--loss", choices=("total", "itc", "itm", "reconstruction"), default="total",
+  swp = commands.add_parser("sweep", help="scaling-law sweeps: train a grid of model and data sizes, fit "
+                                           "L(N, D)").add_subparsers(dest="sweep_command", required=True)
+  swp_run = swp.add_parser("run", help="train every point not yet done, sequentially, each recorded in "
+                                       "WORKDIR/sweep.jsonl (a rerun skips done points, resumes, retries failed)")
+  _config_arg(swp_run, "sweeps/micro.py", "a sweep config: configs/sweeps/*.py")
+  swp_run.add_argument("--workdir", required=True, help="sweep folder: WORKDIR/points/<name>/ per point")
+  swp_run.add_argument("--points", default="", help="comma-separated point names (default: all)")
+  swp_run.add_argument("--emit-launch", action="store_true",
+                       help="print one launch/tpu_vm.sh command per point (one TPU slice each) instead of "
+                            "training; a later `klip sweep run` on the same WORKDIR records their results")
+  swp_run.add_argument("--tpu-name", default="klip-sweep",
+                       help="--emit-launch: slice names are TPU_NAME-<point>")
+  swp_run.add_argument("--zone", default="", help="--emit-launch: the slices' zone, e.g. us-west4-a")
+  swp_run.add_argument("--launch-args", default="",
+                       help="--emit-launch: more launch/tpu_vm.sh options, e.g. \"--project P --data-dir /data\"")
+  swp_run.set_defaults(run=_sweep_run)
+  swp_fit = swp.add_parser("fit", help="fit WORKDIR/sweep.jsonl: fit.json, fit.md, plots/ (klip_jax/sweep/fit.py)")
+  swp_fit.add_argument("workdir", help="the sweep's workdir, holding sweep.jsonl")
+  swp_fit.add_argument("--loss", choices=("total", "itc", "itm", "reconstruction"), default="total",
                          help="the held-out loss head to fit (default total)")
-  sweep_fit.add_argument("--data", choices=("images_seen", "unique_images"), default="images_seen",
+  swp_fit.add_argument("--data", choices=("images_seen", "unique_images"), default="images_seen",
                          help="D: images seen at each eval (default), or each run's unique train images (final "
                               "evals only; data-constrained questions)")
-  sweep_fit.add_argument("--bootstrap", type=int, default=200, help="resamples of the runs for the 95%% CIs (0: none)")
-  sweep_fit.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
-  sweep_fit.set_defaults(run=_sweep_fit)
+  swp_fit.add_argument("--bootstrap", type=int, default=200, help="resamples of the runs for the 95%% CIs (0: none)")
+  swp_fit.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+  swp_fit.set_defaults(run=_sweep_fit)
 
   fine = commands.add_parser("finetune", help="fine-tune a trained workdir for a downstream task").add_subparsers(
       dest="finetune_command", required=True)

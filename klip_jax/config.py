@@ -85,6 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
       # captions trained with one clause removed (SCIO's screening variants in distribution).
       clause_negatives=False,
       clause_dropout=0.0,
+      # Train on the first N chips of the train split only (0: all of it): nested subsets of one
+      # dataset, so runs differ only in how much data they see (`klip sweep`'s data-size axis).
+      train_examples=0,
       synth=dict(num_train=20000, num_val=1000, num_test=1000, noise_rate=0.2, seed=0,
                  image_size=224, resolution_min=1.0, resolution_max=10.0, looks=4),
   ))
@@ -120,6 +123,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       tasks="all",  # or a comma-separated subset of klip_jax.eval.registry.TASKS
       every=1000,
+      at_steps=(),  # further steps to evaluate at, e.g. log-spaced (klip sweep); any of every's too
       periodic_examples=256,  # first N val chips the in-training evaluation reads (0: all)
       batch_size=64,
       test_examples=0,  # first N test chips (0: all)
@@ -181,6 +185,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
                "detection_steps", "probe_max_patches", "train_examples"):
     _require(c.eval[name] >= 1, f"eval.{name}", f"must be >= 1, got {c.eval[name]}.")
   _require(c.eval.every >= 0, "eval.every", f"must be >= 0 (0: no in-training evaluation), got {c.eval.every}.")
+  _require(all(isinstance(s, int) and 1 <= s <= c.train.steps for s in c.eval.at_steps), "eval.at_steps",
+           f"{tuple(c.eval.at_steps)}: give train steps between 1 and train.steps ({c.train.steps}).")
+  _require(c.data.train_examples >= 0, "data.train_examples", "must be >= 0 (0: the whole train split).")
+  _require(c.data.data_dir or c.data.train_examples <= c.data.synth.num_train, "data.train_examples",
+           f"{c.data.train_examples} chips asked, but the synthesised world has data.synth.num_train="
+           f"{c.data.synth.num_train}; lower it or build a larger world.")
+  _require("heldout_loss" not in c.eval.tasks or not 0 < c.eval.periodic_examples < c.train.batch_size,
+           "eval.periodic_examples", f"{c.eval.periodic_examples} val examples are less than one batch "
+           f"(train.batch_size={c.train.batch_size}), which the heldout_loss task needs.")
   _require(c.eval.periodic_examples >= 0, "eval.periodic_examples", "must be >= 0 (0: the whole val split).")
   _require(len(c.mesh.shape) == 3 and list(c.mesh.axes) == ["data", "fsdp", "tensor"],
            "mesh.shape", "give three sizes for the (data, fsdp, tensor) axes; -1 fills one axis.")

@@ -18,7 +18,9 @@ from klip_jax import compilations
 from klip_jax.bench import aot, hf_blip, inputs, timing
 from klip_jax.bench import peak as peak_lib
 from klip_jax.bench import profile as profile_lib
+from klip_jax.data.tokenizer import TokenIds
 from klip_jax.parallel import mesh as mesh_lib
+from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
 
@@ -103,6 +105,22 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, steps: int
                                  "hf_vision_fwd_bwd_s": seconds["hf_vision"],
                                  "ratio": seconds["hf_vision"] / seconds["klip_jax_vision"]}
   return result
+
+
+def step_flops(config: ml_collections.ConfigDict, tokens: TokenIds) -> float:
+  """XLA's FLOPs of one train step at the config's global batch (stage A's step), from its cost
+  analysis of the step lowered for shape-only inputs: nothing is allocated or compiled."""
+  mesh = mesh_lib.from_config(config.mesh)
+  tx, schedule = state_lib.make_optimizer(config.optim, config.train.steps)
+  graph, abstract, shardings = state_lib.abstract_state(config, tokens.vocab_size, tx, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+           for k, (shape, dtype) in inputs.batch_shapes(config).items()}
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=mesh_lib.replicated(mesh))
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    step = step_lib.make_train_step(config, graph, tx, schedule, tokens, shardings, mesh)
+    return _flops(step.lower(state, batch, rng))
 
 
 def _flops(lowered) -> float:

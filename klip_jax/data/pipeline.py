@@ -53,6 +53,7 @@ class PipelineOptions:
   # SCIO's leave-one-clause-out variants are in distribution.
   clause_negatives: bool = False
   clause_dropout: float = 0.0
+  limit: int = 0  # read only the split's first `limit` examples (0: all): nested data subsets
   read_threads: int = 2
   prefetch_buffer: int = 4  # batches
 
@@ -135,15 +136,18 @@ class HostRows(grain.MapDataset):
 
 
 class _IndexedSource:
-  """A split as (index, example) pairs: the index identifies the example across epochs."""
+  """A split's first `length` examples as (index, example) pairs: the index identifies the
+  example across epochs."""
 
-  def __init__(self, source):
-    self._source = source
+  def __init__(self, source, length: int):
+    self._source, self._length = source, length
 
   def __len__(self) -> int:
-    return len(self._source)
+    return self._length
 
   def __getitem__(self, index: int):
+    if not 0 <= index < self._length:
+      raise IndexError(f"example {index} of a {self._length}-example source")
     return index, self._source[index]
 
 
@@ -271,6 +275,8 @@ def _check(options: PipelineOptions, process_count: int) -> None:
   if options.batch_size <= 0 or options.batch_size % process_count:
     raise ConfigError(f"batch_size={options.batch_size} must be a positive multiple of the "
                       f"process count ({process_count}).")
+  if options.limit < 0:
+    raise ConfigError(f"limit={options.limit} must be >= 0 (0: the whole split).")
   if options.worker_count < 0:
     raise ConfigError(f"worker_count={options.worker_count} must be >= 0.")
   if options.overlay_use not in ("", "recon", "caption") or bool(options.overlay) != bool(options.overlay_use):
@@ -285,7 +291,11 @@ def build(options: PipelineOptions, codec: TextCodec, *, process_index: int | No
   process_count = jax.process_count() if process_count is None else process_count
   _check(options, process_count)
   stats = builder.metadata(options.data_dir)
-  source = _IndexedSource(builder.open_split(options.data_dir, options.split))
+  split = builder.open_split(options.data_dir, options.split)
+  if options.limit > len(split):
+    raise ConfigError(f"{options.limit} {options.split} examples asked (data.train_examples), but split "
+                      f"{options.split!r} of {options.data_dir} has {len(split)}; lower it or use a larger dataset.")
+  source = _IndexedSource(split, options.limit or len(split))
   ds = grain.MapDataset.source(source).seed(options.seed)
   if options.train:
     if len(source) < options.batch_size:

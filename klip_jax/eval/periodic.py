@@ -1,5 +1,6 @@
 """Evaluation while the model trains: the cheap evaluators of `config.eval.tasks`, every
-`config.eval.every` steps, on the val split (the test split stays for the final benchmark).
+`config.eval.every` steps and at `config.eval.at_steps`, on the val split (the test split
+stays for the final benchmark).
 
 `make_hook` returns the `evaluate(step, graph, params)` callable `train.loop.train` calls; the split,
 its features' compiled calls and the runner are made once and reused at every evaluation.
@@ -27,7 +28,7 @@ SPLIT = "val"
 def make_hook(config: ml_collections.ConfigDict, data: RunData, *, progress: bool = False):
   """The in-training evaluation hook, or None when nothing is to run."""
   tasks = registry.cheap_tasks(config.eval.tasks)
-  if config.eval.every <= 0 or not tasks:
+  if (config.eval.every <= 0 and not config.eval.at_steps) or not tasks:
     return None
   mesh = mesh_lib.from_config(config.mesh)
   examples = registry.Examples(config, data, SPLIT, config.eval.periodic_examples)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from klip_jax.data import knowledge, records, targets
 from klip_jax.data.prepare import RunData
 from klip_jax.errors import ConfigError
-from klip_jax.eval import captioning, detection, matching, probes, retrieval, screening, vqa, zeroshot
+from klip_jax.eval import captioning, detection, heldout, matching, probes, retrieval, screening, vqa, zeroshot
 from klip_jax.eval.runner import ModelRunner
 from klip_jax.eval.truth import NoTruth, Split, corruption_missing, load_split
 from klip_jax.train import scio
@@ -45,6 +45,7 @@ class Evaluator:
   run: Callable[[EvalContext], dict]
   needs: tuple[str, ...]
   cost: str  # "cheap": runs during training too; "full": only in the benchmark
+  benchmark: bool = True  # a downstream task, part of "all" (else run only when named)
 
 
 class Examples:
@@ -105,11 +106,11 @@ class EvalContext:
 REGISTRY: dict[str, Evaluator] = {}
 
 
-def register(name: str, *, needs: tuple[str, ...] = (), cost: str = "full"):
+def register(name: str, *, needs: tuple[str, ...] = (), cost: str = "full", benchmark: bool = True):
   assert set(needs) <= set(NEEDS) and cost in COSTS, (name, needs, cost)
 
   def add(fn: Callable[[EvalContext], dict]) -> Callable[[EvalContext], dict]:
-    REGISTRY[name] = Evaluator(name, fn, tuple(needs), cost)
+    REGISTRY[name] = Evaluator(name, fn, tuple(needs), cost, benchmark)
     return fn
   return add
 
@@ -125,6 +126,13 @@ def _retrieval(ctx: EvalContext) -> dict:
 @register("itm", cost="cheap")
 def _itm(ctx: EvalContext) -> dict:
   return matching.evaluate(ctx.runner, ctx.test, *ctx.test_encoded, seed=ctx.config.eval.seed)
+
+
+@register("heldout_loss", needs=("decoder",), cost="cheap", benchmark=False)
+def _heldout_loss(ctx: EvalContext) -> dict:
+  """The training losses (ITC, ITM, keyword reconstruction, weighted total) on the evaluated split:
+  what `klip sweep` fits scaling laws to. Not a downstream task, so not in "all": name it."""
+  return heldout.evaluate(ctx.config, ctx.runner, ctx.test, ctx.data.codec)
 
 
 @register("captioning", needs=("decoder", "train"))
@@ -234,7 +242,7 @@ def _require_corruption(ctx: EvalContext, split: str) -> None:
     raise NoTruth(reason)
 
 
-TASKS = tuple(REGISTRY)
+TASKS = tuple(name for name, evaluator in REGISTRY.items() if evaluator.benchmark)  # "all"
 
 # Ground truth a task needs: (what, where a manifest gives it, whether a record has it).
 _TRUTH = {
@@ -258,13 +266,13 @@ def _check_truth(ctx: EvalContext, evaluator: Evaluator) -> None:
 
 
 def parse_tasks(spec: str) -> list[str]:
-  """"all" or a comma-separated subset of TASKS."""
+  """"all" (TASKS, the benchmark) or a comma-separated list of registered tasks."""
   if spec.strip() in ("", "all"):
     return list(TASKS)
   tasks = [t.strip() for t in spec.split(",") if t.strip()]
   unknown = [t for t in tasks if t not in REGISTRY]
   if unknown:
-    raise ConfigError(f"unknown eval task(s) {unknown}; choose from {', '.join(TASKS)} or 'all'.")
+    raise ConfigError(f"unknown eval task(s) {unknown}; choose from {', '.join(REGISTRY)} or 'all'.")
   return tasks
 
 

@@ -32,6 +32,7 @@ HEADLINES = {
     "screening": ("auc_rule", "auc_itc", "auc_itm"),
     "scio_repair": ("screening_precision", "screening_recall", "proofreading_accuracy",
                     "clean_clauses_changed_rate"),
+    "heldout_loss": ("total", "itc", "itm", "reconstruction"),
 }
 _CONFUSIONS = {"zeroshot_landcover": terrain.LANDCOVER,
                "target_classification": tuple(c.name for c in targets.TARGET_CLASSES),

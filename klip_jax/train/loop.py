@@ -49,7 +49,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
   With SCIO stage lengths in config.scio, steps run stage A, then B, then C (online: each
   batch is relabelled right before its step; offline: the whole train split is relabelled at
   each stage boundary into a caption overlay the pipeline reads from then on).
-  `evaluate` runs every config.eval.every steps (when > 0) and its results are logged.
+  `evaluate` runs every config.eval.every steps (when > 0) and at config.eval.at_steps, and its
+  results are logged.
   `stop_at` ends this invocation early (checkpointed) at that step, as a time-sliced job
   would; a SIGTERM does the same at the next step boundary and raises `Preempted`
   (`train.preemption`). Running again continues exactly.
@@ -127,14 +128,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
           tick, tick_step = now, done
           writer.train(done, last)
           bar.set_postfix(stage=stage, loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.1f}")
+        # Evaluated before the checkpoint: a run killed in between repeats the steps since the
+        # last checkpoint and this evaluation with them, so no logged evaluation is ever missing.
+        if evaluate is not None and not preempted and evaluation_due(c.eval, done):
+          began = time.perf_counter()
+          writer.eval(done, evaluate(done, graph, state.params))
+          tick += time.perf_counter() - began  # evaluation time is not training throughput
         if done % c.train.ckpt_every == 0 or done == end or preempted:
           checkpoint.save(checkpoints, done, state, iterator)
         if preempted:
           break
-        if evaluate is not None and c.eval.every > 0 and done % c.eval.every == 0:
-          began = time.perf_counter()
-          writer.eval(done, evaluate(done, graph, state.params))
-          tick += time.perf_counter() - began  # evaluation time is not training throughput
         bar.update(1)
     bar.close()
   checkpoints.wait_until_finished()
@@ -143,6 +146,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
   if preempted:
     raise Preempted(done)
   return last
+
+
+def evaluation_due(eval_config: ml_collections.ConfigDict, step: int) -> bool:
+  """Whether the in-training evaluation runs after `step`: every `eval.every` steps (when > 0)
+  and at each of `eval.at_steps`."""
+  return (eval_config.every > 0 and step % eval_config.every == 0) or step in tuple(eval_config.at_steps)
 
 
 def _initial_state(c, data: RunData, tx, mesh, workdir: str, abstract, shardings, imported: bool):

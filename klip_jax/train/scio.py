@@ -94,7 +94,7 @@ def train_pipeline(config, data: RunData, overlay: str = "", overlay_use: str = 
       data.data_dir, "train", c.train.batch_size, seed=c.seed, worker_count=c.data.worker_count,
       flip=c.data.flip, gain_jitter_db=c.data.gain_jitter_db, overlay=overlay,
       overlay_use=overlay_use, clause_negatives=c.data.clause_negatives,
-      clause_dropout=c.data.clause_dropout), data.codec)
+      clause_dropout=c.data.clause_dropout, limit=c.data.train_examples), data.codec)
 
 
 def stage_pipeline(config, data: RunData, workdir: str, stage: str):
@@ -112,7 +112,8 @@ def enter_offline_stage(config, data: RunData, workdir: str, stage: str, relabel
   data iterator, from where it stands, on the pipeline that reads that round."""
   round_index, _ = STAGE_OVERLAY[stage]
   if not io.exists(overlay_path(workdir, round_index)):
-    entries = relabel_split(relabel, params, data, "train", mesh, config.scio.relabel_batch_size)
+    entries = relabel_split(relabel, params, data, "train", mesh, config.scio.relabel_batch_size,
+                            limit=config.data.train_examples)
     write_overlay(workdir, round_index, entries)
   position = iterator.get_state()
   iterator = iter(stage_pipeline(config, data, workdir, stage))
@@ -190,13 +191,13 @@ def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np
 
 
 def relabel_split(relabel, params, data: RunData, split: str, mesh, batch_size: int,
-                  progress: bool = True) -> list[dict]:
-  """Run the jitted relabel step over a whole split (no shuffle, no augmentation); every host
-  returns the entries of the whole split."""
+                  progress: bool = True, limit: int = 0) -> list[dict]:
+  """Run the jitted relabel step over a whole split, or its first `limit` examples (the ones a
+  run trains on); no shuffle, no augmentation; every host returns the entries of all of them."""
   source = builder.open_split(data.data_dir, split)
-  options = pipeline.PipelineOptions(data.data_dir, split, batch_size, train=False)
+  options = pipeline.PipelineOptions(data.data_dir, split, batch_size, train=False, limit=limit)
   entries = []
-  with tqdm(total=len(source), desc=f"relabel {split}", unit="caption", disable=not progress) as bar:
+  with tqdm(total=limit or len(source), desc=f"relabel {split}", unit="caption", disable=not progress) as bar:
     for batch in pipeline.build(options, data.codec):
       # index and valid travel as global arrays too, so they line up with the result's rows.
       inputs = pipeline.global_batch({**model_inputs(batch), "index": batch["index"].astype(np.int32),

@@ -161,6 +161,18 @@ def eval_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, toke
   return eval_step
 
 
+def heldout_losses_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tokens: TokenIds) -> Callable:
+  """losses(params, batch, rng) -> {loss, loss_itc, loss_itm, loss_recon}: the training losses of
+  a batch without an update and without momentum distillation (plain in-batch ITC), so they
+  measure the model alone and compare across runs with and without a momentum encoder."""
+
+  def losses_of(params: nnx.State, batch: dict, rng: jax.Array) -> dict:
+    metrics = _losses(config, tokens, nnx.merge(graphdef, params), None, None, batch, rng)[1][0]
+    return {k: metrics[k] for k in ("loss", "loss_itc", "loss_itm", "loss_recon")}
+
+  return losses_of
+
+
 def make_train_step(config, graphdef, tx, schedule, tokens: TokenIds, state_shardings,
                     mesh: jax.sharding.Mesh) -> Callable:
   """train_step jitted with explicit shardings; call it inside mesh_lib.logical_context."""

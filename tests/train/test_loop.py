@@ -148,7 +148,7 @@ def test_the_loop_runs_its_evaluation_hook_at_the_configured_steps(tiny_data, ti
   config.data.update(data_dir=tiny_data, tokenizer=tiny_tokenizer, max_len=96)
   config.train.update(steps=5, batch_size=8, log_every=5, ckpt_every=5)
   config.momentum.update(queue_size=16)
-  config.eval.every = 2
+  config.eval.update(every=2, at_steps=(1, 4, 5))  # every 2 steps and at these (4 once)
   calls = []
 
   def evaluate(step, graph, params):
@@ -158,10 +158,9 @@ def test_the_loop_runs_its_evaluation_hook_at_the_configured_steps(tiny_data, ti
 
   workdir = str(tmp_path / "run")
   loop.train(config, workdir, prepare.locate(config, workdir), progress=False, evaluate=evaluate)
-  assert calls == [2, 4]
+  assert calls == [1, 2, 4, 5]
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert [m for m in lines if "eval" in m] == [{"step": 2, "eval": {"fake": {"metric": 0.2}}},
-                                               {"step": 4, "eval": {"fake": {"metric": 0.4}}}]
+  assert [m for m in lines if "eval" in m] == [{"step": s, "eval": {"fake": {"metric": s / 10}}} for s in calls]
   assert [m["step"] for m in lines if "eval" not in m] == [5]
   logs = os.path.join(workdir, "logs")
   tags = set().union(*(_event_tags(os.path.join(logs, name)) for name in os.listdir(logs)))
