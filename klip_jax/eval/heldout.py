@@ -15,10 +15,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from klip_jax.data.records import true_text
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.errors import ConfigError
 from klip_jax.eval.runner import ModelRunner
-from klip_jax.eval.truth import Split, true_text
+from klip_jax.eval.truth import Split
 from klip_jax.parallel import hosts
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import step as step_lib

@@ -15,10 +15,11 @@ import pytest
 
 from klip_jax import config as config_lib
 from klip_jax.data import pipeline
+from klip_jax.data.records import true_text
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.errors import ConfigError, Preempted
 from klip_jax.eval import heldout
-from klip_jax.eval.truth import load_split, true_text
+from klip_jax.eval.truth import load_split
 from klip_jax.jobs import sweep
 from klip_jax.model import size
 from klip_jax.parallel import mesh as mesh_lib
