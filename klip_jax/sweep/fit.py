@@ -444,11 +444,16 @@ def _at_bound(name: str, value: float, ci: list | None) -> list[str]:
 
 def fit_sweep(sweep: Sweep, data: str = "images_seen", bootstrap: int = 200, seed: int = 0,
               progress: Callable | None = None) -> dict:
-  """Every arm fitted; raises FitError when no law of any arm is identifiable."""
+  """Every arm fitted; a law the table cannot determine is marked so, with the reason (`refusal`)."""
   arms = {arm: {"loss": sweep.loss, **fit(runs, data, bootstrap, seed, progress)} for arm, runs in sweep.arms.items()}
-  if not any(result[law]["identifiable"] for result in arms.values() for law in ("L(N,D)", "L(N)", "L(D)")):
-    reasons = "; ".join(f"{arm} {law}: {result[law]['reason']}" for arm, result in arms.items()
-                        for law in ("L(N,D)", "L(N)", "L(D)"))
-    raise FitError(f"no scaling law is identifiable from this sweep: {reasons}. Add model sizes and data sizes "
-                   "(>= 3 of each) to the sweep config and run `klip sweep run` again.")
   return {"failed": sweep.failed, "notes": sweep.notes, "arms": arms}
+
+
+def refusal(result: dict) -> str | None:
+  """Why `fit_sweep`'s result holds no law at all (None when some law of some arm is identifiable)."""
+  laws = ("L(N,D)", "L(N)", "L(D)")
+  if any(arm[law]["identifiable"] for arm in result["arms"].values() for law in laws):
+    return None
+  reasons = "; ".join(f"{name} {law}: {arm[law]['reason']}" for name, arm in result["arms"].items() for law in laws)
+  return (f"no scaling law is identifiable from this sweep: {reasons}. Each exponent needs >= 3 model sizes (or data "
+          "sizes) over which the loss falls as a power law: add sizes, or train the sizes long enough to tell apart.")

@@ -104,8 +104,10 @@ def _isoflop(runs: list[fit.Run], result: dict):
   else:
     right.text(0.02, 0.85, textwrap.fill("not identifiable: " + result["isoflop"]["reason"], 60),
                transform=right.transAxes, fontsize=7, va="top")
-  right.set(xscale="log", yscale="log", xlabel="compute C", ylabel="N_opt", title="N_opt(C) from the minima")
-  right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
+  right.set(xlabel="compute C", ylabel="N_opt", title="N_opt(C) from the minima")
+  if inside:  # no minimum inside the sizes: nothing to put on log axes
+    right.set(xscale="log", yscale="log")
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
   right.legend(fontsize=7, loc="upper left")
   return fig
 

@@ -16,7 +16,8 @@ LAWS = (("L(N,D)", ("E", "A", "alpha", "B", "beta")), ("L(N)", ("E", "A", "alpha
 
 def run(workdir: str, loss: str = "total", data: str = "images_seen", bootstrap: int = 200, seed: int = 0,
         progress: bool = True) -> tuple[dict, str]:
-  """Fit the sweep in `workdir`; returns (fit.json's content, fit.md's text)."""
+  """Fit the sweep in `workdir`; returns (fit.json's content, fit.md's text). Writes them (and the
+  plots) even when no law is identifiable, then raises FitError saying why."""
   if bootstrap < 0:
     raise FitError(f"--bootstrap {bootstrap}: give 0 (no CIs) or more resamples (200 or more for 95% CIs).")
   source = io.path(workdir) / "sweep.jsonl"
@@ -31,6 +32,9 @@ def run(workdir: str, loss: str = "total", data: str = "images_seen", bootstrap:
   text = markdown(result, str(source))
   io.write_json(io.path(workdir) / "fit.json", result)
   io.write_text(io.path(workdir) / "fit.md", text)
+  why = fit.refusal(result)
+  if why:  # after writing: fit.md and the plots show the table the laws could not be fitted to
+    raise FitError(f"{why} The table and each law's reason: {io.path(workdir) / 'fit.md'}, plots/.")
   return result, text
 
 
