@@ -71,8 +71,17 @@ def test_6nd_counts_patches_and_text_tokens_of_the_global_batch():
   assert sweep.flops_6nd(1000, c) == 6 * 1000 * (16 + 128) * 16
 
 
+def test_micro_sees_each_chip_once():
+  """micro.py's points: 3 sizes x 3 data sizes, each trained for one pass over its chips."""
+  named = sweep.points(_micro())
+  assert len(named) == 9 and {p.model for p in named.values()} == {"m0", "m1", "m2"}
+  assert {p.train_chips for p in named.values()} == {1200, 2400, 4800}
+  batch = _micro().base.train.batch_size
+  assert all(p.train_chips == p.steps * batch for p in named.values())
+
+
 def test_points_of_the_micro_grid_and_their_configs():
-  s = _micro()
+  s = _micro("repeat")
   named = sweep.points(s)
   assert len(named) == 9 and list(named)[:2] == ["m0_d128_s300", "m0_d256_s300"]
   assert {p.model for p in named.values()} == {"m0", "m1", "m2"}
@@ -107,7 +116,7 @@ def test_config_hash_is_stable_and_ignores_only_data_locations(tmp_path):
 
 
 def test_launch_commands_reproduce_each_point_config():
-  s = _micro()
+  s = _micro("repeat")
   commands = sweep.launch_commands(s, "/mnt/shared/sw", tpu_name="klip", zone="us-west4-a",
                                    launch_args="--project p", only=["m2_d512_s300"])
   assert len(commands) == 1
@@ -128,7 +137,7 @@ def test_cli_emits_one_launch_command_per_point_and_names_unknown_points(capsys)
   assert cli.main(["sweep", "run", "--config", MICRO, "--workdir", "/w", "--emit-launch", "--zone", "z"]) == 0
   printed = capsys.readouterr().out.splitlines()
   assert len(printed) == 9 and all(line.startswith("launch/tpu_vm.sh run --name klip-sweep-m") for line in printed)
-  assert cli.main(["sweep", "run", "--config", MICRO, "--workdir", "/w", "--points", "m0_d128_s300,m5"]) == 2
+  assert cli.main(["sweep", "run", "--config", MICRO, "--workdir", "/w", "--points", "m0_d1200_s75,m5"]) == 2
   assert "--points m5: no such point" in capsys.readouterr().err
   assert cli.main(["sweep", "run", "--config", MICRO, "--workdir", "/w", "--emit-launch"]) == 2
   assert "--emit-launch needs --zone" in capsys.readouterr().err
@@ -173,7 +182,7 @@ def test_train_examples_limit_the_train_split_to_its_first_chips(tiny_data, tiny
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("data.train_examples", 513, "data.train_examples: 513 chips asked.*num_train=512"),
+    ("data.train_examples", 4801, "data.train_examples: 4801 chips asked.*num_train=4800"),
     ("eval.at_steps", (0, 300), "eval.at_steps"),
     ("eval.periodic_examples", 8, "eval.periodic_examples: 8 val examples are less than one batch"),
 ])
