@@ -26,9 +26,10 @@ from klip_jax.export import commands
 from klip_jax.jobs import finetune
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import checkpoint
+from tests.export import NO_EXPORT
 
-torch = pytest.importorskip("torch", reason="PyTorch parity needs the export extra: pip install -e '.[export]'")
-transformers = pytest.importorskip("transformers", reason="PyTorch parity needs the export extra")
+torch = pytest.importorskip("torch", reason=NO_EXPORT)
+transformers = pytest.importorskip("transformers", reason=NO_EXPORT)
 
 from tests.export import parity  # noqa: E402  (imports torch: after the skips above)
 

@@ -22,12 +22,13 @@ from klip_jax.export import commands, hf
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import checkpoint
 from klip_jax.train import state as state_lib
+from tests.export import NO_EXPORT
 
 # torch and transformers come with the optional export extra; the test extra installs it, so CI
 # always runs these. A JAX-only install (pip install -e .) skips them instead of failing to import.
-_NO_EXPORT = "PyTorch parity needs the export extra: pip install -e '.[export]'"
-torch = pytest.importorskip("torch", reason=_NO_EXPORT)
-transformers = pytest.importorskip("transformers", reason=_NO_EXPORT)
+
+torch = pytest.importorskip("torch", reason=NO_EXPORT)
+transformers = pytest.importorskip("transformers", reason=NO_EXPORT)
 
 from tests.export import parity  # noqa: E402  (imports torch: after the skips above)
 

@@ -20,9 +20,10 @@ from klip_jax.data import pipeline
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.eval import truth
 from klip_jax.export import commands, processor
+from tests.export import NO_EXPORT
 
-pytest.importorskip("torch", reason="the processor needs the export extra: pip install -e '.[export]'")
-pytest.importorskip("transformers", reason="the processor needs the export extra: pip install -e '.[export]'")
+pytest.importorskip("torch", reason=NO_EXPORT)
+pytest.importorskip("transformers", reason=NO_EXPORT)
 
 from klip_jax.export.processing_klip import SarImageProcessor  # after the skips: imports torch
 from tests.data.text_cases import all_template_captions

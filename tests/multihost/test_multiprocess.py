@@ -200,7 +200,9 @@ def test_export_and_import_hf_match_one_process(tiny_data, tiny_tokenizer, tmp_p
   writes, exactly: every process restores and gathers the parameters, process 0 alone writes
   the HF folders; every process saves its shards of the imported parameters."""
   # The test extra installs transformers (and safetensors with it); a JAX-only install skips this.
-  pytest.importorskip("transformers", reason="klip export needs the export extra: pip install -e '.[export]'")
+  from tests.export import NO_EXPORT
+
+  pytest.importorskip("transformers", reason=NO_EXPORT)
   from safetensors import numpy as safetensors_numpy
 
   from klip_jax import config as config_lib
