@@ -2,7 +2,9 @@
 
 A sweep config (`configs/sweeps/*.py`) holds one fixed run config (`base`, derived from the
 shipped config `base_config`) and the axes: a model family (`models`: width and depth of BOTH
-towers; heads = width / head_dim, MLP = mlp_ratio x width), train chips (nested subsets: a point
+towers; heads = width / head_dim, MLP = mlp_ratio x width; optionally a model's own `init_std`
+for both towers and its own peak `lr`, the per-size settings a family needs to be trained as
+well at each size, as Kaplan et al. and Hoffmann et al. tuned theirs), train chips (nested subsets: a point
 trains on the first n train chips of one world, `data.train_examples`), train steps, `scio`
 (SCIO stages split as `scio_fractions`, or stage A only) and `noise` (the world's caption noise
 rate; one world per rate). Points are the `grid`'s product, or the explicit `points` list.
@@ -105,6 +107,9 @@ def points(sweep: ml_collections.ConfigDict) -> dict[str, Point]:
   return named
 
 
+MODEL_KEYS = frozenset({"width", "depth", "init_std", "lr"})
+
+
 def _check(sweep: ml_collections.ConfigDict) -> None:
   for key in ("base", "base_config", "models", "head_dim", "mlp_ratio", "evals", "scio_fractions"):
     if key not in sweep:
@@ -113,6 +118,9 @@ def _check(sweep: ml_collections.ConfigDict) -> None:
   if not sweep.get("points") and not sweep.get("grid"):
     raise ConfigError("the sweep config has neither points nor a grid.")
   for name, m in sweep.models.items():
+    if set(m) - MODEL_KEYS or not {"width", "depth"} <= set(m):
+      raise ConfigError(f"sweep.models.{name} = {dict(m)}: a model holds width and depth, and optionally "
+                        "init_std and lr, nothing else.")
     if m.width % sweep.head_dim:
       raise ConfigError(f"sweep.models.{name}.width={m.width} is not a multiple of head_dim={sweep.head_dim}.")
   if len(sweep.scio_fractions) != 3 or abs(sum(sweep.scio_fractions) - 1) > 1e-6:
@@ -133,6 +141,10 @@ def point_config(sweep: ml_collections.ConfigDict, p: Point, data_dir: str = "",
   m = sweep.models[p.model]
   for tower in (c.model.vision, c.model.text):
     tower.update(width=m.width, depth=m.depth, heads=m.width // sweep.head_dim, mlp_dim=sweep.mlp_ratio * m.width)
+    if "init_std" in m:
+      tower.init_std = m.init_std
+  if "lr" in m:
+    c.optim.lr = m.lr
   c.data.train_examples = p.train_chips
   c.data.synth.noise_rate = p.noise
   c.data.data_dir = c.data.data_dir or data_dir

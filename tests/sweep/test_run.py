@@ -103,6 +103,18 @@ def test_points_of_the_micro_grid_and_their_configs():
     sweep.points(s)
 
 
+def test_a_model_may_carry_its_own_init_and_learning_rate():
+  s = _micro()
+  s.models = {"a": {"width": 64, "depth": 1, "init_std": 0.03, "lr": 5e-4}, "b": {"width": 64, "depth": 1}}
+  a, b = (sweep.point_config(s, sweep.Point(m, 128, 300, False, 0.2)) for m in ("a", "b"))
+  assert (a.model.vision.init_std, a.model.text.init_std, a.optim.lr) == (0.03, 0.03, 5e-4)
+  assert (b.model.vision.init_std, b.model.text.init_std, b.optim.lr) == (
+      s.base.model.vision.init_std, s.base.model.text.init_std, s.base.optim.lr)
+  s.models = {"a": {"width": 64, "depth": 1, "dropout": 0.1}}
+  with pytest.raises(ConfigError, match=r"sweep.models.a .*width and depth, and optionally init_std and lr"):
+    sweep.points(s)
+
+
 def test_config_hash_is_stable_and_ignores_only_data_locations(tmp_path):
   s, point = _micro(), sweep.Point("m1", 256, 300, False, 0.2)
   a = sweep.point_config(s, point, "/here/world", "/here/tok.model")
