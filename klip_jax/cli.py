@@ -160,7 +160,8 @@ def _sweep_run(args, config) -> None:
 def _sweep_fit(args) -> None:
   from klip_jax.sweep import table
 
-  _, text = table.run(args.workdir, loss=args.loss, data=args.data, bootstrap=args.bootstrap, seed=args.seed)
+  _, text = table.run(args.workdir, loss=args.loss, data=args.data, bootstrap=args.bootstrap, seed=args.seed,
+                      floor=args.floor)
   print(text)
   print(f"fit.json, fit.md and plots/ in {args.workdir}")
 
@@ -412,6 +413,9 @@ def _parser() -> argparse.ArgumentParser:
                               "evals only; data-constrained questions)")
   swp_fit.add_argument("--bootstrap", type=int, default=200, help="resamples of the runs for the 95%% CIs (0: none)")
   swp_fit.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+  swp_fit.add_argument("--floor", choices=("fit", "zero"), default="fit",
+                       help="the irreducible loss E: fitted (default), or fixed at 0 for losses far above it (the fit "
+                            "says when E cannot be told from 0)")
   swp_fit.set_defaults(run=_sweep_fit)
 
   fine = commands.add_parser("finetune", help="fine-tune a trained workdir for a downstream task").add_subparsers(

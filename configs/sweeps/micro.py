@@ -3,10 +3,12 @@ cores in about a quarter of an hour (`klip sweep run --config configs/sweeps/mic
 
 Fixed: configs/tiny.py:32px without the momentum encoder (plain in-batch ITC), batch 16, lr
 2e-3, the world's caption noise 0.2, no SCIO. Models m0-m2 scale width and depth of both towers
-together (head size 32, MLP 2x width) and their init (std 0.4 / sqrt(width)). Data, as Chinchilla's approach 3 assumes it: every chip
-seen once, so the D of `klip sweep fit` (images seen) is also the number of unique chips along
-the whole run; the first 1200, 2400 and 4800 train chips of one 4800-chip world, trained for
-75, 150 and 300 steps. Held-out loss on the first 64 val chips at 5 log-spaced steps.
+together (head size 32, MLP 2x width) and their init (std 0.4 / sqrt(width)). Data, as
+Chinchilla's approach 3 assumes it: every chip seen once, so the D of `klip sweep fit` (images
+seen) is also the number of unique chips along the whole run; the first 1200, 2400 and 4800
+train chips of one 4800-chip world, trained for 75, 150 and 300 steps. Held-out loss on the
+first 64 val chips at 5 log-spaced steps. Fit it with `klip sweep fit W --floor zero --data
+unique_images` (each run's final eval; its losses are far above any irreducible loss).
 
 Variants: `micro.py` (the sweep), `micro.py:repeat` (data-constrained: the first 128, 256 and 512
 chips, each model 300 steps, so the small sets are seen up to 37 times; fit it with `--data

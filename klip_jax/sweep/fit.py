@@ -16,6 +16,12 @@ C = cumulative XLA FLOPs, L = the held-out loss of one head.
   * IsoFLOP (approach 2): every run's loss interpolated log-log at log-spaced compute budgets,
     the best run per size, a parabola in log N per budget with >= 3 sizes whose minimum the
     sizes bracket: N_opt(C); log N_opt fitted linearly in log C.
+With `floor="zero"`, L(N, D) drops E (E = 0: A/N^alpha + B/D^beta, the reducible loss alone, as
+in Kaplan et al.'s form): for tables whose losses sit so far above any irreducible loss that E
+is not identifiable (the free fit drives it to its bound), the exponents of the reducible part
+still are; the report says E was fixed, never silently. The slices L(N) and L(D) keep their
+E' and E'', which hold the other term (B/D^beta at the slice's D, A/N^alpha at its N) and so
+are never zero.
 Uncertainty: a bootstrap over runs, resampled with replacement within each model size (the
 sweep's design fixes the sizes; resampling runs keeps each run's correlated evals together),
 percentile 95% CIs for every parameter and derived number. A law the table cannot determine
@@ -39,9 +45,11 @@ from klip_jax.errors import FitError
 
 HEADS = ("total", "itc", "itm", "reconstruction")
 DATA = ("images_seen", "unique_images")
+FLOORS = ("fit", "zero")  # E fitted, or fixed at 0
 DELTA = 1e-3  # Huber threshold on log-residuals (Chinchilla)
 EXPONENT_BOUNDS = (0.0, 3.0)
 LOG_BOUNDS = (-20.0, 80.0)  # e = log E, a = log A, b = log B
+ZERO_E = LOG_BOUNDS[0]  # e of a law fitted without E
 MIN_LEVELS = 3  # E + A/x^alpha has three parameters: three distinct x at least
 STARTS = 4  # L-BFGS-B runs from the best grid points
 ISOFLOP_BUDGETS = 12
@@ -168,25 +176,26 @@ def _objective(theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, 
   return float(special.huber(DELTA, r).sum() / DELTA), grad
 
 
-def _grid(m: int, y: np.ndarray) -> np.ndarray:
+def _grid(m: int, y: np.ndarray, zero_floor: bool) -> np.ndarray:
   """Chinchilla's initialisations (a, b in 0..25, exponents 0..2), E below the lowest loss."""
-  axes = [np.log(np.exp(y.min()) * np.array([0.1, 0.3, 0.5, 0.7, 0.9]))]
+  axes = [np.array([ZERO_E]) if zero_floor else np.log(np.exp(y.min()) * np.array([0.1, 0.3, 0.5, 0.7, 0.9]))]
   axes += [np.arange(0.0, 26.0, 5.0), np.array([0.05, 0.5, 1.0, 1.5, 2.0])] * m
   return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 1 + 2 * m)
 
 
-def fit_law(x: np.ndarray, loss: np.ndarray, warm: list[np.ndarray] = ()) -> np.ndarray:
+def fit_law(x: np.ndarray, loss: np.ndarray, warm: list[np.ndarray] = (), zero_floor: bool = False) -> np.ndarray:
   """theta = (e, a_1, alpha_1, ..., a_m, alpha_m) minimising the Huber objective for
   L = exp(e) + sum_j exp(a_j) / exp(x_j)^alpha_j; x (n, m) holds log N / log D. L-BFGS-B starts
   from the best few grid points, or only from `warm` when given (a bootstrap resample starts
-  from the full table's optimum, which is close: on sampled resamples grid starts found the same)."""
+  from the full table's optimum, which is close: on sampled resamples grid starts found the same).
+  `zero_floor` pins e at ZERO_E (E = 2e-9, zero beside any loss)."""
   y = np.log(loss)
   starts = list(warm)
   if not starts:
-    grid = _grid(x.shape[1], y)
+    grid = _grid(x.shape[1], y, zero_floor)
     scores = special.huber(DELTA, _log_pred(grid, x)[0] - y).sum(-1)
     starts = grid[np.argsort(scores)[:STARTS]]
-  bounds = [LOG_BOUNDS] + [LOG_BOUNDS, EXPONENT_BOUNDS] * x.shape[1]
+  bounds = [(ZERO_E, ZERO_E) if zero_floor else LOG_BOUNDS] + [LOG_BOUNDS, EXPONENT_BOUNDS] * x.shape[1]
   best = None
   for start in starts:
     res = optimize.minimize(_objective, start, args=(x, y), jac=True, method="L-BFGS-B", bounds=bounds,
@@ -210,14 +219,14 @@ def _require(problems: list[str], points: int, params: int) -> None:
     raise NotIdentifiable("; ".join(problems))
 
 
-def _joint(runs: list[Run], data: str, warm) -> np.ndarray:
+def _joint(runs: list[Run], data: str, warm, zero_floor: bool) -> np.ndarray:
   """theta of L(N, D) on every point."""
   pts = points(runs, data)
   problems = []
   _levels(problems, pts[:, 0], "alpha", "model sizes")
   _levels(problems, pts[:, 1], "beta", f"data sizes ({data})")
-  _require(problems, len(pts), 5)
-  return fit_law(np.log(pts[:, :2]), pts[:, 3], warm)
+  _require(problems, len(pts), 4 if zero_floor else 5)
+  return fit_law(np.log(pts[:, :2]), pts[:, 3], warm, zero_floor)
 
 
 def points(runs: list[Run], data: str) -> np.ndarray:
@@ -272,13 +281,14 @@ def isoflop_bins(runs: list[Run], budgets: np.ndarray) -> list[dict]:
 class Plan:
   """What the full table fixes for every bootstrap resample (so each estimates the same thing)."""
   data: str
+  floor: str  # "fit" or "zero" (E fixed at 0)
   d_star: float | None  # the D of L(N)
   n_star: float | None  # the N of L(D)
   budgets: np.ndarray  # compute budgets for the compute-optimal predictions
   iso_budgets: np.ndarray
 
 
-def plan(runs: list[Run], data: str) -> Plan:
+def plan(runs: list[Run], data: str, floor: str = "fit") -> Plan:
   pts = points(runs, data)
   curves = [r.curve(data) for r in runs]
   ends = sorted({float(d[-1]) for d, _, _ in curves if len(d)})
@@ -291,16 +301,18 @@ def plan(runs: list[Run], data: str) -> Plan:
   budgets = np.array([c_lo, math.sqrt(c_lo * c_hi), c_hi, 10 * c_hi, 100 * c_hi])
   starts = [r.c[0] for r in runs if len(r.c)]
   iso = np.geomspace(min(starts), max(r.c[-1] for r in runs if len(r.c)), ISOFLOP_BUDGETS) if starts else np.zeros(0)
-  return Plan(data=data, d_star=d_star, n_star=n_star, budgets=budgets, iso_budgets=iso)
+  return Plan(data=data, floor=floor, d_star=d_star, n_star=n_star, budgets=budgets, iso_budgets=iso)
 
 
 def estimate(runs: list[Run], p: Plan, warm: dict | None = None) -> dict[str, dict | str]:
   """Every law's parameters (name -> value) on these runs, or the reason it is not identifiable."""
   warm = warm or {}
+  zero = p.floor == "zero"
   out: dict[str, dict | str] = {}
   try:
-    e, a, alpha, b, beta = _joint(runs, p.data, warm.get("L(N,D)", ()))
-    out["L(N,D)"] = {"E": math.exp(e), "A": math.exp(a), "alpha": alpha, "B": math.exp(b), "beta": beta}
+    e, a, alpha, b, beta = _joint(runs, p.data, warm.get("L(N,D)", ()), zero)
+    out["L(N,D)"] = {"E": 0.0 if zero else math.exp(e), "A": math.exp(a), "alpha": alpha, "B": math.exp(b),
+                     "beta": beta}
   except NotIdentifiable as err:
     out["L(N,D)"] = str(err)
   for law, key, name, pts1 in (
@@ -320,8 +332,9 @@ def estimate(runs: list[Run], p: Plan, warm: dict | None = None) -> dict[str, di
 
 
 def _compute_optimal(law: dict | str, runs: list[Run], p: Plan) -> dict | str:
-  if p.data != "images_seen":
-    return "needs D = images seen (C ~ k N D); not computed with --data unique_images"
+  if p.data != "images_seen" and not all(r.final and r.d[-1] == r.chips for r in runs):
+    return ("needs D = images seen (C ~ k N D); with --data unique_images only when every run saw each of its "
+            "chips once (a one-pass sweep)")
   if isinstance(law, str):
     return f"needs an identifiable L(N,D) ({law})"
   pts = points(runs, p.data)
@@ -353,13 +366,15 @@ def _isoflop(runs: list[Run], p: Plan) -> dict | str:
 # -- bootstrap and the result -------------------------------------------------------------------
 
 def fit(runs: list[Run], data: str = "images_seen", bootstrap: int = 200, seed: int = 0,
-        progress: Callable | None = None) -> dict:
+        progress: Callable | None = None, floor: str = "fit") -> dict:
   """The fits of one arm with percentile 95% CIs from `bootstrap` resamples of its runs."""
   if data not in DATA:
     raise FitError(f"--data {data}: choose one of {', '.join(DATA)}.")
+  if floor not in FLOORS:
+    raise FitError(f"--floor {floor}: choose one of {', '.join(FLOORS)}.")
   if not len(points(runs, data)):
     raise FitError(f"no run has a usable final eval to fit with --data {data}; use --data images_seen.")
-  p = plan(runs, data)
+  p = plan(runs, data, floor)
   groups = [[r for r in runs if r.n == n] for n in sorted({r.n for r in runs})]
   rng = np.random.default_rng(seed)
   reps = []
@@ -375,9 +390,10 @@ def fit(runs: list[Run], data: str = "images_seen", bootstrap: int = 200, seed: 
   pts = points(runs, data)
   result = {"runs": len(runs), "points": len(pts), "data": data,
             "range": {k: [float(pts[:, j].min()), float(pts[:, j].max())] for j, k in enumerate("NDC")},
-            "L(N) at D": p.d_star, "L(D) at N": p.n_star, "bootstrap": bootstrap, "seed": seed}
+            "L(N) at D": p.d_star, "L(D) at N": p.n_star, "bootstrap": bootstrap, "seed": seed, "floor": floor}
   for law, value in point.items():
-    result[law] = _summary(law, value, [r[law] for r in reps], bootstrap)
+    fixed = ("E",) if floor == "zero" and law == "L(N,D)" else ()
+    result[law] = _summary(law, value, [r[law] for r in reps], bootstrap, fixed)
   if result["compute_optimal"]["identifiable"] and not result["L(N,D)"]["identifiable"]:  # flagged by its CI
     result["compute_optimal"] = {"identifiable": False,
                                  "reason": f"needs an identifiable L(N,D) ({result['L(N,D)']['reason']})"}
@@ -398,11 +414,12 @@ def fit(runs: list[Run], data: str = "images_seen", bootstrap: int = 200, seed: 
 def _theta(law: str, v: dict) -> np.ndarray:
   """A law's parameters back in fit_law's form (e, a, alpha, ...), to warm-start the resamples."""
   terms = {"L(N,D)": ("A", "alpha", "B", "beta"), "L(N)": ("A", "alpha"), "L(D)": ("B", "beta")}[law]
-  return np.array([math.log(v["E"])] + [math.log(v[k]) if k in "AB" else v[k] for k in terms])
+  return np.array([math.log(v["E"]) if v["E"] > 0 else ZERO_E] + [math.log(v[k]) if k in "AB" else v[k] for k in terms])
 
 
-def _summary(law: str, value: dict | str, reps: list, bootstrap: int) -> dict:
-  """The point estimate with CIs, or the reason the table cannot give it."""
+def _summary(law: str, value: dict | str, reps: list, bootstrap: int, fixed: tuple[str, ...] = ()) -> dict:
+  """The point estimate with CIs, or the reason the table cannot give it; `fixed` parameters
+  were not fitted (no CI, never flagged)."""
   if isinstance(value, str):
     return {"identifiable": False, "reason": value}
   ok = [r for r in reps if isinstance(r, dict)]
@@ -410,11 +427,11 @@ def _summary(law: str, value: dict | str, reps: list, bootstrap: int) -> dict:
   problems = []
   for name, v in value.items():
     ci = None
-    if ok:
+    if ok and name not in fixed:
       lo, hi = np.percentile([r[name] for r in ok], [2.5, 97.5])
       ci = [float(lo), float(hi)]
     params[name] = {"value": float(v), "ci": ci}
-    problems += _at_bound(name, float(v), ci)
+    problems += [] if name in fixed else _at_bound(name, float(v), ci)
   if bootstrap and len(ok) < BOOTSTRAP_MIN_OK * bootstrap:
     reasons = sorted({r for r in reps if isinstance(r, str)})
     problems.append(f"fitted in only {len(ok)} of {bootstrap} bootstrap resamples of the runs "
@@ -443,9 +460,10 @@ def _at_bound(name: str, value: float, ci: list | None) -> list[str]:
 
 
 def fit_sweep(sweep: Sweep, data: str = "images_seen", bootstrap: int = 200, seed: int = 0,
-              progress: Callable | None = None) -> dict:
+              progress: Callable | None = None, floor: str = "fit") -> dict:
   """Every arm fitted; a law the table cannot determine is marked so, with the reason (`refusal`)."""
-  arms = {arm: {"loss": sweep.loss, **fit(runs, data, bootstrap, seed, progress)} for arm, runs in sweep.arms.items()}
+  arms = {arm: {"loss": sweep.loss, **fit(runs, data, bootstrap, seed, progress, floor)}
+          for arm, runs in sweep.arms.items()}
   return {"failed": sweep.failed, "notes": sweep.notes, "arms": arms}
 
 
@@ -455,5 +473,10 @@ def refusal(result: dict) -> str | None:
   if any(arm[law]["identifiable"] for arm in result["arms"].values() for law in laws):
     return None
   reasons = "; ".join(f"{name} {law}: {arm[law]['reason']}" for name, arm in result["arms"].items() for law in laws)
+  hint = ""
+  if "E: estimate reaches the fit's bound" in reasons:
+    hint = (" E sits at its lower bound: the losses are far above any irreducible loss, so E cannot be told from 0;"
+            " `--floor zero` fits L(N, D)'s reducible part alone (E = 0).")
   return (f"no scaling law is identifiable from this sweep: {reasons}. Each exponent needs >= 3 model sizes (or data "
-          "sizes) over which the loss falls as a power law: add sizes, or train the sizes long enough to tell apart.")
+          "sizes) over which the loss falls as a power law: add sizes, or train the sizes long enough to tell apart."
+          + hint)

@@ -15,7 +15,7 @@ LAWS = (("L(N,D)", ("E", "A", "alpha", "B", "beta")), ("L(N)", ("E", "A", "alpha
 
 
 def run(workdir: str, loss: str = "total", data: str = "images_seen", bootstrap: int = 200, seed: int = 0,
-        progress: bool = True) -> tuple[dict, str]:
+        progress: bool = True, floor: str = "fit") -> tuple[dict, str]:
   """Fit the sweep in `workdir`; returns (fit.json's content, fit.md's text). Writes them (and the
   plots) even when no law is identifiable, then raises FitError saying why."""
   if bootstrap < 0:
@@ -25,7 +25,7 @@ def run(workdir: str, loss: str = "total", data: str = "images_seen", bootstrap:
     raise FitError(f"{source} does not exist: run `klip sweep run --workdir {workdir}` first.")
   sweep = fit.read(io.read_text(source), loss, str(source))
   bar = (lambda it: tqdm(it, desc="bootstrap", unit="resample", leave=False)) if progress else None
-  result = fit.fit_sweep(sweep, data, bootstrap, seed, bar)
+  result = fit.fit_sweep(sweep, data, bootstrap, seed, bar, floor)
   for arm, runs in sweep.arms.items():
     prefix = f"{_slug(arm)}_" if len(sweep.arms) > 1 else ""
     result["arms"][arm]["plots"] = plots.write(io.path(workdir) / "plots", runs, result["arms"][arm], prefix)
@@ -75,8 +75,10 @@ def _arm(arm: str, r: dict) -> list[str]:
          f"C {_num(rng['C'][0])}..{_num(rng['C'][1])}; predictions outside it are marked (extrapolated).", "",
          "| law (Huber on log L, Chinchilla approach 3) | E | A | alpha | B | beta |", "|---|---|---|---|---|---|"]
   refused, partial = [], []
+  zero = r["floor"] == "zero"
   for law, names in LAWS:
-    title = {"L(N,D)": "L(N, D) = E + A/N^alpha + B/D^beta, every eval",
+    evals = "each run's final eval" if r["data"] == "unique_images" else "every eval"
+    title = {"L(N,D)": f"L(N, D) = {'' if zero else 'E + '}A/N^alpha + B/D^beta, {evals}",
              "L(N)": f"L(N) = E + A/N^alpha at D = {_num(r['L(N) at D'] or 0)}",
              "L(D)": f"L(D) = E + B/D^beta at N = {_num(r['L(D) at N'] or 0)}"}[law]
     entry = r[law]
@@ -85,10 +87,16 @@ def _arm(arm: str, r: dict) -> list[str]:
       out.append(f"| {title} | not identifiable (below) | | | | |")
       continue
     cells = {n: _cell(entry["params"][n]) for n in names}
+    if zero and law == "L(N,D)":
+      cells["E"] = "0 (fixed)"
     out.append(f"| {title} | " + " | ".join(cells.get(n, "") for n in ("E", "A", "alpha", "B", "beta")) + " |")
     if entry["bootstrap_ok"] < r["bootstrap"]:
       partial.append(f"- {law}: CIs from the {entry['bootstrap_ok']} of {r['bootstrap']} resamples in which it "
                      "could be fitted (the others lacked 3 levels or points)")
+  if zero:
+    refused.append("- L(N, D)'s E is fixed at 0 (`--floor zero`): the reducible loss alone, for losses far above "
+                   "any irreducible loss; it does not say where the loss stops falling. The slices' E holds the "
+                   "other term.")
   out += [""] + refused + partial + ([""] if refused or partial else [])
   co = r["compute_optimal"]
   out.append("### Compute-optimal allocation (Chinchilla eq. 4)")

@@ -56,10 +56,11 @@ def text(lines: list[dict]) -> str:
   return "".join(json.dumps(line) + "\n" for line in lines)
 
 
-def fitted(lines: list[dict], bootstrap: int = 0, seed: int = 0, data: str = "images_seen") -> dict:
+def fitted(lines: list[dict], bootstrap: int = 0, seed: int = 0, data: str = "images_seen",
+           floor: str = "fit") -> dict:
   sweep = fit.read(text(lines))
   (runs,) = sweep.arms.values()
-  return fit.fit(runs, data, bootstrap, seed)
+  return fit.fit(runs, data, bootstrap, seed, floor=floor)
 
 
 def value(result: dict, law_name: str, name: str) -> float:
@@ -165,6 +166,45 @@ def test_an_unbounded_ci_is_flagged():
   assert not result["L(N,D)"]["identifiable"]
   assert result["L(N,D)"]["reason"].startswith("alpha: estimate reaches the fit's bound 0")
   assert not result["compute_optimal"]["identifiable"] and "alpha" in result["compute_optimal"]["reason"]
+
+
+def test_a_law_without_floor_is_refused_free_and_recovered_with_floor_zero():
+  """Losses far above any irreducible loss (E = 0 in the generating law, as in an under-trained
+  sweep). On this draw (seed 6; on others it lands on a small E > 0) the free fit drives E to its
+  bound and is refused, and the refusal names --floor zero;
+  with floor "zero" the same table gives alpha and beta back (within 0.05) with CIs that cover
+  them, E reported as fixed (no CI), and the compute-optimal exponent a = beta/(alpha+beta)."""
+  truth = {**MICRO, "E": 0.0}
+  lines = sweep_lines(truth, MICRO_RUNS, seed=6)
+  free = fitted(lines, bootstrap=10)
+  assert not free["L(N,D)"]["identifiable"] and free["L(N,D)"]["reason"].startswith("E: ")
+  refused = {law: {"identifiable": False, "reason": free["L(N,D)"]["reason"]} for law in ("L(N,D)", "L(N)", "L(D)")}
+  assert "--floor zero" in fit.refusal({"arms": {"arm": refused}})
+  zero = fitted(lines, bootstrap=30, floor="zero")
+  joint = zero["L(N,D)"]
+  assert joint["identifiable"], joint
+  assert joint["params"]["E"] == {"value": 0.0, "ci": None}
+  for name in ("alpha", "beta"):
+    lo, hi = joint["params"][name]["ci"]
+    assert abs(joint["params"][name]["value"] - truth[name]) < 0.05 and lo <= truth[name] <= hi, (name, joint)
+  co = zero["compute_optimal"]["params"]
+  assert abs(co["a"]["value"] - truth["beta"] / (truth["alpha"] + truth["beta"])) < 0.05
+  assert zero["L(N)"]["identifiable"] == fitted(lines)["L(N)"]["identifiable"]  # the slices keep their E
+  assert zero["floor"] == "zero"
+  with pytest.raises(FitError, match="--floor below: choose one of fit, zero"):
+    fitted(lines, floor="below")
+
+
+def test_final_evals_of_a_one_pass_sweep_give_the_compute_optimal_allocation():
+  """With --data unique_images (each run's final eval, D = its train chips) the allocation needs
+  C ~ k N D, true when every run saw each chip once; a multi-epoch table is refused it."""
+  one_pass = sweep_lines(MICRO, MICRO_RUNS, seed=1)
+  for line in one_pass:
+    line["train_chips"] = line["evals"][-1]["images_seen"]
+  co = fitted(one_pass, data="unique_images")["compute_optimal"]
+  assert co["identifiable"] and co["params"]["k"]["value"] == pytest.approx(FLOPS_PER_PARAM_IMAGE)
+  multi_epoch = fitted(sweep_lines(MICRO, MICRO_RUNS, seed=1, chips=100), data="unique_images")["compute_optimal"]
+  assert not multi_epoch["identifiable"] and "one-pass" in multi_epoch["reason"]
 
 
 def test_failed_points_change_nothing_and_are_listed():
