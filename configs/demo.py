@@ -22,6 +22,11 @@ def get_config(arg=None):
   c.data.update(clause_dropout=0.1)
   c.loss.update(itm_random_negatives=0.5)
   c.momentum.update(enabled=False)
+  # init std 0.4 / sqrt(width) (0.05 here; tiny.py's 0.1 starts the towers too hot, as the micro
+  # scaling sweep found): higher ITM AUC (0.588 vs 0.543, mean of seeds 0-2) and screening AUC
+  # (0.596 vs 0.564) in each seed; retrieval and VQA unchanged within seed noise.
+  c.model.vision.update(init_std=0.05)
+  c.model.text.update(init_std=0.05)
   c.optim.update(lr=2e-3, warmup_steps=50, weight_decay=0.01, grad_clip=5.0)
   c.scio.update(mode=mode, stage_a_steps=480, stage_b_steps=120, stage_c_steps=120,
                 relabel_batch_size=128, rule="relative", field_calibration=True, candidates=True)
