@@ -474,7 +474,8 @@ def refusal(result: dict) -> str | None:
     return None
   reasons = "; ".join(f"{name} {law}: {arm[law]['reason']}" for name, arm in result["arms"].items() for law in laws)
   hint = ""
-  if "E: estimate reaches the fit's bound" in reasons:
+  if any(arm["floor"] == "fit" and arm["L(N,D)"]["reason"].startswith("E: estimate reaches the fit's bound")
+         for arm in result["arms"].values()):
     hint = (" E sits at its lower bound: the losses are far above any irreducible loss, so E cannot be told from 0;"
             " `--floor zero` fits L(N, D)'s reducible part alone (E = 0).")
   return (f"no scaling law is identifiable from this sweep: {reasons}. Each exponent needs >= 3 model sizes (or data "

@@ -179,7 +179,8 @@ def test_a_law_without_floor_is_refused_free_and_recovered_with_floor_zero():
   free = fitted(lines, bootstrap=10)
   assert not free["L(N,D)"]["identifiable"] and free["L(N,D)"]["reason"].startswith("E: ")
   refused = {law: {"identifiable": False, "reason": free["L(N,D)"]["reason"]} for law in ("L(N,D)", "L(N)", "L(D)")}
-  assert "--floor zero" in fit.refusal({"arms": {"arm": refused}})
+  assert "--floor zero" in fit.refusal({"arms": {"arm": {"floor": "fit", **refused}}})
+  assert "--floor zero" not in fit.refusal({"arms": {"arm": {"floor": "zero", **refused}}})  # no advice to do it again
   zero = fitted(lines, bootstrap=30, floor="zero")
   joint = zero["L(N,D)"]
   assert joint["identifiable"], joint
