@@ -4,7 +4,9 @@ with 20% of caption clauses corrupted, then the benchmark; about ten minutes on 
 SCIO runs with the extensions that let it act at this scale (each a switch, each off in the
 paper's method; `klip ablate scio` compares them): half the ITM negatives drawn at random
 (with hard negatives only, ITM never leaves its prior on these captions), clause dropout,
-the relative per-field-calibrated screening rule, and candidate-ranked proofreading.
+screening by the decoder's surprise at each keyword in units of its field (ITC and ITM
+gains from removing one clause barely rank corrupted clauses at this scale: AUC ~0.6,
+against ~0.85 for the decoder on the same checkpoint), and candidate-ranked proofreading.
 
 Variants: `demo.py` / `demo.py:offline` (the train split relabelled once at each stage
 boundary: the cheap way on a CPU), `demo.py:online` (each batch relabelled right before its
@@ -29,7 +31,7 @@ def get_config(arg=None):
   c.model.text.update(init_std=0.05)
   c.optim.update(lr=2e-3, warmup_steps=50, weight_decay=0.01, grad_clip=5.0)
   c.scio.update(mode=mode, stage_a_steps=480, stage_b_steps=120, stage_c_steps=120,
-                relabel_batch_size=128, rule="relative", field_calibration=True, candidates=True)
+                relabel_batch_size=128, rule="decoder", field_calibration=True, candidates=True)
   c.train.update(steps=720, batch_size=32, log_every=24, ckpt_every=120)
   # The benchmark's tasks that show what SCIO is for (all 16: --config.eval.tasks=all).
   c.eval.update(every=360, tasks="retrieval,itm,zeroshot_landcover,target_classification,vqa_count,"

@@ -105,7 +105,10 @@ def default_config() -> ml_collections.ConfigDict:
       # Screening. "paper": flag a clause when removing it raises both ITC and ITM above the
       # original's (the best such ITC wins). "relative" (an extension): score each removal's
       # ITC and ITM gains against the caption's other removals (z-units, averaged over the two
-      # signals) and flag the top clause when its score exceeds `threshold`.
+      # signals) and flag the top clause when its score exceeds `threshold`. "decoder" (an
+      # extension): flag the clause whose keyword the image-grounded decoder finds most
+      # surprising (-log p, in z-units of its field or, uncalibrated, of its caption) when that
+      # exceeds `threshold`.
       rule="paper",
       threshold=1.0,
       # Extension: standardise each gain by its field's mean and spread over the relabel batch
@@ -173,7 +176,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(0 <= c.loss.extra_mask_rate <= 1, "loss.extra_mask_rate", "must lie in [0, 1].")
   _require(0 <= c.loss.itm_random_negatives <= 1, "loss.itm_random_negatives", "must lie in [0, 1].")
   _require(0 <= c.data.clause_dropout < 1, "data.clause_dropout", "must lie in [0, 1).")
-  _require(c.scio.rule in ("paper", "relative"), "scio.rule", f"use 'paper' or 'relative', got {c.scio.rule!r}.")
+  _require(c.scio.rule in ("paper", "relative", "decoder"), "scio.rule",
+           f"use 'paper', 'relative' or 'decoder', got {c.scio.rule!r}.")
   _require(c.scio.max_fill >= 1, "scio.max_fill", "must be >= 1.")
   _require(c.scio.max_candidates >= 2, "scio.max_candidates", "must be >= 2.")
   if c.momentum.enabled:

@@ -29,7 +29,7 @@ HEADLINES = {
     "positioning": ("exact_match", "f1"),
     "detection": ("map50",),
     "itm": ("auc", "balanced_accuracy", "accuracy"),
-    "screening": ("auc_rule", "auc_itc", "auc_itm"),
+    "screening": ("auc_rule", "auc_itc", "auc_itm", "auc_decoder"),
     "scio_repair": ("screening_precision", "screening_recall", "proofreading_accuracy",
                     "clean_clauses_changed_rate"),
     "heldout_loss": ("total", "itc", "itm", "reconstruction"),
@@ -68,11 +68,12 @@ def table(results: dict, details: dict) -> str:
 def screening_table(per_field: dict) -> str:
   """SCIO screening AUC per HCoT field (chance 0.5); image-blind fields are marked."""
   rows = ["Screening AUC per HCoT field (val split's noisy captions; chance 0.500):", "",
-          "| field | clauses | corrupted | ITC gain | ITM gain | rule |", "|---|---|---|---|---|---|"]
+          "| field | clauses | corrupted | ITC gain | ITM gain | decoder surprise | rule |",
+          "|---|---|---|---|---|---|---|"]
   for field, m in per_field.items():
     blind = " (no chip can show it)" if tuple(field.split(".")) in screening.IMAGE_BLIND else ""
     rows.append(f"| {field}{blind} | {m['clauses']} | {m['corrupted']} | {_fmt(m['auc_itc'])} | "
-                f"{_fmt(m['auc_itm'])} | {_fmt(m['auc_rule'])} |")
+                f"{_fmt(m['auc_itm'])} | {_fmt(m.get('auc_decoder'))} | {_fmt(m['auc_rule'])} |")
   return "\n".join(rows)
 
 

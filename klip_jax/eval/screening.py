@@ -2,8 +2,10 @@
 entries (`train.scio.entries_from_result`) alone: no model is run.
 
 Screening scores every leave-one-clause-out variant of a caption against its image by ITC
-similarity and ITM match probability, and the configured rule (`train.relabel.rule_score`)
-turns the gains into a score per clause, flagging the best clause when its score is positive.
+similarity and ITM match probability, and each clause's keyword by the decoder's surprise
+(-log p of the keyword given the image and the caption before it); the configured rule
+(`train.relabel.rule_score`) turns these into a score per clause, flagging the best clause
+when its score is positive.
 Per clause, each score's gain from removing it, the rule's score and the flag itself are
 ranked against which clauses were truly corrupted: their ROC AUCs show whether a
 signal orders corrupted clauses first, whatever threshold the rule puts on it. Only real
@@ -24,7 +26,7 @@ from klip_jax.data import knowledge
 from klip_jax.eval import metrics
 from klip_jax.eval.truth import NoTruth
 
-SIGNALS = {"itc": "itc_gain", "itm": "itm_gain", "rule": "rule", "flagged": "flagged"}
+SIGNALS = {"itc": "itc_gain", "itm": "itm_gain", "decoder": "surprise", "rule": "rule", "flagged": "flagged"}
 # (scene type, field) pairs no SAR chip can show.
 IMAGE_BLIND = {("target", "region")}
 
@@ -33,11 +35,12 @@ def clause_table(entries: Sequence[dict]) -> dict:
   """One row per screened clause, as arrays: `caption` (entry index), `clause` (k), `corrupted`,
   `itc_gain` itc[1 + k] - itc[0], `itm_gain` likewise, `rule` the relabel rule's own score
   (entries' `score`; min of the two gains, the paper rule's form, for entries without one),
-  `flagged` (1 where the entry flagged clause k) and `field` ("scene_type.field", "" when the entry does
-  not say its scene type). Clauses past the tables' width (max_clauses) have no
-  variant and are left out like those of one-clause captions."""
-  columns = {name: [] for name in ("caption", "clause", "corrupted", "itc_gain", "itm_gain", "rule",
-                                   "flagged", "field")}
+  `surprise` the decoder's -log p of the clause's keyword (NaN for entries written before
+  screening recorded it), `flagged` (1 where the entry flagged clause k) and `field`
+  ("scene_type.field", "" when the entry does not say its scene type). Clauses past the tables'
+  width (max_clauses) have no variant and are left out like those of one-clause captions."""
+  columns = {name: [] for name in ("caption", "clause", "corrupted", "itc_gain", "itm_gain", "surprise",
+                                   "rule", "flagged", "field")}
   for index, entry in enumerate(entries):
     itc, itm = np.asarray(entry["itc"], np.float64), np.asarray(entry["itm"], np.float64)
     count = min(len(entry["caption"].split(knowledge.SEPARATOR)), len(itc) - 1)
@@ -49,6 +52,8 @@ def clause_table(entries: Sequence[dict]) -> dict:
     columns["corrupted"].append(np.asarray([str(k) in entry["truth"] for k in clauses], bool))
     columns["itc_gain"].append(itc[1:count + 1] - itc[0])
     columns["itm_gain"].append(itm[1:count + 1] - itm[0])
+    columns["surprise"].append(np.asarray(entry["surprise"], np.float64)[:count] if "surprise" in entry
+                               else np.full(count, np.nan))
     columns["rule"].append(np.asarray(entry["score"], np.float64)[:count] if "score" in entry
                            else np.minimum(columns["itc_gain"][-1], columns["itm_gain"][-1]))
     columns["flagged"].append((clauses == entry["flagged"]).astype(np.int64))
@@ -69,7 +74,8 @@ def evaluate(entries: Sequence[dict]) -> dict:
     raise NoTruth("no screened clause (clause of a caption with 2 or more) is recorded as corrupted")
   if corrupted.all():
     raise NoTruth("every screened clause is recorded as corrupted; screening AUC needs clean ones")
-  out = {f"auc_{name}": metrics.roc_auc(table[column], corrupted) for name, column in SIGNALS.items()}
+  signals = {name: column for name, column in SIGNALS.items() if not np.isnan(table[column]).any()}
+  out = {f"auc_{name}": metrics.roc_auc(table[column], corrupted) for name, column in signals.items()}
   out.update(chance_auc=metrics.CHANCE_AUC, corrupted_rate=float(corrupted.mean()),
              clauses=len(corrupted))
   blind = np.isin(table["field"], [f"{scene}.{field}" for scene, field in IMAGE_BLIND])
@@ -79,6 +85,6 @@ def evaluate(entries: Sequence[dict]) -> dict:
   out["per_field"] = {
       field: {"clauses": int(rows.sum()), "corrupted": int(corrupted[rows].sum()),
               **{f"auc_{name}": metrics.roc_auc(table[column][rows], corrupted[rows])
-                 for name, column in SIGNALS.items()}}
+                 for name, column in signals.items()}}
       for field in sorted(set(table["field"]) - {""}) for rows in [table["field"] == field]}
   return out

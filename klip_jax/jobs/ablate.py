@@ -5,7 +5,8 @@ summarised as mean and 95% confidence interval per metric.
 Arms (`ARMS`; the first three by default): `stage_a` (all steps in stage A with the paper's
 losses: no relabelling), `paper` (the config's SCIO stages with every extension off: the
 paper's method), `extended` (SCIO with the extensions on: part-random ITM negatives, clause
-dropout, the relative per-field-calibrated screening rule, candidate-ranked proofreading) and
+dropout, the decoder-surprise per-field-calibrated screening rule, candidate-ranked
+proofreading) and
 `stage_a_extended` (the extensions' training without relabelling, to separate what SCIO adds
 from what the extended losses add). Each extension is also ablated on its own: `extended-no_X`
 is `extended` with extension X back at the paper's setting (X one of `EXTENSIONS`), and
@@ -41,10 +42,10 @@ from matplotlib import pyplot as plt
 PAPER = {"data.clause_negatives": False, "data.clause_dropout": 0.0, "loss.itm_random_negatives": 0.0,
          "scio.rule": "paper", "scio.field_calibration": False, "scio.candidates": False}
 EXTENDED = {"data.clause_negatives": False, "data.clause_dropout": 0.1, "loss.itm_random_negatives": 0.5,
-            "scio.rule": "relative", "scio.field_calibration": True, "scio.candidates": True}
+            "scio.rule": "decoder", "scio.field_calibration": True, "scio.candidates": True}
 # Each extension by name: the config entries it sets (its paper setting is in PAPER).
 EXTENSIONS = {"random_negatives": ("loss.itm_random_negatives",), "clause_dropout": ("data.clause_dropout",),
-              "relative_rule": ("scio.rule",), "field_calibration": ("scio.field_calibration",),
+              "decoder_rule": ("scio.rule",), "field_calibration": ("scio.field_calibration",),
               "candidates": ("scio.candidates",)}
 ARMS = {"stage_a": "stage A only (no relabelling)", "paper": "paper SCIO A -> B -> C",
         "extended": "SCIO + extensions", "stage_a_extended": "stage A only, extensions' training",
@@ -58,7 +59,8 @@ METRICS = (("retrieval", "r_mean"), ("retrieval", "itc_r_mean"), ("itm", "auc"),
            ("zeroshot_landcover", "balanced_accuracy"), ("vqa_count", "accuracy"),
            ("vqa_recognition", "accuracy"), ("vqa_position", "accuracy"), ("vqa_landform", "accuracy"),
            ("vqa_landforms_present", "accuracy"), ("screening", "auc_rule"), ("screening", "auc_rule_visible"),
-           ("screening", "auc_itm"), ("screening", "auc_itc"), ("scio_repair", "screening_precision"),
+           ("screening", "auc_itm"), ("screening", "auc_itc"), ("screening", "auc_decoder"),
+           ("scio_repair", "screening_precision"),
            ("scio_repair", "screening_recall"), ("scio_repair", "proofreading_accuracy"),
            ("scio_repair", "clean_clauses_changed_rate"))
 CHANCE = {("retrieval", "r_mean"): "chance_r_mean", ("retrieval", "itc_r_mean"): "chance_r_mean",
@@ -66,6 +68,7 @@ CHANCE = {("retrieval", "r_mean"): "chance_r_mean", ("retrieval", "itc_r_mean"):
           ("zeroshot_landcover", "balanced_accuracy"): "chance_balanced_accuracy",
           ("screening", "auc_rule"): "chance_auc", ("screening", "auc_rule_visible"): "chance_auc",
           ("screening", "auc_itm"): "chance_auc", ("screening", "auc_itc"): "chance_auc",
+          ("screening", "auc_decoder"): "chance_auc",
           ("scio_repair", "screening_precision"): "chance_screening_precision",
           ("scio_repair", "screening_recall"): "chance_screening_recall",
           ("scio_repair", "proofreading_accuracy"): "chance_proofreading_accuracy"}

@@ -1,7 +1,8 @@
 """KV-cached decoding with the image-grounded causal decoder.
 
 SCIO's proofreading rewrites one keyword per caption in place: `prefill_caption` runs the
-caption once to build the per-layer key/value cache, then
+caption once to build the per-layer key/value cache (and scores each written token, which
+SCIO's decoder screening rule reads), then
 - `generate_span` writes a new keyword left to right from the tokens before it, one cached
   step per token, until the decoder predicts a token that ends the keyword (the first token
   after the old keyword, the clause separator or [SEP]): the decoder decides the length;
@@ -23,10 +24,15 @@ from klip_jax.model.klip import KLIP
 
 
 def prefill_caption(model: KLIP, image_tokens: jax.Array, ids: jax.Array, pad_mask: jax.Array, *,
-                    dec_id: int):
-  """The decoder's KV cache of the caption `ids` [B, L] ([DEC] in place of its first token)."""
-  _, cache = model.decoder_tower().prefill(ids.at[:, 0].set(dec_id), pad_mask, image_tokens)
-  return cache
+                    dec_id: int) -> tuple[jax.Array, tuple]:
+  """One decoder pass over the caption `ids` [B, L] ([DEC] in place of its first token) ->
+  (token_logp [B, L]: log p(ids[t] | image, ids[:t]) for t >= 1 and 0 at t = 0, the caption
+  as written scored by the same pass; the per-layer KV cache)."""
+  tower = model.decoder_tower()
+  hidden, cache = tower.prefill(ids.at[:, 0].set(dec_id), pad_mask, image_tokens)
+  log_probs = jax.nn.log_softmax(tower.logits(hidden[:, :-1]).astype(jnp.float32), axis=-1)
+  written = jnp.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]
+  return jnp.pad(written, ((0, 0), (1, 0))), cache
 
 
 def _banned_table(vocab: int, ids: Sequence[int]) -> jax.Array:

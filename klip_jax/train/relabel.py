@@ -1,15 +1,23 @@
-"""SCIO's pure relabel step: screen captions with the model's own ITC/ITM, then proofread.
+"""SCIO's pure relabel step: screen captions with the model's own scores, then proofread.
 
 Screening: for every caption, all leave-one-clause-out variants (a static maximum number of
 clauses, absent clauses masked) are scored together with the original in one batched pass,
-by ITC similarity and ITM match probability, and `config.scio.rule` picks at most one clause:
+by ITC similarity and ITM match probability; one pass of the image-grounded decoder over the
+caption as written scores each clause's keyword (its surprise: -log p(keyword | image, the
+caption before it)). `config.scio.rule` picks at most one clause:
 - "paper": flag a clause only when removing it makes BOTH scores better than the original's;
   among such variants the best-ITC one wins;
 - "relative" (an extension): each signal's gain from a removal is measured in standard units
   against the caption's other removals; the clause with the best mean of the two is flagged
-  when that exceeds `config.scio.threshold`.
-With `config.scio.field_calibration` (an extension), each gain is first standardised by its
-HCoT field's mean and spread over the batch.
+  when that exceeds `config.scio.threshold`;
+- "decoder" (an extension): the clause whose keyword surprises the decoder most, in standard
+  units, is flagged when that exceeds `config.scio.threshold`. The decoder is the one head
+  trained on every keyword of every caption (masked-keyword reconstruction), so it is the one
+  that learns what a clause's value should be for an image; ITC and ITM see a caption as a
+  whole, and one wrong clause in eight barely moves them.
+With `config.scio.field_calibration` (an extension), each signal is first standardised by its
+HCoT field's mean and spread over the batch; without it the "decoder" rule standardises within
+the caption, like "relative".
 
 Proofreading: the flagged clause's keyword is rewritten by the image-grounded causal decoder
 with a KV cache (`model.decode`): generated left to right until the decoder ends it, or, with
@@ -46,6 +54,7 @@ class RelabelResult:
   itm: jax.Array  # [B, 1 + K]: ITM match probability, same layout
   valid: jax.Array  # bool [B, K]: variant k exists (the caption has clause k)
   score: jax.Array  # [B, K]: the rule's continuous score of removing clause k (flag if best and > 0)
+  surprise: jax.Array  # [B, K]: -log p of clause k's keyword under the decoder (0 without one)
   removed_ids: jax.Array  # int32 [B, L]: caption without the flagged clause (original if none)
   removed_keyword_mask: jax.Array
   removed_clause_ids: jax.Array
@@ -131,16 +140,27 @@ def relative_score(gain: jax.Array, valid: jax.Array) -> jax.Array:
   return (gain - mean) / jnp.maximum(std, 0.1 * batch_std + 1e-9)
 
 
+def keyword_surprise(token_logp: jax.Array, keyword_mask: jax.Array, clause_ids: jax.Array,
+                     max_clauses: int) -> jax.Array:
+  """-log p of each clause's keyword [B, K] from the decoder's per-token log-likelihood of the
+  caption as written ([B, L], `decode.prefill_caption`): the sum over the keyword's tokens."""
+  in_clause = (clause_ids[:, None, :] == jnp.arange(max_clauses)[None, :, None]) & (keyword_mask > 0)[:, None, :]
+  return -jnp.sum(jnp.where(in_clause, token_logp[:, None, :], 0.0), axis=-1)
+
+
 def rule_score(scio: ml_collections.ConfigDict, itc: jax.Array, itm: jax.Array, valid: jax.Array,
-               fields: jax.Array) -> jax.Array:
-  """The configured rule's score [B, K]: the best clause is flagged when its score is > 0."""
-  itc_gain, itm_gain = gains(itc, itm)
+               fields: jax.Array, surprise: jax.Array | None = None) -> jax.Array:
+  """The configured rule's score [B, K]: the best clause is flagged when its score is > 0
+  (`surprise` [B, K], `keyword_surprise`, is what the "decoder" rule reads)."""
+  signals = (surprise,) if scio.rule == "decoder" else gains(itc, itm)
   if scio.field_calibration:
-    itc_gain, itm_gain = (standardise_by_field(g, valid, fields, len(knowledge.FIELD_SLOTS))
-                          for g in (itc_gain, itm_gain))
+    signals = tuple(standardise_by_field(g, valid, fields, len(knowledge.FIELD_SLOTS)) for g in signals)
   if scio.rule == "paper":
-    return paper_score(itc_gain, itm_gain, valid)
-  score = (relative_score(itc_gain, valid) + relative_score(itm_gain, valid)) / 2 - scio.threshold
+    return paper_score(*signals, valid)
+  if scio.rule == "decoder" and scio.field_calibration:
+    score = signals[0] - scio.threshold
+  else:
+    score = sum(relative_score(g, valid) for g in signals) / len(signals) - scio.threshold
   return jnp.where(valid, score, -jnp.inf)
 
 
@@ -187,7 +207,9 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
     own_image = jnp.repeat(jnp.arange(b), k + 1)
     itm_logits = model.itm_logits(all_ids.at[:, 0].set(tokens.enc), all_pad, image_tokens, own_image)
     itm = jax.nn.softmax(itm_logits, axis=-1)[:, 1].reshape(b, k + 1)
-    score = rule_score(scio, itc, itm, valid, fields)
+    token_logp, cache = decode.prefill_caption(model, image_tokens, ids, ids != tokens.pad, dec_id=tokens.dec)
+    surprise = keyword_surprise(token_logp, keyword_mask, clause_ids, k)
+    score = rule_score(scio, itc, itm, valid, fields, surprise)
     flagged = flag(score, valid)
 
     chosen = jnp.maximum(flagged, 0)[:, None, None]
@@ -195,9 +217,9 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
         (flagged >= 0)[:, None], jnp.take_along_axis(variants, chosen, axis=1)[:, 0], original)
     corrected = (ids, keyword_mask, clause_ids, keyword_span(keyword_mask, clause_ids, flagged))
     if proofread:
-      corrected = rewrite(model, image_tokens, ids, keyword_mask, clause_ids, flagged, fields,
+      corrected = rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields,
                           scio=scio, tokens=tokens, candidates=candidates)
-    return RelabelResult(flagged=flagged, itc=itc, itm=itm, valid=valid, score=score,
+    return RelabelResult(flagged=flagged, itc=itc, itm=itm, valid=valid, score=score, surprise=surprise,
                          removed_ids=pick(var_ids, ids), removed_keyword_mask=pick(var_kw, keyword_mask),
                          removed_clause_ids=pick(var_clause, clause_ids), corrected_ids=corrected[0],
                          corrected_keyword_mask=corrected[1], corrected_clause_ids=corrected[2],
@@ -211,18 +233,18 @@ def keyword_span(keyword_mask: jax.Array, clause_ids: jax.Array, flagged: jax.Ar
   return (keyword_mask > 0) & (clause_ids == flagged[:, None]) & (flagged >= 0)[:, None]
 
 
-def rewrite(model, image_tokens, ids, keyword_mask, clause_ids, flagged, fields, *, scio,
+def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, scio,
             tokens: TokenIds, candidates: FieldCandidates | None = None):
   """Proofreading: each caption with its flagged clause's keyword rewritten by the decoder
-  (`fields` [B, K]: each clause's FIELD_SLOTS index, for the candidates) -> (ids, keyword_mask,
-  clause_ids, bool [B, L] the new keyword's tokens); rows with flagged < 0 come back unchanged."""
+  (`cache` from `decode.prefill_caption` of `ids`; `fields` [B, K]: each clause's FIELD_SLOTS
+  index, for the candidates) -> (ids, keyword_mask, clause_ids, bool [B, L] the new keyword's
+  tokens); rows with flagged < 0 come back unchanged."""
   old_span = keyword_span(keyword_mask, clause_ids, flagged)
   rows = jnp.arange(ids.shape[0])
   has = flagged >= 0
   start = jnp.where(has, jnp.argmax(old_span, axis=1), 1)
   old_len = old_span.sum(1)
   after = ids[rows, jnp.minimum(start + old_len, ids.shape[1] - 1)]  # the token that ends the keyword
-  cache = decode.prefill_caption(model, image_tokens, ids, ids != tokens.pad, dec_id=tokens.dec)
   stops = jnp.stack([after, jnp.full_like(after, tokens.separator), jnp.full_like(after, tokens.sep)], 1)
   new, new_len = decode.generate_span(model, cache, ids, start, stops, dec_id=tokens.dec,
                                       banned_ids=tokens.special(),

@@ -178,6 +178,7 @@ def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np
              "flagged": flagged, "itc": np.round(result.itc[row], 5).tolist(),
              "itm": np.round(result.itm[row], 5).tolist(),
              "score": np.round(np.where(result.valid[row], result.score[row], np.nan), 5).tolist(),
+             "surprise": np.round(np.where(result.valid[row], result.surprise[row], np.nan), 5).tolist(),
              "original_keyword": "",
              "corrected_keyword": ""}
     if flagged >= 0:

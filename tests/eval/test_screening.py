@@ -134,3 +134,16 @@ def test_the_rule_column_is_the_relabel_rules_own_score_when_entries_carry_it():
   # Corrupted A0 (-1) and B1 (3) against clean A1 (2), A2 (0.5), B0 (0): B1 wins 3, A0 none -> 3/6.
   assert screening.evaluate(scored)["auc_rule"] == approx(1 / 2)
   assert screening.evaluate(scored)["auc_itc"] == approx(11 / 12)  # the gains are unchanged
+
+
+def test_the_decoder_signal_is_the_entries_keyword_surprise_and_absent_from_older_entries():
+  # Surprise per clause (slots past a caption's clauses hold BIG and must not count):
+  #   A0 corrupted 3.0, A1 clean 1.0, A2 clean 2.5 | B0 clean 3.0, B1 corrupted 2.0.
+  # A0 beats A1, A2, ties B0 (2.5); B1 beats A1 only (1) -> 3.5 / 6.
+  with_surprise = [dict(ENTRIES[0], surprise=[3.0, 1.0, 2.5, BIG]), dict(ENTRIES[1], surprise=[3.0, 2.0, BIG, BIG]),
+                   dict(ENTRIES[2], surprise=[BIG, BIG, BIG, BIG])]
+  np.testing.assert_array_equal(screening.clause_table(with_surprise)["surprise"], [3.0, 1.0, 2.5, 3.0, 2.0])
+  assert screening.evaluate(with_surprise)["auc_decoder"] == approx(3.5 / 6)
+  # Overlays written before screening recorded the decoder's surprise: no decoder AUC, the rest as before.
+  out = screening.evaluate(ENTRIES)
+  assert "auc_decoder" not in out and out["auc_itc"] == approx(11 / 12)

@@ -30,7 +30,7 @@ def test_arms_share_steps_seed_data_and_differ_only_where_named():
   assert (a.stage_a_steps, a.stage_b_steps, a.stage_c_steps) == (720, 0, 0)
   paper, extended = arms["paper"], arms["extended"]
   assert paper.scio.rule == "paper" and not paper.data.clause_negatives
-  assert extended.scio.rule == "relative" and extended.loss.itm_random_negatives > 0 and extended.scio.candidates
+  assert extended.scio.rule == "decoder" and extended.loss.itm_random_negatives > 0 and extended.scio.candidates
   assert arms["stage_a_extended"].loss.itm_random_negatives > 0 and arms["stage_a_extended"].scio.stage_b_steps == 0
   assert paper.scio.stage_b_steps == extended.scio.stage_b_steps == 120
   with pytest.raises(ConfigError, match="unknown arm"):

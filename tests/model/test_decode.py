@@ -56,7 +56,7 @@ def test_generate_span_equals_greedy_full_forward_and_stops_at_a_stop_token(scan
     expected = [g[:n] for g, n in zip(greedy, lengths)]
     stop_ids = jnp.asarray(stops)[:, None]
     span, count = jax.jit(lambda s: decode.generate_span(
-        nnx.merge(graph, s), decode.prefill_caption(nnx.merge(graph, s), tokens, ids, pad, dec_id=2),
+        nnx.merge(graph, s), decode.prefill_caption(nnx.merge(graph, s), tokens, ids, pad, dec_id=2)[1],
         ids, start, stop_ids, dec_id=2, banned_ids=BANNED, max_len=4))(state)
   assert np.asarray(count).tolist() == lengths
   for row in range(3):
@@ -75,7 +75,7 @@ def test_score_spans_equals_teacher_forced_full_forward():
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     tokens, _ = model.encode_image(images[:2])
     got = np.asarray(jax.jit(lambda s: decode.score_spans(
-        nnx.merge(graph, s), decode.prefill_caption(nnx.merge(graph, s), tokens, ids, pad, dec_id=2),
+        nnx.merge(graph, s), decode.prefill_caption(nnx.merge(graph, s), tokens, ids, pad, dec_id=2)[1],
         ids, start, candidates, lengths, end_ids, dec_id=2))(state))
     for row in range(2):
       for c in range(3):
@@ -90,6 +90,26 @@ def test_score_spans_equals_teacher_forced_full_forward():
             jnp.asarray(seq[None]), jnp.ones((1, len(seq)), bool), tokens[row:row + 1])[0]))
         want = sum(logp[t - 1, seq[t]] for t in range(a, a + n + 1))
         np.testing.assert_allclose(got[row, c], want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_scores_each_written_token_as_a_full_forward_does():
+  config, mesh, model, images = _model(False)
+  rng = np.random.default_rng(3)
+  ids = jnp.asarray(rng.integers(7, VOCAB, (2, 10)), jnp.int32)
+  pad = jnp.asarray(np.arange(10)[None] < np.asarray([[10], [7]]))
+  graph, state = nnx.split(model)
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    tokens, _ = model.encode_image(images[:2])
+    got = np.asarray(jax.jit(lambda s: decode.prefill_caption(
+        nnx.merge(graph, s), tokens, ids, pad, dec_id=2)[0])(state))
+    for row in range(2):
+      seq = np.asarray(ids[row]).copy()
+      seq[0] = 2
+      logp = np.asarray(jax.nn.log_softmax(model.decoder_logits(
+          jnp.asarray(seq[None]), pad[row:row + 1], tokens[row:row + 1])[0]))
+      want = [0.0] + [logp[t - 1, int(ids[row, t])] for t in range(1, 10)]
+      valid = np.asarray(pad[row])
+      np.testing.assert_allclose(got[row][valid], np.asarray(want)[valid], rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_generation_equals_full_forward_and_beam_scores_no_worse():

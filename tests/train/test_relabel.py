@@ -13,6 +13,7 @@ from klip_jax import config as config_lib
 from klip_jax.data import builder, knowledge, pipeline, records
 from klip_jax.data.prepare import RunData
 from klip_jax.data.tokenizer import TextCodec, TokenIds
+from klip_jax.model import decode
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import relabel, scio
 from klip_jax.train import state as state_lib
@@ -91,7 +92,8 @@ def _setup(tiny_data, tiny_tokenizer, n=8, **loss):
 def _rewrite(graph, images, flagged, fields, scio_config, tokens, candidates, params, ids, kw, cl):
   model = nnx.merge(graph, params)
   image_tokens, _ = model.encode_image(images)
-  return relabel.rewrite(model, image_tokens, ids, kw, cl, flagged, fields, scio=scio_config, tokens=tokens,
+  _, cache = decode.prefill_caption(model, image_tokens, ids, ids != tokens.pad, dec_id=tokens.dec)
+  return relabel.rewrite(model, cache, ids, kw, cl, flagged, fields, scio=scio_config, tokens=tokens,
                          candidates=candidates)
 
 
@@ -260,3 +262,37 @@ def test_paper_score_is_positive_exactly_where_the_paper_rule_would_flag():
   score = np.asarray(relabel.paper_score(*relabel.gains(itc, itm), valid))
   assert (score[0, :3] > 0).tolist() == [False, False, True]
   assert score[0, 3] == -np.inf
+
+
+def test_keyword_surprise_sums_each_clauses_keyword_token_log_likelihoods():
+  # Two captions of 8 tokens; clause ids and keyword masks laid out by hand.
+  logp = np.log(np.asarray([[1.0, 0.5, 0.25, 0.8, 0.1, 0.9, 0.5, 1.0],
+                            [1.0, 0.2, 0.4, 0.5, 0.5, 0.3, 1.0, 1.0]]))
+  clause_ids = np.asarray([[-1, 0, 0, 0, 1, 1, 1, -1], [-1, 0, 0, 1, 1, 2, 2, -1]])
+  keyword_mask = np.asarray([[0, 0, 1, 1, 0, 1, 1, 0], [0, 1, 0, 1, 1, 0, 1, 0]])
+  got = np.asarray(relabel.keyword_surprise(jnp.asarray(logp, jnp.float32), jnp.asarray(keyword_mask),
+                                            jnp.asarray(clause_ids), max_clauses=3))
+  expected = -np.log([[0.25 * 0.8, 0.9 * 0.5, 1.0], [0.2, 0.5 * 0.5, 1.0]])
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_rule_flags_the_most_surprising_keyword_in_its_fields_units():
+  # Three captions of two clauses; field 0 is always more surprising than field 1, so without
+  # calibration the first clause would look wrong everywhere. Calibrated, caption 1's field-1
+  # keyword stands out against the other captions' field-1 keywords.
+  surprise = jnp.asarray([[6.0, 1.0], [6.0, 4.0], [6.2, 1.1]])
+  fields = jnp.asarray([[0, 1], [0, 1], [0, 1]])
+  valid = jnp.ones((3, 2), bool)
+  itc = itm = jnp.zeros((3, 3))  # not read by the decoder rule
+  config = config_lib.load("configs/tiny.py")
+  config.scio.update(rule="decoder", field_calibration=True, threshold=1.0)
+  score = np.asarray(relabel.rule_score(config.scio, itc, itm, valid, fields, surprise))
+  def z(v):
+    v = np.asarray(v, np.float64)
+    return (v - v.mean()) / v.std()
+  expected = np.stack([z([6.0, 6.0, 6.2]), z([1.0, 4.0, 1.1])], 1) - 1.0
+  np.testing.assert_allclose(score, expected, rtol=1e-4, atol=1e-5)
+  assert relabel.flag(jnp.asarray(score), valid).tolist() == [-1, 1, 0]
+  config.scio.field_calibration = False  # within the caption: the first clause always stands out
+  config.scio.threshold = 0.5
+  assert relabel.flag(relabel.rule_score(config.scio, itc, itm, valid, fields, surprise), valid).tolist() == [0, 0, 0]
