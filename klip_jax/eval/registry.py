@@ -204,11 +204,13 @@ for _question in vqa.QUESTIONS:
 
 
 def _relabel(ctx: EvalContext, split: str, proofread: bool) -> list[dict]:
-  """SCIO's relabel pass over `split` with the trained parameters; the step is compiled once per
-  runner (once per run for the in-training evaluations)."""
+  """SCIO's relabel pass over `split` with the trained parameters, every screening signal scored
+  (whatever the rule reads); the step is compiled once per runner (once per run for the
+  in-training evaluations)."""
   graph, params = ctx.trained_state
   step = ctx.runner.cached(f"relabel_proofread_{proofread}", lambda: scio.restored_relabel_step(
-      ctx.config, graph, params, ctx.runner.tokens, ctx.runner.mesh, ctx.data, proofread=proofread))
+      ctx.config, graph, params, ctx.runner.tokens, ctx.runner.mesh, ctx.data, proofread=proofread,
+      every_signal=True))
   return scio.relabel_restored(ctx.config, step, params, ctx.data, split, ctx.runner.mesh, progress=ctx.progress)
 
 

@@ -50,7 +50,7 @@ from klip_jax.parallel import mesh as mesh_lib
 @flax.struct.dataclass
 class RelabelResult:
   flagged: jax.Array  # int32 [B]: flagged clause index, -1 when none
-  itc: jax.Array  # [B, 1 + K]: ITC similarity of the original, then of each variant
+  itc: jax.Array  # [B, 1 + K]: ITC similarity of the original, then of each variant (NaN: not scored)
   itm: jax.Array  # [B, 1 + K]: ITM match probability, same layout
   valid: jax.Array  # bool [B, K]: variant k exists (the caption has clause k)
   score: jax.Array  # [B, K]: the rule's continuous score of removing clause k (flag if best and > 0)
@@ -184,10 +184,15 @@ def splice(x: jax.Array, start: jax.Array, old_len: jax.Array, new: jax.Array, n
 
 
 def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tokens: TokenIds,
-                    proofread: bool = True, candidates: FieldCandidates | None = None) -> Callable:
+                    proofread: bool = True, candidates: FieldCandidates | None = None,
+                    every_signal: bool = True) -> Callable:
   """The un-jitted relabel step; `proofread=False` (SCIO stage B) skips the decoder rewrite.
-  `candidates` (with config.scio.candidates) are the closed vocabularies rewrites choose from."""
+  `candidates` (with config.scio.candidates) are the closed vocabularies rewrites choose from.
+  `every_signal=False` scores only what the rule reads: under the "decoder" rule the 1 + K
+  ITC and ITM passes over the leave-one-out variants are skipped (itc and itm come back NaN),
+  which is most of a relabel step's work; evaluation keeps them to compare the signals."""
   scio = config.scio
+  removal_scores = every_signal or scio.rule != "decoder"
 
   def relabel_step(params, batch: dict, rng: jax.Array) -> RelabelResult:
     del rng  # greedy screening and proofreading are deterministic
@@ -199,14 +204,16 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
     fields = jnp.pad(fields, ((0, 0), (0, k - fields.shape[1])), constant_values=-1)
     var_ids, var_kw, var_clause, valid = leave_one_out(
         ids, keyword_mask, clause_ids, separator_id=tokens.separator, pad_id=tokens.pad, max_clauses=k)
-    all_ids = jnp.concatenate([ids[:, None], var_ids], axis=1).reshape(b * (k + 1), length)
-    all_pad = all_ids != tokens.pad
     image_tokens, image_feat = model.encode_image(batch["image"])
-    text_feat = model.encode_text(all_ids, all_pad)
-    itc = jnp.einsum("be,bke->bk", image_feat, text_feat.reshape(b, k + 1, -1))
-    own_image = jnp.repeat(jnp.arange(b), k + 1)
-    itm_logits = model.itm_logits(all_ids.at[:, 0].set(tokens.enc), all_pad, image_tokens, own_image)
-    itm = jax.nn.softmax(itm_logits, axis=-1)[:, 1].reshape(b, k + 1)
+    itc = itm = jnp.full((b, k + 1), jnp.nan, jnp.float32)
+    if removal_scores:
+      all_ids = jnp.concatenate([ids[:, None], var_ids], axis=1).reshape(b * (k + 1), length)
+      all_pad = all_ids != tokens.pad
+      text_feat = model.encode_text(all_ids, all_pad)
+      itc = jnp.einsum("be,bke->bk", image_feat, text_feat.reshape(b, k + 1, -1))
+      own_image = jnp.repeat(jnp.arange(b), k + 1)
+      itm_logits = model.itm_logits(all_ids.at[:, 0].set(tokens.enc), all_pad, image_tokens, own_image)
+      itm = jax.nn.softmax(itm_logits, axis=-1)[:, 1].reshape(b, k + 1)
     token_logp, cache = decode.prefill_caption(model, image_tokens, ids, ids != tokens.pad, dec_id=tokens.dec)
     surprise = keyword_surprise(token_logp, keyword_mask, clause_ids, k)
     score = rule_score(scio, itc, itm, valid, fields, surprise)
@@ -280,9 +287,9 @@ def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, sci
 
 def make_relabel_step(config, graphdef, tokens: TokenIds, params_shardings,
                       mesh: jax.sharding.Mesh, proofread: bool = True,
-                      candidates: FieldCandidates | None = None) -> Callable:
+                      candidates: FieldCandidates | None = None, every_signal: bool = True) -> Callable:
   """relabel_step jitted with explicit shardings (params as in training, batch over data axes)."""
   batch = mesh_lib.batch_sharding(mesh)
-  return jax.jit(relabel_step_fn(config, graphdef, tokens, proofread, candidates),
+  return jax.jit(relabel_step_fn(config, graphdef, tokens, proofread, candidates, every_signal),
                  in_shardings=(params_shardings, batch, mesh_lib.replicated(mesh)),
                  out_shardings=batch)

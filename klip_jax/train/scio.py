@@ -150,14 +150,16 @@ def field_candidates(data: RunData, max_candidates: int, split: str = "train") -
 
 
 def relabel_steps(config, graph, tokens: TokenIds, params_shardings, mesh, data: RunData,
-                  stages=("B", "C")) -> dict:
+                  stages=("B", "C"), every_signal: bool = False) -> dict:
   """The jitted relabel step of each SCIO stage (B screens only, C proofreads too), with the
   field candidates when config.scio.candidates asks for them and a stage proofreads (reading
-  them takes a pass over the train split's records)."""
+  them takes a pass over the train split's records). Training scores only the signals its rule
+  reads; `every_signal` scores them all (evaluation)."""
   proofreads = "C" in stages and config.scio.candidates
   candidates = field_candidates(data, config.scio.max_candidates) if proofreads else None
   return {stage: relabel_lib.make_relabel_step(config, graph, tokens, params_shardings, mesh,
-                                               proofread=stage == "C", candidates=candidates)
+                                               proofread=stage == "C", candidates=candidates,
+                                               every_signal=every_signal)
           for stage in stages}
 
 
@@ -212,11 +214,12 @@ def relabel_split(relabel, params, data: RunData, split: str, mesh, batch_size: 
 
 
 def restored_relabel_step(config, graph, params, tokens: TokenIds, mesh, data: RunData, *,
-                          proofread: bool = True):
+                          proofread: bool = True, every_signal: bool = False):
   """The jitted relabel step for parameters sharded as `params` are (restored or in training);
   build it once and reuse it: every new one compiles anew."""
   stage = "C" if proofread else "B"
-  return relabel_steps(config, graph, tokens, mesh_lib.shardings_of(params), mesh, data, (stage,))[stage]
+  return relabel_steps(config, graph, tokens, mesh_lib.shardings_of(params), mesh, data, (stage,),
+                       every_signal)[stage]
 
 
 def relabel_restored(config, relabel, params, data: RunData, split: str, mesh, *,

@@ -296,3 +296,34 @@ def test_decoder_rule_flags_the_most_surprising_keyword_in_its_fields_units():
   config.scio.field_calibration = False  # within the caption: the first clause always stands out
   config.scio.threshold = 0.5
   assert relabel.flag(relabel.rule_score(config.scio, itc, itm, valid, fields, surprise), valid).tolist() == [0, 0, 0]
+
+
+def test_the_decoder_rule_skips_the_removal_passes_and_flags_and_rewrites_the_same(tiny_data, tiny_tokenizer):
+  """Training's relabel step under the decoder rule scores no leave-one-out variant (ITC and
+  ITM come back NaN) and flags and rewrites exactly as the evaluation's step that scores every
+  signal; its surprise is the decoder's -log p of each keyword, recomputed here from a full
+  decoder pass."""
+  config, codec, mesh, _tx, _schedule, graph, state, shardings, batch = _setup(tiny_data, tiny_tokenizer)
+  config.scio.update(rule="decoder", field_calibration=True, threshold=0.5, max_fill=4)
+  tokens = TokenIds.from_codec(codec)
+  inputs = {k: batch[k] for k in MODEL_INPUTS}
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    every, lean = (jax.device_get(relabel.make_relabel_step(
+        config, graph, tokens, shardings.params, mesh, every_signal=e)(state.params, inputs, jax.random.key(0)))
+        for e in (True, False))
+    model = nnx.merge(graph, state.params)
+    image_tokens, _ = model.encode_image(jnp.asarray(inputs["image"]))
+    ids = np.asarray(inputs["text_ids"])
+    logits = model.decoder_logits(jnp.asarray(ids).at[:, 0].set(tokens.dec), jnp.asarray(ids != tokens.pad),
+                                  image_tokens)
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  assert np.isnan(lean.itc).all() and np.isnan(lean.itm).all() and np.isfinite(every.itc).all()
+  assert (every.flagged >= 0).sum() >= 2
+  for name in ("flagged", "corrected_ids", "corrected_keyword_mask", "removed_ids"):
+    np.testing.assert_array_equal(getattr(lean, name), getattr(every, name), err_msg=name)
+  keyword, clause = np.asarray(inputs["keyword_mask"]) > 0, np.asarray(inputs["clause_ids"])
+  for row in range(ids.shape[0]):
+    for k in range(int(clause[row].max()) + 1):
+      positions = np.flatnonzero(keyword[row] & (clause[row] == k))
+      want = -sum(logp[row, t - 1, ids[row, t]] for t in positions)
+      np.testing.assert_allclose(lean.surprise[row, k], want, rtol=1e-4, atol=1e-4)
