@@ -54,7 +54,7 @@ class RelabelResult:
   itm: jax.Array  # [B, 1 + K]: ITM match probability, same layout
   valid: jax.Array  # bool [B, K]: variant k exists (the caption has clause k)
   score: jax.Array  # [B, K]: the rule's continuous score of removing clause k (flag if best and > 0)
-  surprise: jax.Array  # [B, K]: -log p of clause k's keyword under the decoder (0 without one)
+  surprise: jax.Array  # [B, K]: -log p of clause k's keyword under the decoder (0 without one; NaN: not scored)
   removed_ids: jax.Array  # int32 [B, L]: caption without the flagged clause (original if none)
   removed_keyword_mask: jax.Array
   removed_clause_ids: jax.Array
@@ -185,14 +185,17 @@ def splice(x: jax.Array, start: jax.Array, old_len: jax.Array, new: jax.Array, n
 
 def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tokens: TokenIds,
                     proofread: bool = True, candidates: FieldCandidates | None = None,
-                    every_signal: bool = True) -> Callable:
+                    every_signal: bool = False) -> Callable:
   """The un-jitted relabel step; `proofread=False` (SCIO stage B) skips the decoder rewrite.
   `candidates` (with config.scio.candidates) are the closed vocabularies rewrites choose from.
-  `every_signal=False` scores only what the rule reads: under the "decoder" rule the 1 + K
-  ITC and ITM passes over the leave-one-out variants are skipped (itc and itm come back NaN),
-  which is most of a relabel step's work; evaluation keeps them to compare the signals."""
+  `every_signal=False` (training) scores only what the rule reads: under the "decoder" rule
+  the 1 + K ITC and ITM passes over the leave-one-out variants, most of a relabel step's work,
+  are skipped (itc and itm come back NaN); under the others the keywords' surprise is not
+  scored (NaN), and a step that does not proofread then runs no decoder. Evaluation scores
+  every signal, to compare them."""
   scio = config.scio
   removal_scores = every_signal or scio.rule != "decoder"
+  keyword_scores = every_signal or scio.rule == "decoder"
 
   def relabel_step(params, batch: dict, rng: jax.Array) -> RelabelResult:
     del rng  # greedy screening and proofreading are deterministic
@@ -214,8 +217,11 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
       own_image = jnp.repeat(jnp.arange(b), k + 1)
       itm_logits = model.itm_logits(all_ids.at[:, 0].set(tokens.enc), all_pad, image_tokens, own_image)
       itm = jax.nn.softmax(itm_logits, axis=-1)[:, 1].reshape(b, k + 1)
-    token_logp, cache = decode.prefill_caption(model, image_tokens, ids, ids != tokens.pad, dec_id=tokens.dec)
-    surprise = keyword_surprise(token_logp, keyword_mask, clause_ids, k)
+    surprise, cache = jnp.full((b, k), jnp.nan, jnp.float32), None
+    if keyword_scores or proofread:
+      token_logp, cache = decode.prefill_caption(model, image_tokens, ids, ids != tokens.pad, dec_id=tokens.dec)
+    if keyword_scores:
+      surprise = keyword_surprise(token_logp, keyword_mask, clause_ids, k)
     score = rule_score(scio, itc, itm, valid, fields, surprise)
     flagged = flag(score, valid)
 
@@ -287,7 +293,7 @@ def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, sci
 
 def make_relabel_step(config, graphdef, tokens: TokenIds, params_shardings,
                       mesh: jax.sharding.Mesh, proofread: bool = True,
-                      candidates: FieldCandidates | None = None, every_signal: bool = True) -> Callable:
+                      candidates: FieldCandidates | None = None, every_signal: bool = False) -> Callable:
   """relabel_step jitted with explicit shardings (params as in training, batch over data axes)."""
   batch = mesh_lib.batch_sharding(mesh)
   return jax.jit(relabel_step_fn(config, graphdef, tokens, proofread, candidates, every_signal),
