@@ -92,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
                  image_size=224, resolution_min=1.0, resolution_max=10.0, looks=4),
   ))
   # Self-Consistent Iterative Optimization: stage A (all losses on the original caption), B
-  # (reconstruction on the caption minus the flagged clause), C (all losses on the corrected
+  # (reconstruction on the caption minus the flagged clauses), C (all losses on the corrected
   # caption, plus extra random masking). Stage lengths are train steps; they sum to train.steps
   # in `klip pretrain`.
   c.scio = ml_collections.ConfigDict(dict(
@@ -111,6 +111,9 @@ def default_config() -> ml_collections.ConfigDict:
       # exceeds `threshold`.
       rule="paper",
       threshold=1.0,
+      # Extension: flag up to this many clauses per caption per round (the paper flags one), the
+      # best-scoring first, each only above the rule's bar; each flagged keyword is rewritten.
+      max_flags=1,
       # Extension: standardise each gain by its field's mean and spread over the relabel batch
       # before the rule, so fields whose removal always moves the scores do not crowd out others.
       field_calibration=False,
@@ -179,6 +182,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.scio.rule in ("paper", "relative", "decoder"), "scio.rule",
            f"use 'paper', 'relative' or 'decoder', got {c.scio.rule!r}.")
   _require(c.scio.max_fill >= 1, "scio.max_fill", "must be >= 1.")
+  _require(1 <= c.scio.max_flags <= c.scio.max_clauses, "scio.max_flags",
+           f"must be between 1 and scio.max_clauses ({c.scio.max_clauses}), got {c.scio.max_flags}.")
   _require(c.scio.max_candidates >= 2, "scio.max_candidates", "must be >= 2.")
   if c.momentum.enabled:
     _require(0 < c.momentum.decay < 1, "momentum.decay", "must lie in (0, 1).")

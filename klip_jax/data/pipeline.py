@@ -44,8 +44,8 @@ class PipelineOptions:
   gain_jitter_db: float = 1.0  # train-time radiometric gain jitter (+- dB)
   worker_count: int = 0  # grain multiprocessing workers (0: in-process)
   # A SCIO caption overlay (captions/round_K/overlay.jsonl) and how to use it: "recon" adds the
-  # caption minus the flagged clause as recon_* features (stage B); "caption" puts the corrected
-  # keyword into the caption (stage C).
+  # caption minus the flagged clauses as recon_* features (stage B); "caption" puts the corrected
+  # keywords into the caption (stage C).
   overlay: str = ""
   overlay_use: str = ""
   # Train-time text extensions beyond the paper (config.data): a one-clause-wrong copy of each
@@ -192,23 +192,39 @@ def drop_clause(record: dict, index: int) -> dict:
           "keywords": keep(record["keywords"]), "field_names": keep(record["field_names"])}
 
 
+def flagged_clauses(entry: dict) -> list[int]:
+  """The clauses a relabel entry flagged, best first. Entries list them ("flagged": [k, ...]);
+  rounds written when SCIO flagged one clause at most hold one index (-1: none)."""
+  flagged = entry["flagged"]
+  return ([flagged] if flagged >= 0 else []) if isinstance(flagged, int) else list(flagged)
+
+
+def entry_flags(entry: dict) -> list[tuple[int, str, str]]:
+  """A relabel entry's flags as (clause, keyword as it was, keyword as corrected), best first
+  (keywords are listed like the clauses, or single strings in one-flag rounds)."""
+  clauses = flagged_clauses(entry)
+  listed = lambda x: x if isinstance(x, list) else [x][:len(clauses)]
+  return list(zip(clauses, listed(entry["original_keyword"]), listed(entry["corrected_keyword"])))
+
+
 @dataclasses.dataclass
 class _Decode:
-  overlay: dict  # example id -> {"flagged": k, "corrected_keyword": str}
+  overlay: dict  # example id -> relabel entry (`entry_flags`)
   use: str
 
   def __call__(self, item):
     index, example = item
     record = records.from_example(example)
     entry = self.overlay.get(record["id"]) if self.overlay else None
-    flagged = entry["flagged"] if entry else -1
-    if self.use == "caption" and flagged >= 0:
+    flags = entry_flags(entry) if entry else []
+    if self.use == "caption" and flags:
       keywords = list(record["keywords"])
-      keywords[flagged] = entry["corrected_keyword"]
+      for clause, _, corrected in flags:
+        keywords[clause] = corrected
       caption, spans = knowledge.replace_keywords(record["caption"], record["spans"], keywords)
       record = {**record, "caption": caption, "spans": np.asarray(spans, np.int32), "keywords": keywords}
     if self.use == "recon":
-      record = {**record, "recon_clause": flagged}
+      record = {**record, "recon_clauses": [clause for clause, _, _ in flags]}
     return index, record
 
 
@@ -228,8 +244,8 @@ class _Augment:
     gain = rng.uniform(-self.gain_jitter_db, self.gain_jitter_db)
     record = {**record, "gain_db": gain}
     clauses = len(record["keywords"])
-    # Not in SCIO stage B (its recon_clause indexes the full caption) nor for a one-clause caption.
-    if "recon_clause" not in record and clauses > 1 and rng.uniform() < self.clause_dropout:
+    # Not in SCIO stage B (its recon_clauses index the full caption) nor for a one-clause caption.
+    if "recon_clauses" not in record and clauses > 1 and rng.uniform() < self.clause_dropout:
       record = drop_clause(record, int(rng.integers(clauses)))
     if self.clause_negatives:  # from the (flipped, dropped) caption the positive pair shows
       caption, spans, _ = knowledge.clause_negative(record["scene_type"], record["field_names"],
@@ -256,10 +272,10 @@ class _Features:
                 "index": np.int64(index), "valid": np.bool_(index >= 0)}
     if "negative" in record:
       features["neg_text_ids"] = self.codec.encode(*record["negative"]).ids
-    if "recon_clause" in record:
+    if "recon_clauses" in record:
       caption, spans = record["caption"], record["spans"]
-      if record["recon_clause"] >= 0:
-        caption, spans = remove_clause(caption, spans, record["recon_clause"])
+      for clause in sorted(record["recon_clauses"], reverse=True):  # the others keep their index
+        caption, spans = remove_clause(caption, spans, clause)
       recon = self.codec.encode(caption, spans)
       features.update(recon_ids=recon.ids, recon_keyword_mask=recon.keyword_mask,
                       recon_clause_ids=recon.clause_ids)

@@ -226,7 +226,7 @@ def _screening(ctx: EvalContext) -> dict:
 def _scio_repair(ctx: EvalContext) -> dict:
   _require_corruption(ctx, "train")
   entries = _relabel(ctx, "train", proofread=True)
-  out = scio.repair_metrics(entries)
+  out = scio.repair_metrics(entries, ctx.config.scio.max_flags)
   if not out["corrupted_clauses"]:
     raise NoTruth("the train split records no corrupted clauses to repair")
   # An image-blind proofreader: every corrupted clause rewritten to its field's most common value.

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from klip_jax import io
-from klip_jax.data import builder, knowledge, targets, terrain
+from klip_jax.data import builder, knowledge, pipeline, targets, terrain
 from klip_jax.eval import screening
 from klip_jax.train import scio
 
@@ -77,17 +77,22 @@ def screening_table(per_field: dict) -> str:
   return "\n".join(rows)
 
 
+def _flags(entries: list[dict]) -> list[tuple[dict, int, str, str]]:
+  """Every flag of every entry, in order: (entry, clause, keyword as it was, as corrected)."""
+  return [(e, *flag) for e in entries for flag in pipeline.entry_flags(e)]
+
+
 def scio_examples(entries: list[dict], limit: int = 6) -> str:
-  """Before/after of the first flagged captions: the clause as it was, the keyword SCIO wrote,
+  """Before/after of the first flagged clauses: the clause as it was, the keyword SCIO wrote,
   and the truth (the original keyword when the clause was clean)."""
   rows = ["| caption | clause before | rewritten keyword | true keyword | |", "|---|---|---|---|---|"]
-  for e in [e for e in entries if e["flagged"] >= 0][:limit]:
-    clause = e["caption"].split(knowledge.SEPARATOR)[e["flagged"]]
-    corrupted = str(e["flagged"]) in e["truth"]
-    true = e["truth"].get(str(e["flagged"]), e["original_keyword"])
-    verdict = ("repaired" if e["corrected_keyword"] == true else "flagged, not repaired") if corrupted else \
-        ("clean, kept" if e["corrected_keyword"] == true else "clean, changed")
-    rows.append(f"| {e['id']} | {clause} | {e['corrected_keyword']} | {true} | {verdict} |")
+  for e, k, original, corrected in _flags(entries)[:limit]:
+    clause = e["caption"].split(knowledge.SEPARATOR)[k]
+    corrupted = str(k) in e["truth"]
+    true = e["truth"].get(str(k), original)
+    verdict = ("repaired" if corrected == true else "flagged, not repaired") if corrupted else \
+        ("clean, kept" if corrected == true else "clean, changed")
+    rows.append(f"| {e['id']} | {clause} | {corrected} | {true} | {verdict} |")
   return "\n".join(rows)
 
 
@@ -95,17 +100,17 @@ def captions_diff(entries: list[dict], truth_recorded: bool, limit: int) -> list
   """`klip captions diff`: each flagged clause of a caption round with its original and
   corrected keyword, and its true keyword only where the data records one (the synthetic
   world's noise); ingested captions have no truth, so nothing is called correct there."""
-  flagged = [e for e in entries if e["flagged"] >= 0][:limit]
+  flags = _flags(entries)[:limit]
   lines = []
-  for e in flagged:
-    clause = e["caption"].split(knowledge.SEPARATOR)[e["flagged"]]
-    line = (f"{e['id']}  clause {e['flagged']}: {clause}\n"
-            f"    original: {e['original_keyword']!r}  corrected: {e['corrected_keyword']!r}")
+  for e, k, original, corrected in flags:
+    clause = e["caption"].split(knowledge.SEPARATOR)[k]
+    line = (f"{e['id']}  clause {k}: {clause}\n"
+            f"    original: {original!r}  corrected: {corrected!r}")
     if truth_recorded:
-      true = e["truth"].get(str(e["flagged"]))
-      line += f"  true: {true!r}" if true is not None else f"  true: {e['original_keyword']!r} (was correct)"
+      true = e["truth"].get(str(k))
+      line += f"  true: {true!r}" if true is not None else f"  true: {original!r} (was correct)"
     lines.append(line)
-  lines.append(f"{len(flagged)} flagged captions shown (limit {limit}); a flagged keyword may be kept as it was")
+  lines.append(f"{len(flags)} flagged clauses shown (limit {limit}); a flagged keyword may be kept as it was")
   if not truth_recorded:
     lines.append("no true keywords: this data records no corrupted clauses (ingested captions carry no truth), "
                  "so whether a flagged keyword was wrong is unknown")
@@ -135,9 +140,10 @@ def write(folder: io.PathLike, results: dict, details: dict, test, i2t_scores, m
     text += [screening_table(details["screening"]["per_field"]), ""]
   repair = results["tasks"].get("scio_repair", {})
   if "max_screening_recall" in repair:
-    text += [f"SCIO flags at most one clause per caption per round, so screening recall on this split "
-             f"cannot exceed {repair['max_screening_recall']:.3f} (captions with a corrupted clause / "
-             f"corrupted clauses).", ""]
+    most = scio_config.max_flags
+    text += [f"SCIO flags at most {most} clause{'s' if most > 1 else ''} per caption per round, so screening "
+             f"recall on this split cannot exceed {repair['max_screening_recall']:.3f} (corrupted clauses "
+             f"within {most} per caption / corrupted clauses).", ""]
   if relabel_entries:
     text += ["SCIO before/after on train captions (`klip captions diff` shows a round the same way):", "",
              scio_examples(relabel_entries), ""]

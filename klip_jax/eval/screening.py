@@ -4,8 +4,8 @@ entries (`train.scio.entries_from_result`) alone: no model is run.
 Screening scores every leave-one-clause-out variant of a caption against its image by ITC
 similarity and ITM match probability, and each clause's keyword by the decoder's surprise
 (-log p of the keyword given the image and the caption before it); the configured rule
-(`train.relabel.rule_score`) turns these into a score per clause, flagging the best clause
-when its score is positive.
+(`train.relabel.rule_score`) turns these into a score per clause, flagging the best clauses
+(`config.scio.max_flags` at most) whose score is positive.
 Per clause, each score's gain from removing it, the rule's score and the flag itself are
 ranked against which clauses were truly corrupted: their ROC AUCs show whether a
 signal orders corrupted clauses first, whatever threshold the rule puts on it. Only real
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from klip_jax.data import knowledge
+from klip_jax.data import knowledge, pipeline
 from klip_jax.eval import metrics
 from klip_jax.eval.truth import NoTruth
 
@@ -56,7 +56,7 @@ def clause_table(entries: Sequence[dict]) -> dict:
                                else np.full(count, np.nan))
     columns["rule"].append(np.asarray(entry["score"], np.float64)[:count] if "score" in entry
                            else np.minimum(columns["itc_gain"][-1], columns["itm_gain"][-1]))
-    columns["flagged"].append((clauses == entry["flagged"]).astype(np.int64))
+    columns["flagged"].append(np.isin(clauses, pipeline.flagged_clauses(entry)).astype(np.int64))
     names = knowledge.FIELDS.get(entry.get("scene_type", ""), ())
     columns["field"].append(np.asarray([f"{entry['scene_type']}.{names[k]}" if k < len(names) else ""
                                         for k in clauses], dtype=object))

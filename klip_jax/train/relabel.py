@@ -4,9 +4,10 @@ Screening: for every caption, all leave-one-clause-out variants (a static maximu
 clauses, absent clauses masked) are scored together with the original in one batched pass,
 by ITC similarity and ITM match probability; one pass of the image-grounded decoder over the
 caption as written scores each clause's keyword (its surprise: -log p(keyword | image, the
-caption before it)). `config.scio.rule` picks at most one clause:
+caption before it)). `config.scio.rule` scores each clause, and the best `config.scio.max_flags`
+clauses whose score is above zero are flagged (one in the paper; more is an extension):
 - "paper": flag a clause only when removing it makes BOTH scores better than the original's;
-  among such variants the best-ITC one wins;
+  among such variants the best-ITC one wins (the next best with more flags);
 - "relative" (an extension): each signal's gain from a removal is measured in standard units
   against the caption's other removals; the clause with the best mean of the two is flagged
   when that exceeds `config.scio.threshold`;
@@ -19,11 +20,13 @@ With `config.scio.field_calibration` (an extension), each signal is first standa
 HCoT field's mean and spread over the batch; without it the "decoder" rule standardises within
 the caption, like "relative".
 
-Proofreading: the flagged clause's keyword is rewritten by the image-grounded causal decoder
+Proofreading: each flagged clause's keyword is rewritten by the image-grounded causal decoder
 with a KV cache (`model.decode`): generated left to right until the decoder ends it, or, with
 `config.scio.candidates` and a field with a closed vocabulary (`FieldCandidates`), chosen
 among the field's values (the current one included) by decoder likelihood. The caption is
-re-spliced around the new keyword, so its length may change.
+re-spliced around the new keyword, so its length may change. With several flags a caption is
+rewritten from its last flagged clause to its first, so every rewrite reads the caption before
+its keyword as written and one decoder pass (one KV cache) serves them all.
 
 `relabel_step(params, batch, rng) -> RelabelResult` is pure and jitted with the same mesh and
 batch sharding as the train step.
@@ -49,19 +52,19 @@ from klip_jax.parallel import mesh as mesh_lib
 
 @flax.struct.dataclass
 class RelabelResult:
-  flagged: jax.Array  # int32 [B]: flagged clause index, -1 when none
+  flagged: jax.Array  # int32 [B, max_flags]: flagged clause indices, best first, -1 past the last
   itc: jax.Array  # [B, 1 + K]: ITC similarity of the original, then of each variant (NaN: not scored)
   itm: jax.Array  # [B, 1 + K]: ITM match probability, same layout
   valid: jax.Array  # bool [B, K]: variant k exists (the caption has clause k)
   score: jax.Array  # [B, K]: the rule's continuous score of removing clause k (flag if best and > 0)
   surprise: jax.Array  # [B, K]: -log p of clause k's keyword under the decoder (0 without one; NaN: not scored)
-  removed_ids: jax.Array  # int32 [B, L]: caption without the flagged clause (original if none)
+  removed_ids: jax.Array  # int32 [B, L]: caption without the flagged clauses (original if none)
   removed_keyword_mask: jax.Array
   removed_clause_ids: jax.Array
-  corrected_ids: jax.Array  # int32 [B, L]: caption with the flagged keyword rewritten
+  corrected_ids: jax.Array  # int32 [B, L]: caption with the flagged keywords rewritten
   corrected_keyword_mask: jax.Array
   corrected_clause_ids: jax.Array
-  fill_mask: jax.Array  # bool [B, L]: the corrected caption's rewritten keyword tokens
+  fill_mask: jax.Array  # bool [B, L]: the corrected caption's rewritten keyword tokens (all flags)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +83,33 @@ def leave_one_out(ids, keyword_mask, clause_ids, *, separator_id: int, pad_id: i
   A clause's tokens end with the "$" that closes it; removing the last clause also removes the
   "$" before it. Remaining tokens move left (keeping order) and the tail is padding.
   """
-  k = jnp.arange(max_clauses)[None, :, None]
+  drop = jnp.broadcast_to(jnp.eye(max_clauses, dtype=bool), (ids.shape[0], max_clauses, max_clauses))
+  last = clause_ids.max(axis=1)[:, None]
+  valid = (clause_ids[:, None, :] == jnp.arange(max_clauses)[None, :, None]).any(-1) & (last > 0)
+  return (*_without(ids, keyword_mask, clause_ids, drop, separator_id=separator_id, pad_id=pad_id), valid)
+
+
+def remove_clauses(ids, keyword_mask, clause_ids, flagged, *, separator_id: int, pad_id: int, max_clauses: int):
+  """Each caption [B, L] without its `flagged` clauses ([B, M], -1: none), removed as
+  leave_one_out removes one: (ids, keyword_mask, clause_ids), each [B, L]."""
+  drop = jax.nn.one_hot(flagged, max_clauses, dtype=jnp.int32).sum(1)[:, None, :] > 0  # -1 is no clause
+  return tuple(x[:, 0] for x in _without(ids, keyword_mask, clause_ids, drop, separator_id=separator_id,
+                                         pad_id=pad_id))
+
+
+def _without(ids, keyword_mask, clause_ids, drop, *, separator_id: int, pad_id: int):
+  """Variants [B, V, L] of each caption without the clauses drop[b, v] ([B, V, K] bool) marks:
+  a dropped clause's tokens go with the "$" that closes it, and when the clauses after the
+  last kept one are all dropped, that one's closing "$" goes too.
+  Kept tokens move left in order; the tail is padding."""
+  k = drop.shape[-1]
   cid = clause_ids[:, None, :]
-  last = clause_ids.max(axis=1)[:, None, None]
+  dropped = jnp.take_along_axis(drop, jnp.clip(cid, 0, k - 1), axis=-1) & (cid >= 0)  # [B, V, L]
+  present = (clause_ids[:, None, :, None] == jnp.arange(k)).any(axis=2)  # [B, 1, K]
+  last_kept = jnp.max(jnp.where(present & ~drop, jnp.arange(k), -1), axis=-1)[..., None]  # [B, V, 1]
+  trailing_dropped = last_kept < clause_ids.max(axis=1)[:, None, None]
   separator = (ids == separator_id)[:, None, :]
-  remove = (cid == k) | ((k == last) & (cid == k - 1) & separator & (k > 0))
+  remove = dropped | (separator & (cid == last_kept) & trailing_dropped)
   order = jnp.argsort(remove, axis=-1, stable=True)  # kept tokens first, in order
   kept = jnp.take_along_axis(~remove, order, axis=-1)
 
@@ -92,8 +117,7 @@ def leave_one_out(ids, keyword_mask, clause_ids, *, separator_id: int, pad_id: i
     x = jnp.broadcast_to(x[:, None, :], remove.shape)
     return jnp.where(kept, jnp.take_along_axis(x, order, axis=-1), fill)
 
-  valid = (cid == k).any(axis=-1) & (last[..., 0] > 0)  # never remove a caption's only clause
-  return gather(ids, pad_id), gather(keyword_mask, 0), gather(clause_ids, -1), valid
+  return gather(ids, pad_id), gather(keyword_mask, 0), gather(clause_ids, -1)
 
 
 def screen(itc: jax.Array, itm: jax.Array, valid: jax.Array) -> jax.Array:
@@ -165,9 +189,15 @@ def rule_score(scio: ml_collections.ConfigDict, itc: jax.Array, itm: jax.Array, 
 
 
 def flag(score: jax.Array, valid: jax.Array) -> jax.Array:
-  """The best clause per caption when its score is > 0, else -1."""
-  best = jnp.where(valid, score, -jnp.inf).argmax(axis=1)
-  return jnp.where(jnp.take_along_axis(score, best[:, None], 1)[:, 0] > 0, best, -1).astype(jnp.int32)
+  """The best clause per caption when its score is > 0, else -1: [B]."""
+  return flag_best(score, valid, 1)[:, 0]
+
+
+def flag_best(score: jax.Array, valid: jax.Array, count: int) -> jax.Array:
+  """The `count` best clauses per caption [B, count], best first, each only when its score is
+  > 0 (-1 past the last)."""
+  top, best = jax.lax.top_k(jnp.where(valid, score, -jnp.inf), count)
+  return jnp.where(top > 0, best, -1).astype(jnp.int32)
 
 
 def splice(x: jax.Array, start: jax.Array, old_len: jax.Array, new: jax.Array, new_len: jax.Array,
@@ -223,36 +253,37 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
     if keyword_scores:
       surprise = keyword_surprise(token_logp, keyword_mask, clause_ids, k)
     score = rule_score(scio, itc, itm, valid, fields, surprise)
-    flagged = flag(score, valid)
+    flagged = flag_best(score, valid, scio.max_flags)
 
-    chosen = jnp.maximum(flagged, 0)[:, None, None]
-    pick = lambda variants, original: jnp.where(
-        (flagged >= 0)[:, None], jnp.take_along_axis(variants, chosen, axis=1)[:, 0], original)
+    removed = remove_clauses(ids, keyword_mask, clause_ids, flagged, separator_id=tokens.separator,
+                             pad_id=tokens.pad, max_clauses=k)
     corrected = (ids, keyword_mask, clause_ids, keyword_span(keyword_mask, clause_ids, flagged))
     if proofread:
-      corrected = rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields,
-                          scio=scio, tokens=tokens, candidates=candidates)
+      corrected = rewrite_flags(model, cache, ids, keyword_mask, clause_ids, flagged, fields, scio=scio,
+                                tokens=tokens, candidates=candidates)
     return RelabelResult(flagged=flagged, itc=itc, itm=itm, valid=valid, score=score, surprise=surprise,
-                         removed_ids=pick(var_ids, ids), removed_keyword_mask=pick(var_kw, keyword_mask),
-                         removed_clause_ids=pick(var_clause, clause_ids), corrected_ids=corrected[0],
-                         corrected_keyword_mask=corrected[1], corrected_clause_ids=corrected[2],
-                         fill_mask=corrected[3])
+                         removed_ids=removed[0], removed_keyword_mask=removed[1], removed_clause_ids=removed[2],
+                         corrected_ids=corrected[0], corrected_keyword_mask=corrected[1],
+                         corrected_clause_ids=corrected[2], fill_mask=corrected[3])
 
   return relabel_step
 
 
 def keyword_span(keyword_mask: jax.Array, clause_ids: jax.Array, flagged: jax.Array) -> jax.Array:
-  """bool [B, L]: the keyword tokens of each caption's flagged clause (none where flagged < 0)."""
-  return (keyword_mask > 0) & (clause_ids == flagged[:, None]) & (flagged >= 0)[:, None]
+  """bool [B, L]: the keyword tokens of each caption's flagged clauses (flagged [B, M], -1: none)."""
+  hit = (clause_ids[:, :, None] == flagged[:, None, :]) & (flagged >= 0)[:, None, :]
+  return (keyword_mask > 0) & hit.any(-1)
 
 
 def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, scio,
             tokens: TokenIds, candidates: FieldCandidates | None = None):
-  """Proofreading: each caption with its flagged clause's keyword rewritten by the decoder
-  (`cache` from `decode.prefill_caption` of `ids`; `fields` [B, K]: each clause's FIELD_SLOTS
-  index, for the candidates) -> (ids, keyword_mask, clause_ids, bool [B, L] the new keyword's
-  tokens); rows with flagged < 0 come back unchanged."""
-  old_span = keyword_span(keyword_mask, clause_ids, flagged)
+  """Proofreading: each caption with its flagged clause's keyword (`flagged` [B]) rewritten by
+  the decoder (`cache` from `decode.prefill_caption` of the caption as written; `fields` [B, K]:
+  each clause's FIELD_SLOTS index, for the candidates) -> (ids, keyword_mask, clause_ids, bool
+  [B, L] the new keyword's tokens); rows with flagged < 0 come back unchanged. The cache stays
+  valid for `ids` that differ from the caption it was built on only after the flagged keyword
+  (a rewrite reads the tokens before it): so several flags are rewritten last one first."""
+  old_span = keyword_span(keyword_mask, clause_ids, flagged[:, None])
   rows = jnp.arange(ids.shape[0])
   has = flagged >= 0
   start = jnp.where(has, jnp.argmax(old_span, axis=1), 1)
@@ -289,6 +320,17 @@ def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, sci
   p = jnp.arange(length)[None]
   span = has[:, None] & (p >= start[:, None]) & (p < jnp.minimum(start + new_len, length - 1)[:, None])
   return out_ids, out_kw, out_clause, span
+
+
+def rewrite_flags(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, scio,
+                  tokens: TokenIds, candidates: FieldCandidates | None = None):
+  """`rewrite` of every flagged clause (`flagged` [B, M], -1: none), the last one in the
+  caption first, so one cache of the caption as written serves them all -> (ids, keyword_mask,
+  clause_ids, bool [B, L] the new keywords' tokens)."""
+  out = (ids, keyword_mask, clause_ids)
+  for clause in (-jnp.sort(-flagged, axis=1)).T:
+    out = rewrite(model, cache, *out, clause, fields, scio=scio, tokens=tokens, candidates=candidates)[:3]
+  return (*out, keyword_span(out[1], out[2], flagged))
 
 
 def make_relabel_step(config, graphdef, tokens: TokenIds, params_shardings,

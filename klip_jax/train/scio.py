@@ -174,18 +174,17 @@ def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np
   entries = []
   for row in np.flatnonzero(valid):
     record = records.from_example(source[int(indices[row])], decode_rasters=False)
-    flagged = int(result.flagged[row])
+    flagged = [int(k) for k in result.flagged[row] if k >= 0]
     entry = {"id": record["id"], "index": int(indices[row]), "scene_type": record["scene_type"],
              "caption": record["caption"],
              "flagged": flagged, "itc": np.round(result.itc[row], 5).tolist(),
              "itm": np.round(result.itm[row], 5).tolist(),
              "score": np.round(np.where(result.valid[row], result.score[row], np.nan), 5).tolist(),
              "surprise": np.round(np.where(result.valid[row], result.surprise[row], np.nan), 5).tolist(),
-             "original_keyword": "",
-             "corrected_keyword": ""}
-    if flagged >= 0:
-      entry["original_keyword"] = record["keywords"][flagged]
-      entry["corrected_keyword"] = _keyword_text(codec, result.corrected_ids[row], result.fill_mask[row])
+             "original_keyword": [record["keywords"][k] for k in flagged],
+             "corrected_keyword": [_keyword_text(codec, result.corrected_ids[row],
+                                                 result.fill_mask[row] & (result.corrected_clause_ids[row] == k))
+                                   for k in flagged]}
     truth = record["truth"]
     # Keys are clause indices as strings, as they are after a JSON round trip.
     entry["truth"] = {str(i): kw for i, kw in zip(truth["corrupted"].tolist(), truth["true_keywords"])}
@@ -230,25 +229,25 @@ def relabel_restored(config, relabel, params, data: RunData, split: str, mesh, *
     return relabel_split(relabel, params, data, split, mesh, config.scio.relabel_batch_size, progress)
 
 
-def repair_metrics(entries: list[dict]) -> dict:
+def repair_metrics(entries: list[dict], max_flags: int = 1) -> dict:
   """Screening precision/recall against the truly corrupted clauses, proofreading accuracy
-  (corrupted keywords restored to their true value), and clean clauses wrongly changed."""
-  flagged = [e for e in entries if e["flagged"] >= 0]
+  (corrupted keywords restored to their true value), and clean clauses wrongly changed, over
+  every flag of every entry (`max_flags`: the most a caption could get, config.scio.max_flags)."""
+  flags = [(e, clause, original, corrected) for e in entries for clause, original, corrected in pipeline.entry_flags(e)]
   corrupted = sum(len(e["truth"]) for e in entries)
-  true_flags = [e for e in flagged if str(e["flagged"]) in e["truth"]]
-  clean_flags = [e for e in flagged if str(e["flagged"]) not in e["truth"]]
-  restored = sum(e["corrected_keyword"] == e["truth"][str(e["flagged"])] for e in true_flags)
-  clean_changed = sum(e["corrected_keyword"] != e["original_keyword"] for e in clean_flags)
+  true_flags = [(e, k, corrected) for e, k, _, corrected in flags if str(k) in e["truth"]]
+  clean_flags = [(original, corrected) for e, k, original, corrected in flags if str(k) not in e["truth"]]
+  restored = sum(corrected == e["truth"][str(k)] for e, k, corrected in true_flags)
+  clean_changed = sum(corrected != original for original, corrected in clean_flags)
   clauses = [len(e["caption"].split(knowledge.SEPARATOR)) for e in entries]
-  return {"captions": len(entries), "corrupted_clauses": corrupted, "flagged": len(flagged),
-          "screening_precision": len(true_flags) / max(len(flagged), 1),
+  return {"captions": len(entries), "corrupted_clauses": corrupted, "flagged": len(flags),
+          "screening_precision": len(true_flags) / max(len(flags), 1),
           "chance_screening_precision": corrupted / max(sum(clauses), 1),  # flagging at random
           "screening_recall": len(true_flags) / max(corrupted, 1),
-          # One random clause flagged in every caption; and the most one flag per caption can reach.
-          "chance_screening_recall": sum(len(e["truth"]) / n for e, n in zip(entries, clauses)) / max(corrupted, 1),
-          "max_screening_recall": sum(bool(e["truth"]) for e in entries) / max(corrupted, 1),
+          # As many clauses as screening flagged, flagged at random; and the most max_flags per caption reach.
+          "chance_screening_recall": len(flags) / max(sum(clauses), 1),
+          "max_screening_recall": sum(min(len(e["truth"]), max_flags) for e in entries) / max(corrupted, 1),
           "proofreading_accuracy": restored / max(len(true_flags), 1),
           "clean_clauses_changed": clean_changed,
           "clean_clauses_changed_rate": clean_changed / max(
               sum(len(e["caption"].split(knowledge.SEPARATOR)) - len(e["truth"]) for e in entries), 1)}
-

@@ -67,6 +67,8 @@ def test_clause_table_rows():
   np.testing.assert_array_equal(table["itm_gain"], [0.375, -0.25, -0.125, 0.25, -0.125])
   np.testing.assert_array_equal(table["rule"], [0.25, -0.25, -0.125, -0.125, -0.125])
   np.testing.assert_array_equal(table["flagged"], [1, 0, 0, 0, 0])
+  several = [{**ENTRIES[0], "flagged": [2, 0]}, {**ENTRIES[1], "flagged": []}]
+  np.testing.assert_array_equal(screening.clause_table(several)["flagged"], [1, 0, 1, 0, 0])
 
 
 def test_screening_aucs_by_hand():

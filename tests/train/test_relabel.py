@@ -66,6 +66,32 @@ def test_leave_one_out_removes_exactly_one_clause_of_real_token_ids(codec):
       assert k not in np.asarray(clause[0, k]).tolist()
 
 
+def test_removing_flagged_clauses_gives_the_caption_the_text_pipeline_gives(codec):
+  """Several clauses at once, any order, -1 padding; the reference removes them one by one from
+  the caption text (last first), as the offline SCIO pipeline does."""
+  for caption, spans in all_template_captions()[:4]:
+    encoded = codec.encode(caption, spans)
+    for flags in ((1, 5, -1), (7, 6, -1), (0, 7, 3), (-1, -1, -1), (2, -1, -1)):
+      ids, kw, clause = relabel.remove_clauses(
+          jnp.asarray(encoded.ids)[None], jnp.asarray(encoded.keyword_mask)[None],
+          jnp.asarray(encoded.clause_ids)[None], jnp.asarray([flags], jnp.int32),
+          separator_id=codec.separator_id, pad_id=codec.pad_id, max_clauses=8)
+      expected, expected_spans = caption, spans
+      for k in sorted({f for f in flags if f >= 0}, reverse=True):
+        expected, expected_spans = pipeline.remove_clause(expected, expected_spans, k)
+      assert codec.decode(np.asarray(ids[0])) == expected, flags
+      keyword_text = codec.sp.decode([int(i) for i in np.asarray(ids[0])[np.asarray(kw[0]) > 0]])
+      assert keyword_text.split() == " ".join(expected[a:b] for a, b in expected_spans).split()
+      assert not set(flags) & set(np.asarray(clause[0]).tolist()) - {-1}
+
+
+def test_flag_best_takes_up_to_count_clauses_above_the_bar_best_first():
+  score = jnp.asarray([[0.5, 2.0, -1.0, 1.0], [-1.0, -2.0, 0.1, 3.0], [0.0, -1.0, -2.0, -3.0]])
+  valid = jnp.asarray([[True] * 4, [True, True, True, False], [True] * 4])
+  assert relabel.flag_best(score, valid, 3).tolist() == [[1, 3, 0], [2, -1, -1], [-1, -1, -1]]
+  assert relabel.flag_best(score, valid, 1)[:, 0].tolist() == relabel.flag(score, valid).tolist() == [1, 2, -1]
+
+
 def test_keyword_masks_select_the_clause_keyword_tokens(codec):
   caption, spans = all_template_captions()[3]
   encoded = codec.encode(caption, spans)
@@ -93,15 +119,17 @@ def _rewrite(graph, images, flagged, fields, scio_config, tokens, candidates, pa
   model = nnx.merge(graph, params)
   image_tokens, _ = model.encode_image(images)
   _, cache = decode.prefill_caption(model, image_tokens, ids, ids != tokens.pad, dec_id=tokens.dec)
-  return relabel.rewrite(model, cache, ids, kw, cl, flagged, fields, scio=scio_config, tokens=tokens,
-                         candidates=candidates)
+  fn = relabel.rewrite_flags if flagged.ndim == 2 else relabel.rewrite
+  return fn(model, cache, ids, kw, cl, flagged, fields, scio=scio_config, tokens=tokens, candidates=candidates)
 
 
 @pytest.mark.slow  # a parity / end-to-end run: the full suite's tier
 def test_proofreading_rewrites_a_memorised_keyword_of_another_length(tiny_data, tiny_tokenizer):
   """A decoder that memorised its captions, shown a wrong keyword with fewer or more tokens than
   the true one, writes the true keyword and ends it at the clause boundary: free generation
-  and candidate ranking both give back the true caption exactly, tokens and masks."""
+  and candidate ranking both give back the true caption exactly, tokens and masks; and so do
+  both wrong keywords of one caption, flagged together (the first clause ranked first: a
+  rewrite that shifted the later keyword before writing it would read a stale cache)."""
   config, codec, mesh, tx, schedule, graph, state, shardings, batch = _setup(
       tiny_data, tiny_tokenizer, itc=0.0, itm=0.0, recon=1.0)
   tokens = TokenIds.from_codec(codec)
@@ -115,15 +143,19 @@ def test_proofreading_rewrites_a_memorised_keyword_of_another_length(tiny_data, 
     rows = [records.from_example(source[int(i)], decode_rasters=False) for i in batch["index"]]
     candidates = scio.field_candidates(RunData(tiny_data, codec), max_candidates=64)
 
-    for clause, wrong in ((0, "sea"), (4, "runways and water and vegetation and roads")):
+    cases = (((0,), ("sea",)), ((4,), ("runways and water and vegetation and roads",)),
+             ((0, 4), ("sea", "runways and water and vegetation and roads")))
+    for clauses, wrongs in cases:
       wrong_ids = []
       for r in rows:
         keywords = list(r["keywords"])
-        keywords[clause] = wrong
+        for clause, wrong in zip(clauses, wrongs):
+          keywords[clause] = wrong
         wrong_ids.append(codec.encode(*knowledge.replace_keywords(r["caption"], r["spans"], keywords)))
       ids, kw, cl = (jnp.asarray(np.stack([getattr(e, n) for e in wrong_ids]))
                      for n in ("ids", "keyword_mask", "clause_ids"))
-      flagged = jnp.full(len(rows), clause, jnp.int32)
+      flagged = jnp.tile(jnp.asarray(clauses, jnp.int32), (len(rows), 1))
+      flagged = flagged[:, 0] if len(clauses) == 1 else flagged
       for use_candidates in (False, True):
         scio_config = config.scio.copy_and_resolve_references()
         scio_config.candidates = use_candidates
@@ -133,7 +165,7 @@ def test_proofreading_rewrites_a_memorised_keyword_of_another_length(tiny_data, 
         np.testing.assert_array_equal(out_ids, batch["text_ids"])
         np.testing.assert_array_equal(out_kw, batch["keyword_mask"])
         np.testing.assert_array_equal(out_cl, batch["clause_ids"])
-        np.testing.assert_array_equal(span, (batch["keyword_mask"] > 0) & (batch["clause_ids"] == clause))
+        np.testing.assert_array_equal(span, (batch["keyword_mask"] > 0) & np.isin(batch["clause_ids"], clauses))
 
 
 def test_field_candidates_are_the_closed_fields_keywords_tokenised_as_captions_do(tiny_data, tiny_tokenizer):
@@ -159,8 +191,10 @@ def test_field_candidates_are_the_closed_fields_keywords_tokenised_as_captions_d
 
 
 @pytest.mark.slow  # a parity run: online == offline
-def test_online_and_offline_give_identical_corrected_captions(tiny_data, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("max_flags", [1, 3])
+def test_online_and_offline_give_identical_corrected_captions(tiny_data, tiny_tokenizer, tmp_path, max_flags):
   config, codec, mesh, _tx, _schedule, graph, state, shardings, batch = _setup(tiny_data, tiny_tokenizer, n=12)
+  config.scio.max_flags = max_flags
   # A random model's rewrites are garbage of up to max_fill tokens; kept short, no corrected
   # caption outgrows the 96 slots (past them the ids are cut where the re-tokenised text is not).
   config.scio.max_fill = 4
@@ -170,6 +204,7 @@ def test_online_and_offline_give_identical_corrected_captions(tiny_data, tiny_to
     online = jax.device_get(fn(state.params, {k: batch[k] for k in MODEL_INPUTS}, jax.random.key(0)))
     entries = scio.relabel_split(fn, state.params, RunData(tiny_data, codec), "train", mesh, 12, progress=False)
   assert (online.flagged >= 0).sum() >= 2  # a random model still flags some clauses
+  assert online.flagged.shape == (12, max_flags) and (online.flagged >= 0).sum(1).max() == max_flags
   scio.write_overlay(str(tmp_path), 1, entries)
   with pytest.raises(Exception, match="never overwritten"):
     scio.write_overlay(str(tmp_path), 1, entries)
@@ -193,6 +228,29 @@ def test_repair_metrics_on_hand_made_entries():
   assert m["screening_precision"] == 0.5 and m["screening_recall"] == 0.5
   assert m["proofreading_accuracy"] == 1.0 and m["clean_clauses_changed"] == 1
   assert m["clean_clauses_changed_rate"] == pytest.approx(1 / 7)
+
+
+def test_repair_metrics_count_every_flag_of_a_caption():
+  entries = [  # 4 clauses; 1 and 3 corrupted. Flags: 3 (restored), 0 (clean, kept), 2 (clean, changed).
+      {"caption": "a$b$c$d", "flagged": [3, 0, 2], "truth": {"1": "x", "3": "y"},
+       "original_keyword": ["w", "a", "c"], "corrected_keyword": ["y", "a", "e"]},
+      {"caption": "a$b", "flagged": [], "truth": {"0": "z"}, "original_keyword": [], "corrected_keyword": []},
+  ]
+  m = scio.repair_metrics(entries, max_flags=3)
+  assert m["flagged"] == 3 and m["screening_precision"] == pytest.approx(1 / 3)
+  assert m["screening_recall"] == pytest.approx(1 / 3) and m["proofreading_accuracy"] == 1.0
+  assert m["clean_clauses_changed"] == 1 and m["clean_clauses_changed_rate"] == pytest.approx(1 / 3)
+  # Three flags among six clauses at random find each corrupted clause with probability 1/2.
+  assert m["chance_screening_recall"] == pytest.approx(1 / 2)
+  assert m["max_screening_recall"] == 1.0
+  assert scio.repair_metrics(entries, max_flags=1)["max_screening_recall"] == pytest.approx(2 / 3)
+
+
+def test_entry_flags_read_listed_flags_and_the_single_flag_of_older_rounds():
+  listed = {"flagged": [2, 0], "original_keyword": ["a", "b"], "corrected_keyword": ["c", "b"]}
+  assert pipeline.entry_flags(listed) == [(2, "a", "c"), (0, "b", "b")]
+  assert pipeline.entry_flags({"flagged": 1, "original_keyword": "a", "corrected_keyword": "c"}) == [(1, "a", "c")]
+  assert pipeline.entry_flags({"flagged": -1, "original_keyword": "", "corrected_keyword": ""}) == []
 
 
 @pytest.mark.slow  # a parity / end-to-end run: the full suite's tier
