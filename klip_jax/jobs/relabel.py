@@ -25,4 +25,5 @@ def relabel(config: ml_collections.ConfigDict, workdir: str, split: str, *, prog
   relabel_step = scio.restored_relabel_step(config, graph, state.params, TokenIds.from_codec(data.codec), mesh, data)
   entries = scio.relabel_restored(config, relabel_step, state.params, data, split, mesh, progress=progress)
   return {"round": round_index, "path": scio.write_overlay(workdir, round_index, entries),
-          "step": int(state.step), "captions": len(entries), "metrics": scio.repair_metrics(entries, config.scio.max_flags)}
+          "step": int(state.step), "captions": len(entries),
+          "metrics": scio.repair_metrics(entries, config.scio.max_flags)}

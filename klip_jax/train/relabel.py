@@ -25,8 +25,8 @@ with a KV cache (`model.decode`): generated left to right until the decoder ends
 `config.scio.candidates` and a field with a closed vocabulary (`FieldCandidates`), chosen
 among the field's values (the current one included) by decoder likelihood. The caption is
 re-spliced around the new keyword, so its length may change. With several flags a caption is
-rewritten from its last flagged clause to its first, so every rewrite reads the caption before
-its keyword as written and one decoder pass (one KV cache) serves them all.
+rewritten from its first flagged clause to its last, each rewrite reading the caption before
+it as already corrected (one more decoder pass over the caption per further flag).
 
 `relabel_step(params, batch, rng) -> RelabelResult` is pure and jitted with the same mesh and
 batch sharding as the train step.
@@ -235,7 +235,7 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
     k = scio.max_clauses
     fields = batch["clause_fields"][:, :k]
     fields = jnp.pad(fields, ((0, 0), (0, k - fields.shape[1])), constant_values=-1)
-    var_ids, var_kw, var_clause, valid = leave_one_out(
+    var_ids, _, _, valid = leave_one_out(
         ids, keyword_mask, clause_ids, separator_id=tokens.separator, pad_id=tokens.pad, max_clauses=k)
     image_tokens, image_feat = model.encode_image(batch["image"])
     itc = itm = jnp.full((b, k + 1), jnp.nan, jnp.float32)
@@ -259,8 +259,8 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
                              pad_id=tokens.pad, max_clauses=k)
     corrected = (ids, keyword_mask, clause_ids, keyword_span(keyword_mask, clause_ids, flagged))
     if proofread:
-      corrected = rewrite_flags(model, cache, ids, keyword_mask, clause_ids, flagged, fields, scio=scio,
-                                tokens=tokens, candidates=candidates)
+      corrected = rewrite_flags(model, image_tokens, cache, ids, keyword_mask, clause_ids, flagged, fields,
+                                scio=scio, tokens=tokens, candidates=candidates)
     return RelabelResult(flagged=flagged, itc=itc, itm=itm, valid=valid, score=score, surprise=surprise,
                          removed_ids=removed[0], removed_keyword_mask=removed[1], removed_clause_ids=removed[2],
                          corrected_ids=corrected[0], corrected_keyword_mask=corrected[1],
@@ -280,9 +280,7 @@ def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, sci
   """Proofreading: each caption with its flagged clause's keyword (`flagged` [B]) rewritten by
   the decoder (`cache` from `decode.prefill_caption` of the caption as written; `fields` [B, K]:
   each clause's FIELD_SLOTS index, for the candidates) -> (ids, keyword_mask, clause_ids, bool
-  [B, L] the new keyword's tokens); rows with flagged < 0 come back unchanged. The cache stays
-  valid for `ids` that differ from the caption it was built on only after the flagged keyword
-  (a rewrite reads the tokens before it): so several flags are rewritten last one first."""
+  [B, L] the new keyword's tokens); rows with flagged < 0 come back unchanged."""
   old_span = keyword_span(keyword_mask, clause_ids, flagged[:, None])
   rows = jnp.arange(ids.shape[0])
   has = flagged >= 0
@@ -322,13 +320,18 @@ def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, sci
   return out_ids, out_kw, out_clause, span
 
 
-def rewrite_flags(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, scio,
+def rewrite_flags(model, image_tokens, cache, ids, keyword_mask, clause_ids, flagged, fields, *, scio,
                   tokens: TokenIds, candidates: FieldCandidates | None = None):
-  """`rewrite` of every flagged clause (`flagged` [B, M], -1: none), the last one in the
-  caption first, so one cache of the caption as written serves them all -> (ids, keyword_mask,
-  clause_ids, bool [B, L] the new keywords' tokens)."""
+  """`rewrite` of every flagged clause (`flagged` [B, M], -1: none), the first one in the
+  caption first, so each rewrite reads the keywords before it as already corrected; `cache`
+  (of `ids`, from the screening pass) serves the first, and the decoder runs again over the
+  caption as rewritten for each next one -> (ids, keyword_mask, clause_ids, bool [B, L] the
+  new keywords' tokens)."""
   out = (ids, keyword_mask, clause_ids)
-  for clause in (-jnp.sort(-flagged, axis=1)).T:
+  in_order = jnp.sort(jnp.where(flagged >= 0, flagged, jnp.iinfo(jnp.int32).max), axis=1)
+  for m, clause in enumerate(jnp.where(in_order < jnp.iinfo(jnp.int32).max, in_order, -1).T):
+    if m:
+      _, cache = decode.prefill_caption(model, image_tokens, out[0], out[0] != tokens.pad, dec_id=tokens.dec)
     out = rewrite(model, cache, *out, clause, fields, scio=scio, tokens=tokens, candidates=candidates)[:3]
   return (*out, keyword_span(out[1], out[2], flagged))
 

@@ -119,8 +119,11 @@ def _rewrite(graph, images, flagged, fields, scio_config, tokens, candidates, pa
   model = nnx.merge(graph, params)
   image_tokens, _ = model.encode_image(images)
   _, cache = decode.prefill_caption(model, image_tokens, ids, ids != tokens.pad, dec_id=tokens.dec)
-  fn = relabel.rewrite_flags if flagged.ndim == 2 else relabel.rewrite
-  return fn(model, cache, ids, kw, cl, flagged, fields, scio=scio_config, tokens=tokens, candidates=candidates)
+  if flagged.ndim == 2:
+    return relabel.rewrite_flags(model, image_tokens, cache, ids, kw, cl, flagged, fields, scio=scio_config,
+                                 tokens=tokens, candidates=candidates)
+  return relabel.rewrite(model, cache, ids, kw, cl, flagged, fields, scio=scio_config, tokens=tokens,
+                         candidates=candidates)
 
 
 @pytest.mark.slow  # a parity / end-to-end run: the full suite's tier
@@ -128,8 +131,8 @@ def test_proofreading_rewrites_a_memorised_keyword_of_another_length(tiny_data, 
   """A decoder that memorised its captions, shown a wrong keyword with fewer or more tokens than
   the true one, writes the true keyword and ends it at the clause boundary: free generation
   and candidate ranking both give back the true caption exactly, tokens and masks; and so do
-  both wrong keywords of one caption, flagged together (the first clause ranked first: a
-  rewrite that shifted the later keyword before writing it would read a stale cache)."""
+  both wrong keywords of one caption, flagged together (the later clause ranked first; each is
+  rewritten after the ones before it, from a caption whose keywords before it are corrected)."""
   config, codec, mesh, tx, schedule, graph, state, shardings, batch = _setup(
       tiny_data, tiny_tokenizer, itc=0.0, itm=0.0, recon=1.0)
   tokens = TokenIds.from_codec(codec)
@@ -144,7 +147,7 @@ def test_proofreading_rewrites_a_memorised_keyword_of_another_length(tiny_data, 
     candidates = scio.field_candidates(RunData(tiny_data, codec), max_candidates=64)
 
     cases = (((0,), ("sea",)), ((4,), ("runways and water and vegetation and roads",)),
-             ((0, 4), ("sea", "runways and water and vegetation and roads")))
+             ((4, 0), ("runways and water and vegetation and roads", "sea")))
     for clauses, wrongs in cases:
       wrong_ids = []
       for r in rows:
