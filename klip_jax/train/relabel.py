@@ -84,7 +84,7 @@ def leave_one_out(ids, keyword_mask, clause_ids, *, separator_id: int, pad_id: i
   "$" before it. Remaining tokens move left (keeping order) and the tail is padding.
   """
   drop = jnp.broadcast_to(jnp.eye(max_clauses, dtype=bool), (ids.shape[0], max_clauses, max_clauses))
-  last = clause_ids.max(axis=1)[:, None]
+  last = clause_ids.max(axis=1)[:, None]  # never remove a caption's only clause:
   valid = (clause_ids[:, None, :] == jnp.arange(max_clauses)[None, :, None]).any(-1) & (last > 0)
   return (*_without(ids, keyword_mask, clause_ids, drop, separator_id=separator_id, pad_id=pad_id), valid)
 
@@ -280,10 +280,11 @@ def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, sci
   """Proofreading: each caption with its flagged clause's keyword (`flagged` [B]) rewritten by
   the decoder (`cache` from `decode.prefill_caption` of the caption as written; `fields` [B, K]:
   each clause's FIELD_SLOTS index, for the candidates) -> (ids, keyword_mask, clause_ids, bool
-  [B, L] the new keyword's tokens); rows with flagged < 0 come back unchanged."""
+  [B, L] the new keyword's tokens); rows with flagged < 0 (or without that clause's keyword)
+  come back unchanged."""
   old_span = keyword_span(keyword_mask, clause_ids, flagged[:, None])
   rows = jnp.arange(ids.shape[0])
-  has = flagged >= 0
+  has = (flagged >= 0) & old_span.any(1)  # a clause an earlier rewrite pushed past the length is gone
   start = jnp.where(has, jnp.argmax(old_span, axis=1), 1)
   old_len = old_span.sum(1)
   after = ids[rows, jnp.minimum(start + old_len, ids.shape[1] - 1)]  # the token that ends the keyword
@@ -328,8 +329,9 @@ def rewrite_flags(model, image_tokens, cache, ids, keyword_mask, clause_ids, fla
   caption as rewritten for each next one -> (ids, keyword_mask, clause_ids, bool [B, L] the
   new keywords' tokens)."""
   out = (ids, keyword_mask, clause_ids)
-  in_order = jnp.sort(jnp.where(flagged >= 0, flagged, jnp.iinfo(jnp.int32).max), axis=1)
-  for m, clause in enumerate(jnp.where(in_order < jnp.iinfo(jnp.int32).max, in_order, -1).T):
+  none = jnp.iinfo(jnp.int32).max  # sorts after every clause
+  in_order = jnp.sort(jnp.where(flagged >= 0, flagged, none), axis=1)
+  for m, clause in enumerate(jnp.where(in_order == none, -1, in_order).T):
     if m:
       _, cache = decode.prefill_caption(model, image_tokens, out[0], out[0] != tokens.pad, dec_id=tokens.dec)
     out = rewrite(model, cache, *out, clause, fields, scio=scio, tokens=tokens, candidates=candidates)[:3]
