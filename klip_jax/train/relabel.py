@@ -278,10 +278,9 @@ def keyword_span(keyword_mask: jax.Array, clause_ids: jax.Array, flagged: jax.Ar
 def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, scio,
             tokens: TokenIds, candidates: FieldCandidates | None = None):
   """Proofreading: each caption with its flagged clause's keyword (`flagged` [B]) rewritten by
-  the decoder (`cache` from `decode.prefill_caption` of the caption as written; `fields` [B, K]:
-  each clause's FIELD_SLOTS index, for the candidates) -> (ids, keyword_mask, clause_ids, bool
-  [B, L] the new keyword's tokens); rows with flagged < 0 (or without that clause's keyword)
-  come back unchanged."""
+  the decoder (`cache` from `decode.prefill_caption` of `ids`; `fields` [B, K]:
+  each clause's FIELD_SLOTS index, for the candidates) -> (ids, keyword_mask, clause_ids); rows
+  with flagged < 0 (or without that clause's keyword) come back unchanged."""
   old_span = keyword_span(keyword_mask, clause_ids, flagged[:, None])
   rows = jnp.arange(ids.shape[0])
   has = (flagged >= 0) & old_span.any(1)  # a clause an earlier rewrite pushed past the length is gone
@@ -316,9 +315,7 @@ def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, sci
   out_ids = jnp.where(cut, tokens.sep, out_ids)
   out_kw = jnp.where(cut, 0, out_kw)
   out_clause = jnp.where(cut, -1, out_clause)
-  p = jnp.arange(length)[None]
-  span = has[:, None] & (p >= start[:, None]) & (p < jnp.minimum(start + new_len, length - 1)[:, None])
-  return out_ids, out_kw, out_clause, span
+  return out_ids, out_kw, out_clause
 
 
 def rewrite_flags(model, image_tokens, cache, ids, keyword_mask, clause_ids, flagged, fields, *, scio,
@@ -334,7 +331,7 @@ def rewrite_flags(model, image_tokens, cache, ids, keyword_mask, clause_ids, fla
   for m, clause in enumerate(jnp.where(in_order == none, -1, in_order).T):
     if m:
       _, cache = decode.prefill_caption(model, image_tokens, out[0], out[0] != tokens.pad, dec_id=tokens.dec)
-    out = rewrite(model, cache, *out, clause, fields, scio=scio, tokens=tokens, candidates=candidates)[:3]
+    out = rewrite(model, cache, *out, clause, fields, scio=scio, tokens=tokens, candidates=candidates)
   return (*out, keyword_span(out[1], out[2], flagged))
 
 

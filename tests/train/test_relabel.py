@@ -119,11 +119,8 @@ def _rewrite(graph, images, flagged, fields, scio_config, tokens, candidates, pa
   model = nnx.merge(graph, params)
   image_tokens, _ = model.encode_image(images)
   _, cache = decode.prefill_caption(model, image_tokens, ids, ids != tokens.pad, dec_id=tokens.dec)
-  if flagged.ndim == 2:
-    return relabel.rewrite_flags(model, image_tokens, cache, ids, kw, cl, flagged, fields, scio=scio_config,
-                                 tokens=tokens, candidates=candidates)
-  return relabel.rewrite(model, cache, ids, kw, cl, flagged, fields, scio=scio_config, tokens=tokens,
-                         candidates=candidates)
+  return relabel.rewrite_flags(model, image_tokens, cache, ids, kw, cl, flagged, fields, scio=scio_config,
+                               tokens=tokens, candidates=candidates)
 
 
 @pytest.mark.slow  # a parity / end-to-end run: the full suite's tier
@@ -158,7 +155,6 @@ def test_proofreading_rewrites_a_memorised_keyword_of_another_length(tiny_data, 
       ids, kw, cl = (jnp.asarray(np.stack([getattr(e, n) for e in wrong_ids]))
                      for n in ("ids", "keyword_mask", "clause_ids"))
       flagged = jnp.tile(jnp.asarray(clauses, jnp.int32), (len(rows), 1))
-      flagged = flagged[:, 0] if len(clauses) == 1 else flagged
       for use_candidates in (False, True):
         scio_config = config.scio.copy_and_resolve_references()
         scio_config.candidates = use_candidates
