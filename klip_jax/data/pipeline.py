@@ -54,7 +54,7 @@ class PipelineOptions:
   clause_negatives: bool = False
   clause_dropout: float = 0.0
   limit: int = 0  # read only the split's first `limit` examples (0: all): nested data subsets
-  read_threads: int = 2
+  read_threads: int = 1  # threads running the per-example work (config.data.read_threads: why 1)
   prefetch_buffer: int = 4  # batches
 
 
@@ -214,7 +214,9 @@ class _Decode:
 
   def __call__(self, item):
     index, example = item
-    record = records.from_example(example)
+    # The chip only: the truth rasters are the evaluators' (read from the split), not the model's.
+    record = records.from_example(example, decode_rasters=False)
+    record["image"] = records.decode_image(record["image"])
     entry = self.overlay.get(record["id"]) if self.overlay else None
     flags = entry_flags(entry) if entry else []
     if self.use == "caption" and flags:
@@ -295,6 +297,8 @@ def _check(options: PipelineOptions, process_count: int) -> None:
     raise ConfigError(f"limit={options.limit} must be >= 0 (0: the whole split).")
   if options.worker_count < 0:
     raise ConfigError(f"worker_count={options.worker_count} must be >= 0.")
+  if options.read_threads < 0:
+    raise ConfigError(f"read_threads={options.read_threads} must be >= 0 (0: read in the calling thread).")
   if options.overlay_use not in ("", "recon", "caption") or bool(options.overlay) != bool(options.overlay_use):
     raise ConfigError(f"overlay={options.overlay!r} needs overlay_use 'recon' or 'caption', got "
                       f"{options.overlay_use!r}.")

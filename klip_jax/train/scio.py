@@ -92,6 +92,7 @@ def train_pipeline(config, data: RunData, overlay: str = "", overlay_use: str = 
   c = config
   return pipeline.build(pipeline.PipelineOptions(
       data.data_dir, "train", c.train.batch_size, seed=c.seed, worker_count=c.data.worker_count,
+      read_threads=c.data.read_threads,
       flip=c.data.flip, gain_jitter_db=c.data.gain_jitter_db, overlay=overlay,
       overlay_use=overlay_use, clause_negatives=c.data.clause_negatives,
       clause_dropout=c.data.clause_dropout, limit=c.data.train_examples), data.codec)

@@ -84,3 +84,23 @@ def test_non_ascii_keyword_offsets(codec):
   encoded = codec.encode(caption, spans)
   positions = np.flatnonzero((encoded.keyword_mask == 1) & (encoded.clause_ids == 6))
   assert codec.sp.decode([int(i) for i in encoded.ids[positions]]).strip() == "são paulo, brazil"
+
+
+def test_keyword_pieces_skip_runs_of_whitespace_before_a_keyword(codec):
+  # Tabs and runs of spaces make sentencepiece emit pieces that are only whitespace, or that
+  # start with it: such a piece is a keyword piece only if its text, not its leading
+  # whitespace, reaches into the span (the second span ends in a space: the " " piece after
+  # "none" is not part of the keyword).
+  caption = "the  water is\t\tcalm river $ roads:    none \t"
+  spans = [(caption.index("calm river"), caption.index("calm river") + len("calm river")),
+           (caption.index("none"), caption.index("none") + len("none "))]
+  ids, keyword, clause = codec.pieces(caption, spans)
+  pieces = codec.sp.encode(caption, return_type="proto").pieces
+  assert [piece.id for piece in pieces] == ids
+  texts = [piece.surface for piece in pieces]
+  flagged = [(t.strip(), c) for t, k, c in zip(texts, keyword, clause) if k]
+  assert "".join(t for t, c in flagged if c == 0) == "calmriver"
+  assert "".join(t for t, c in flagged if c == 1) == "none"
+  assert all(t.strip() for t, k in zip(texts, keyword) if k)
+  separator = texts.index(next(t for t in texts if "$" in t))
+  assert set(clause[:separator]) == {0} and set(clause[separator + 1:]) == {1}
