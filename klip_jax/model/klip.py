@@ -67,7 +67,8 @@ class KLIP(nnx.Module):
   def itm_logits(self, ids: jax.Array, pad_mask: jax.Array, image_tokens: jax.Array,
                  image_index: jax.Array | None = None) -> jax.Array:
     """Image-grounded encoder ([ENC] first) -> match/no-match logits [B, 2] in fp32; row b
-    pairs with image_tokens[image_index[b]] (default: image_tokens[b])."""
+    pairs with image_tokens[image_index[b]]; without an index, with image_tokens[b] or, for
+    N < B images, the B / N consecutive rows of each image with it (`TextTransformer`)."""
     hidden = self.text(ids, pad_mask, "multimodal", image_tokens, image_index=image_index, first_only=True)
     return self.itm_head(hidden[:, 0]).astype(jnp.float32)
 

@@ -32,15 +32,25 @@ class SubLayer(nnx.Module):
     self.norm = layers.layer_norm(cfg.width, cfg.ln_eps, **kw)
 
   def __call__(self, x, context=None, mask=None, *, context_index=None, first_only=False):
-    """Self-attention over x, or cross-attention to `context` ([N, ...]: its keys and values
-    are projected once, then `context_index` [B] picks each row's, so pairs that share an
-    image share the projection). `first_only`: only the first position's output is computed
-    (what a [CLS] head reads), attending over every position as usual."""
+    """Self-attention over x, or cross-attention to `context` [N, ...] (its keys and values
+    are projected once, so rows that share an image share the projection): row b reads
+    context `context_index[b]`, or without an index, the B = N g rows come in N groups of g
+    consecutive rows and group n reads context n; a group's queries then attend as one
+    sequence of g times the length, with no copy of the keys and values per row. `first_only`:
+    only the first position's output is computed (what a [CLS] head reads), attending over
+    every position as usual."""
     residual = x[:, :1] if first_only else x
     k, v = self.attn.keys_values(x if context is None else context)
+    q = self.attn.queries(residual)
     if context_index is not None:
       k, v = k[context_index], v[context_index]
-    return self.norm(residual + self.attn.attend(self.attn.queries(residual), k, v, mask))
+    elif context is not None and context.shape[0] != x.shape[0]:
+      rows, groups = x.shape[0], context.shape[0]
+      if rows % groups:
+        raise ValueError(f"{rows} rows cannot be grouped over {groups} contexts; pass context_index.")
+      out = self.attn.attend(q.reshape(groups, -1, *q.shape[2:]), k, v, None)
+      return self.norm(residual + out.reshape(residual.shape))
+    return self.norm(residual + self.attn.attend(q, k, v, mask))
 
 
 class TextLayer(nnx.Module):
@@ -148,7 +158,9 @@ class TextTransformer(nnx.Module):
     """ids/pad_mask [B, L] (pad_mask True for real tokens) -> hidden states [B, L, width].
 
     `image` [N, P, Dv] with `image_index` [B]: row b attends to image image_index[b] (each
-    image's keys and values projected once however many rows share it). `first_only`: the
+    image's keys and values projected once however many rows share it); without an index and
+    N < B, the rows come in N groups of B / N consecutive rows, group n reading image n
+    (`SubLayer`). `first_only`: the
     last layer computes the first position alone (-> [B, 1, width]), all a [CLS]/[ENC] head
     reads; with scanned layers the whole last layer runs and the first position is taken.
     """

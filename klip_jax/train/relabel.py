@@ -244,8 +244,7 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
       all_pad = all_ids != tokens.pad
       text_feat = model.encode_text(all_ids, all_pad)
       itc = jnp.einsum("be,bke->bk", image_feat, text_feat.reshape(b, k + 1, -1))
-      own_image = jnp.repeat(jnp.arange(b), k + 1)
-      itm_logits = model.itm_logits(all_ids.at[:, 0].set(tokens.enc), all_pad, image_tokens, own_image)
+      itm_logits = model.itm_logits(all_ids.at[:, 0].set(tokens.enc), all_pad, image_tokens)  # k + 1 rows each
       itm = jax.nn.softmax(itm_logits, axis=-1)[:, 1].reshape(b, k + 1)
     surprise, cache = jnp.full((b, k), jnp.nan, jnp.float32), None
     if keyword_scores or proofread:

@@ -79,10 +79,18 @@ def test_first_only_and_shared_image_projections_compute_the_full_pass(setup):
     full_pairs = model.text(rows, row_pad, "multimodal", tokens[index])
     first_pairs = model.text(rows, row_pad, "multimodal", tokens, image_index=index, first_only=True)
     shared_pairs = model.text(rows, row_pad, "multimodal", tokens, image_index=index)
+    # Without an index, consecutive rows share an image: rows 0-1 read image 0, 2-3 image 1, ...
+    grouped_pairs = model.text(rows, row_pad, "multimodal", tokens)
+    grouped_first = model.text(rows, row_pad, "multimodal", tokens, first_only=True)
+    full_grouped = model.text(rows, row_pad, "multimodal", jnp.repeat(tokens, 2, axis=0))
   assert first_text.shape == (3, 1, 64) and first_pairs.shape == (6, 1, 64)
   np.testing.assert_allclose(first_text[:, 0], full_text[:, 0], atol=2e-5)
   np.testing.assert_allclose(first_pairs[:, 0], full_pairs[:, 0], atol=2e-5)
   np.testing.assert_allclose(shared_pairs, full_pairs, atol=2e-5)
+  np.testing.assert_allclose(grouped_pairs, full_grouped, atol=2e-5)
+  np.testing.assert_allclose(grouped_first[:, 0], full_grouped[:, 0], atol=2e-5)
+  with pytest.raises(ValueError, match="grouped"):
+    model.text(rows[:5], row_pad[:5], "multimodal", tokens)
 
 
 def test_padding_does_not_leak_into_real_tokens(setup):
