@@ -164,6 +164,17 @@ def vision_forward_backward(module):
   return run
 
 
+def vision_forward(module):
+  """The vision tower's forward alone (what captioning spends before its first token) -> fn(images)."""
+  torch, _, _ = hf.require()
+
+  def run(images: np.ndarray) -> None:
+    with torch.no_grad():
+      module.vision(pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+
+  return run
+
+
 def captioner(module, tokens: TokenIds, max_len: int, beam_size: int):
   """fn(images) -> ids: `generate()` of a BlipForConditionalGeneration holding this module's
   vision tower and decoder, `max_len` tokens exactly ([SEP] is not allowed to end a row early)."""

@@ -107,6 +107,13 @@ def markdown(results: dict) -> str:
     for mode in ("greedy", "beam"):
       row(f"captions, {mode} ({c['config']['max_len']} tokens)", "captions/s", c[mode]["klip_jax_captions_per_s"],
           c[mode].get("hf_captions_per_s"), c[mode].get("ratio"))
+    if "image_encoding" in c:
+      e = c["image_encoding"]
+      row("captions: image encoding alone", "ms", 1e3 * e["klip_jax_s"], 1e3 * e["hf_s"], e["ratio"])
+      row("captions: greedy minus image encoding (the decoding)", "ms", 1e3 * e["klip_jax_greedy_decoding_s"],
+          1e3 * e["hf_greedy_decoding_s"], e["greedy_decoding_ratio"])
+      row("captions: greedy bound (HF greedy / our image encoding)", "ms", 1e3 * e["klip_jax_s"],
+          1e3 * e["hf_s"] / e["hf_share_of_greedy"], e["greedy_ratio_bound"])
   if "pipeline" in results:
     p = results["pipeline"]
     row("input pipeline", "images/s per core", p["images_per_s_per_core"])

@@ -134,4 +134,7 @@ def test_bench_command_compares_with_hf_in_one_run(tmp_path, capsys):
   assert results["relabel"]["flags_agree"] == 1.0
   for mode in ("greedy", "beam"):
     assert results["caption"][mode]["ratio"] > 0
+  encoding = results["caption"]["image_encoding"]  # part of a greedy call: it bounds the ratio
+  assert 0 < encoding["klip_jax_share_of_greedy"] < 1 and 0 < encoding["hf_share_of_greedy"] < 1
+  assert encoding["greedy_ratio_bound"] > results["caption"]["greedy"]["ratio"]
   assert "| train step | images/s |" in capsys.readouterr().out
