@@ -89,7 +89,7 @@ def score_spans(model: KLIP, cache, ids: jax.Array, start: jax.Array, candidates
   first = jnp.repeat(start, c)
   previous0 = jnp.repeat(ids[rows, jnp.maximum(start - 1, 0)], c)
   ends = jnp.repeat(end_ids, c)
-  cache = jax.tree.map(lambda x: jnp.repeat(x, c, axis=1), cache)  # [layers, B * C, ...]
+  cache = tower.cache_rows(cache, jnp.repeat(jnp.arange(b), c))  # B * C rows
   graph, params = nnx.split(tower)
 
   def body(j, carry):
@@ -143,8 +143,7 @@ def generate(model: KLIP, image_tokens: jax.Array, *, max_len: int, dec_id: int,
     scores = jnp.take_along_axis(total, choice, axis=1).reshape(-1)
     ids = ids[origin].at[:, t + 1].set(token)
     if k > 1:  # beams move within their image: only the self-attention keys/values follow them
-      self_k, self_v, image_k, image_v = cache
-      cache = (self_k[:, origin], self_v[:, origin], image_k, image_v)
+      cache = tower.cache_rows(cache, origin, image=False)
     lengths = new_lengths.reshape(-1)[origin]
     done = done[origin] | (token == sep_id)
     return ids, cache, scores, done, lengths, params

@@ -197,6 +197,13 @@ class TextTransformer(nnx.Module):
         self.scan, None, image)
     return cache
 
+  def cache_rows(self, cache, rows: jax.Array, *, image: bool = True):
+    """The decoder cache of rows `rows` [R] of this one: each layer's self-attention keys and
+    values, and its image keys/values too unless `image=False` (beams of one image share them)."""
+    take = (lambda x: x[:, rows]) if self.scan else (lambda x: x[rows])  # scanned: [layers, B, ...]
+    pick = lambda c: (take(c[0]), take(c[1])) + ((take(c[2]), take(c[3])) if image else tuple(c[2:]))
+    return pick(cache) if self.scan else tuple(pick(c) for c in cache)
+
   def step(self, tokens: jax.Array, positions: jax.Array, cache):
     """Next-token logits [B, V] for `tokens` [B] at `positions` [B], and the updated cache."""
     x = self.embed_norm(self.word_embed(tokens[:, None]) + self.pos_embed(positions[:, None]))

@@ -63,8 +63,9 @@ def test_generate_span_equals_greedy_full_forward_and_stops_at_a_stop_token(scan
     assert np.asarray(span)[row, :lengths[row]].tolist() == expected[row]
 
 
-def test_score_spans_equals_teacher_forced_full_forward():
-  config, mesh, model, images = _model(False)
+@pytest.mark.parametrize("scan", [False, True])
+def test_score_spans_equals_teacher_forced_full_forward(scan):
+  config, mesh, model, images = _model(scan)
   rng = np.random.default_rng(2)
   ids = jnp.asarray(rng.integers(7, VOCAB, (2, 12)), jnp.int32)
   pad = jnp.ones((2, 12), bool)
@@ -112,8 +113,9 @@ def test_prefill_scores_each_written_token_as_a_full_forward_does():
       np.testing.assert_allclose(got[row][valid], np.asarray(want)[valid], rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_generation_equals_full_forward_and_beam_scores_no_worse():
-  config, mesh, model, images = _model(False)
+@pytest.mark.parametrize("scan", [False, True])
+def test_greedy_generation_equals_full_forward_and_beam_scores_no_worse(scan):
+  config, mesh, model, images = _model(scan)
   graph, state = nnx.split(model)
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     tokens, _ = model.encode_image(images)
@@ -133,7 +135,12 @@ def test_greedy_generation_equals_full_forward_and_beam_scores_no_worse():
           ids[row, t + 1] = step[row].argmax()
           logp[row] += step[row].max()
           done[row] = ids[row, t + 1] == 3
+    # Each beam's score is its caption's log-probability under a full forward pass: the cached
+    # keys/values followed the beams through every reordering.
+    full = np.asarray(_masked_log_softmax(model.decoder_logits(jnp.asarray(beam), jnp.asarray(beam != 0), tokens)))
   np.testing.assert_array_equal(greedy, ids)
   np.testing.assert_allclose(greedy_logp, logp, rtol=1e-5)
   length = lambda x: np.maximum((x != 0).sum(1), 1)
   assert np.all(beam_logp / length(beam) >= greedy_logp / length(greedy) - 1e-5)
+  written = [sum(full[row, t - 1, beam[row, t]] for t in range(1, 10) if beam[row, t] != 0) for row in range(3)]
+  np.testing.assert_allclose(beam_logp, written, rtol=1e-4, atol=1e-4)
