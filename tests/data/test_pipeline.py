@@ -103,6 +103,12 @@ def test_batch_not_divisible_by_hosts_is_a_config_error(tiny_data, codec):
                    process_index=0, process_count=2)
 
 
+@pytest.mark.parametrize("field", ["worker_count", "read_threads"])
+def test_negative_parallelism_is_a_config_error(tiny_data, codec, field):
+  with pytest.raises(ConfigError, match=f"{field}=-1 must be >= 0"):
+    pipeline.build(pipeline.PipelineOptions(tiny_data, "train", batch_size=8, **{field: -1}), codec)
+
+
 def test_global_batch_is_sharded_over_the_batch_axes(tiny_data, codec):
   assert jax.device_count() == 8
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
