@@ -38,6 +38,20 @@ def model_inputs(batch: dict) -> dict:
   return {k: batch[k] for k in MODEL_INPUTS}
 
 
+def itm_pair_logits(model, enc_ids, image_tokens, neg_text, neg_image, clause_negatives=None, *, pad_id: int):
+  """ITM logits [(3 or 4) B, 2] of the B positives (image b, caption b), then (image
+  neg_image[b], caption b), (image b, caption neg_text[b]) and, given, (image b, its clause
+  negative b); captions `enc_ids` [B, L] start with [ENC]. Each image's own-image pairs are
+  consecutive rows that attend to it together (no copy of its keys/values per pair); only
+  the negative-image pairs pick theirs by index."""
+  b, length = enc_ids.shape
+  own = [enc_ids, enc_ids[neg_text]] + ([] if clause_negatives is None else [clause_negatives])
+  own = jnp.stack(own, axis=1).reshape(-1, length)
+  own_logits = model.itm_logits(own, own != pad_id, image_tokens).reshape(b, -1, 2)
+  neg_image_logits = model.itm_logits(enc_ids, enc_ids != pad_id, image_tokens, neg_image)
+  return jnp.concatenate([own_logits[:, 0], neg_image_logits, *jnp.moveaxis(own_logits[:, 1:], 1, 0)])
+
+
 def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, batch, rng):
   """All three losses and their metrics; returns (total, (metrics, momentum features))."""
   rng_itm, rng_select, rng_corrupt = jax.random.split(rng, 3)
@@ -67,17 +81,11 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
   # ITM: positives, (negative image, text) and (image, negative text) pairs, and with
   # config.data.clause_negatives (image, its caption with one clause wrong) pairs.
   neg_text, neg_image = losses.sample_hard_negatives(rng_itm, sim_i2t, sim_t2i, config.loss.itm_random_negatives)
-  enc_ids = ids.at[:, 0].set(tokens.enc)
+  clause_negatives = batch["neg_text_ids"].at[:, 0].set(tokens.enc) if "neg_text_ids" in batch else None
+  itm_logits = itm_pair_logits(model, ids.at[:, 0].set(tokens.enc), image_tokens, neg_text, neg_image,
+                               clause_negatives, pad_id=tokens.pad)
   b = ids.shape[0]
-  own = jnp.arange(b)
-  pair_ids = [enc_ids, enc_ids, enc_ids[neg_text]]
-  pair_images = [own, neg_image, own]  # indices into image_tokens: each image projected once
-  if "neg_text_ids" in batch:
-    pair_ids.append(batch["neg_text_ids"].at[:, 0].set(tokens.enc))
-    pair_images.append(own)
-  pair_ids = jnp.concatenate(pair_ids)
-  itm_logits = model.itm_logits(pair_ids, pair_ids != tokens.pad, image_tokens, jnp.concatenate(pair_images))
-  labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(pair_ids.shape[0] - b, jnp.int32)])
+  labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(itm_logits.shape[0] - b, jnp.int32)])
   loss_itm, itm_acc = losses.itm(itm_logits, labels)
 
   # Keyword reconstruction through the image-grounded causal decoder.
