@@ -160,9 +160,9 @@ class TextTransformer(nnx.Module):
     `image` [N, P, Dv] with `image_index` [B]: row b attends to image image_index[b] (each
     image's keys and values projected once however many rows share it); without an index and
     N < B, the rows come in N groups of B / N consecutive rows, group n reading image n
-    (`SubLayer`). `first_only`: the
-    last layer computes the first position alone (-> [B, 1, width]), all a [CLS]/[ENC] head
-    reads; with scanned layers the whole last layer runs and the first position is taken.
+    (`SubLayer`). `first_only`: the last layer computes the first position alone (-> [B, 1,
+    width]), all a [CLS]/[ENC] head reads; with scanned layers the whole last layer runs and
+    the first position is taken.
     """
     if mode not in MODES:
       raise ValueError(f"unknown text mode {mode!r}; use one of {MODES}")
