@@ -8,7 +8,7 @@ from flax import nnx
 
 from klip_jax import config as config_lib
 from klip_jax.data.tokenizer import TokenIds
-from klip_jax.model.klip import clamp_temperature
+from klip_jax.model.klip import KLIP, clamp_temperature
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
@@ -158,27 +158,31 @@ def test_temperature_recovers_after_an_update_pushed_it_out_of_range():
 
 @pytest.mark.parametrize("clause_negatives", [False, True])
 def test_itm_pairs_are_the_positives_then_each_kind_of_negative(clause_negatives):
-  """Each ITM row scores the pair it claims, against the model run on that (caption, image)
-  pair alone."""
+  """Each ITM row scores the pair it claims, against the model run on rows that each hold
+  their (caption, image) pair, the image copied per row."""
   config = _config()
   mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
-  tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
-  graph, state, _ = state_lib.create(config, VOCAB, tx, mesh)
-  model = nnx.merge(graph, state.params)
-  batch = _batch(3, b=4)
-  ids = jax.numpy.asarray(batch["text_ids"]).at[:, 0].set(TOKENS.enc)
-  clause = ids[::-1].at[:, 5].set(9) if clause_negatives else None
-  neg_text, neg_image = jax.numpy.asarray([2, 0, 3, 1]), jax.numpy.asarray([1, 3, 0, 2])
   with mesh_lib.logical_context(mesh, config.mesh.rules):
+    graph, params = nnx.split(KLIP(config.model, VOCAB, rngs=nnx.Rngs(params=0)))
+  batch = _batch(3, b=4)
+  ids = np.asarray(batch["text_ids"]).copy()
+  ids[:, 0] = TOKENS.enc
+  clause = ids[::-1].copy() if clause_negatives else None
+  if clause_negatives:
+    clause[:, 5] = 9
+  neg_text, neg_image = np.asarray([2, 0, 3, 1]), np.asarray([1, 3, 0, 2])
+  # Row by row: (caption, image) of the positives, then each kind of negative.
+  captions = np.concatenate([ids, ids, ids[neg_text]] + ([clause] if clause_negatives else []))
+  images = np.concatenate([np.arange(4), neg_image, np.arange(4)] + ([np.arange(4)] if clause_negatives else []))
+
+  @jax.jit
+  def both(params):
+    model = nnx.merge(graph, params)
     image_tokens, _ = model.encode_image(batch["image"])
     got = step_lib.itm_pair_logits(model, ids, image_tokens, neg_text, neg_image, clause, pad_id=TOKENS.pad)
-    pairs = [(b, b) for b in range(4)] + [(b, int(neg_image[b])) for b in range(4)]
-    captions = [ids[b] for b in range(4)] * 2 + [ids[int(neg_text[b])] for b in range(4)]
-    images = [image for _, image in pairs] + list(range(4))
-    if clause_negatives:
-      captions += [clause[b] for b in range(4)]
-      images += list(range(4))
-    want = [model.itm_logits(c[None], c[None] != TOKENS.pad, image_tokens[i:i + 1])[0]
-            for c, i in zip(captions, images)]
+    return got, model.itm_logits(captions, captions != TOKENS.pad, image_tokens[images])
+
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    got, want = both(params)
   assert got.shape == (16 if clause_negatives else 12, 2)
-  np.testing.assert_allclose(got, np.stack(want), atol=2e-5)
+  np.testing.assert_allclose(got, want, atol=2e-5)
