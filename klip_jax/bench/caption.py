@@ -35,12 +35,12 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, max_len: i
 
   contenders = {f"klip_jax_{name}": functools.partial(
       lambda k: jax.block_until_ready(captions(state.params, images, k)), k) for name, k in beams.items()}
-  encode = jax.jit(lambda params, images: nnx.merge(graph, params).encode_image(images)[0])
   if compare_hf:
     module = hf_blip.build(config.model, vocab_size, tokens)
     hf_blip.load_params(module, jax.device_get(state.params.to_pure_dict()), config.model)
     for name, k in beams.items():
       contenders[f"hf_{name}"] = functools.partial(hf_blip.captioner(module, tokens, max_len, k), images)
+    encode = jax.jit(lambda params, images: nnx.merge(graph, params).encode_image(images)[0])
     contenders["klip_jax_encode"] = lambda: jax.block_until_ready(encode(state.params, images))
     contenders["hf_encode"] = functools.partial(hf_blip.vision_forward(module), images)
   seconds = timing.interleaved(contenders, rounds=rounds)
