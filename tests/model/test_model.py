@@ -166,3 +166,22 @@ def test_scanned_layers_compute_what_the_layer_loop_computes(setup):
     np.testing.assert_allclose(scanned.encode_text(ids, pad), model.encode_text(ids, pad), atol=1e-5)
     grads = jax.grad(lambda m: m.itm_logits(ids, pad, m.encode_image(images)[0]).sum())(scanned)
     assert jax.tree.leaves(grads)
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_gelu_is_pytorchs_and_its_gradient_too(approximate):
+  """Exact GELU against PyTorch's (HF BLIP's "gelu"), tanh GELU against "gelu_pytorch_tanh",
+  values and gradients, over the far tails where erf and erfc forms could part."""
+  import torch
+
+  from klip_jax.model import layers
+
+  x = np.concatenate([np.linspace(-12, 12, 4001), [-30.0, 30.0]]).astype(np.float32)
+  t = torch.tensor(x, requires_grad=True)
+  want = torch.nn.functional.gelu(t, approximate="tanh" if approximate else "none")
+  want.sum().backward()
+  act = layers.gelu(approximate)
+  got, grad = jax.value_and_grad(lambda v: jnp.sum(act(v)))(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(act(jnp.asarray(x))), want.detach().numpy(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), t.grad.numpy(), rtol=1e-5, atol=1e-5)
+  assert act(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
