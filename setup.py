@@ -62,5 +62,5 @@ setup(
         "gcs": GCS,
         "cuda": [f"jax[cuda12]=={JAX_VERSION}"],
     },
-    entry_points={"console_scripts": ["klip=klip_jax.cli:main"]},
+    entry_points={"console_scripts": ["klip=klip_jax.cli:run"]},
 )

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from klip_jax import xla_flags
 from klip_jax.errors import KlipError, Preempted
 
 
@@ -575,5 +576,12 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def run() -> int:
+  """The `klip` command: main() in a process that starts with klip's XLA flags (xla_flags.py).
+  Called from Python, main() leaves XLA_FLAGS as the caller set it."""
+  os.environ["XLA_FLAGS"] = xla_flags.with_defaults(os.environ.get("XLA_FLAGS", ""))
+  return main()
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run())

@@ -9,6 +9,7 @@ per-device memory of the train step over FSDP meshes). `compare_hf` adds transfo
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import tempfile
 from importlib import metadata
@@ -38,7 +39,8 @@ def machine() -> dict:
     except metadata.PackageNotFoundError:
       pass
   return {"date": datetime.date.today().isoformat(), "device": jax.devices()[0].device_kind,
-          "devices": jax.device_count(), "cpu": _cpu_model(), "host": platform.node(), "versions": versions}
+          "devices": jax.device_count(), "cpu": _cpu_model(), "host": platform.node(), "versions": versions,
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def run(names, config: ml_collections.ConfigDict, *, vocab_size: int, compare_hf: bool = False,
@@ -77,7 +79,8 @@ def markdown(results: dict) -> str:
   """One table: each measurement with klip_jax's number, HF's where compared, and the ratio."""
   m = results["machine"]
   lines = [f"{m['date']}, {m['device']} x{m['devices']} ({m['cpu']}), "
-           + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
+           + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+           + (f", XLA_FLAGS={m['xla_flags']}" if m.get("xla_flags") else ""), "",
            "| benchmark | unit | klip_jax | HF transformers | ratio |", "|---|---|---|---|---|"]
 
   def row(name, unit, ours, theirs=None, ratio=None):
