@@ -81,3 +81,27 @@ def test_the_synthetic_world_is_still_stored_as_uint16_png(tiny_data):
   assert source[0]["image"][:8] == b"\x89PNG\r\n\x1a\n"
   assert records.from_example(source[0])["image"].dtype == np.uint16
   assert builder.metadata(tiny_data)["image_shape"] == [48, 48]
+
+
+def test_a_split_past_tfds_default_shuffle_buffer_builds_without_tensorflow(tmp_path, monkeypatch):
+  """TFDS spills a split larger than its 1 GB shuffle buffer through TensorFlow, which is not
+  installed: here the default is made smaller than one record, so only the build's own limit
+  (half of memory) keeps the split in memory."""
+  from tensorflow_datasets.core import shuffle
+
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 100)
+  settings = builder.SynthSettings({"train": 3}, seed=2, world=TINY_SETTINGS.world)
+  builder.build(tmp_path, settings)
+  assert len(builder.open_split(tmp_path, "train")) == 3
+  assert shuffle.MAX_MEM_BUFFER_SIZE == 100  # TFDS's own limit is back after the build
+
+
+def test_a_split_past_memory_is_refused_naming_the_fix_and_loses_nothing(tmp_path, monkeypatch, tiny_data):
+  monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE" else 0)  # no memory
+  from tensorflow_datasets.core import shuffle
+
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 100)
+  settings = builder.SynthSettings({"train": 3}, seed=2, world=TINY_SETTINGS.world)
+  with pytest.raises(DatasetError, match="tensorflow-cpu"):
+    builder.build(tmp_path, settings)
+  assert not list((tmp_path / builder.NAME).glob(".build-*"))  # the staging folder is gone
