@@ -44,7 +44,12 @@ def test_the_klip_command_starts_with_the_defaults(monkeypatch):
   from klip_jax import cli
 
   seen = {}
+
+  def main():
+    seen["flags"] = os.environ["XLA_FLAGS"]
+    return 0
+
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  monkeypatch.setattr(cli, "main", lambda: seen.setdefault("flags", os.environ["XLA_FLAGS"]) and 0)
+  monkeypatch.setattr(cli, "main", main)
   assert cli.run() == 0
   assert seen["flags"] == "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type="

@@ -9,6 +9,7 @@ vs tanh GELU, LayerNorm epsilon, fused vs split q/k/v projections.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -32,7 +33,7 @@ def gelu(approximate: bool) -> Callable[[jax.Array], jax.Array]:
   (forward + backward) 3% faster, and its values match PyTorch's formula term for term."""
   if approximate:
     return lambda x: jax.nn.gelu(x, approximate=True)
-  return lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * jnp.sqrt(0.5).astype(x.dtype)))
+  return lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))  # Python floats keep x's dtype
 
 
 def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *,

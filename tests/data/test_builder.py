@@ -96,7 +96,7 @@ def test_a_split_past_tfds_default_shuffle_buffer_builds_without_tensorflow(tmp_
   assert shuffle.MAX_MEM_BUFFER_SIZE == 100  # TFDS's own limit is back after the build
 
 
-def test_a_split_past_memory_is_refused_naming_the_fix_and_loses_nothing(tmp_path, monkeypatch, tiny_data):
+def test_a_split_past_memory_is_refused_naming_the_fix_and_loses_nothing(tmp_path, monkeypatch):
   monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE" else 0)  # no memory
   from tensorflow_datasets.core import shuffle
 
