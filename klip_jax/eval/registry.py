@@ -234,6 +234,14 @@ def _scio_repair(ctx: EvalContext) -> dict:
   corrupted = [(e["scene_type"], int(k), true) for e in entries for k, true in e["truth"].items()]
   out["chance_proofreading_accuracy"] = float(np.mean(
       [common.get((scene, knowledge.FIELDS[scene][k])) == true for scene, k, true in corrupted]))
+  # Screening AUC on the split the precision and recall above are counted on (the captions the
+  # model trained on), beside `screening`'s on val: no model call, the entries hold every signal.
+  try:
+    screened = screening.evaluate(entries)
+  except NoTruth:  # corrupted clauses only in one-clause captions, or every clause corrupted
+    screened = {}
+  out.update({name: screened[name] for name in ("auc_rule", "auc_rule_visible", "auc_decoder", "auc_itc",
+                                                 "auc_itm", "chance_auc", "per_field") if name in screened})
   ctx.outputs["relabel_entries"] = entries
   return out
 

@@ -64,7 +64,8 @@ METRICS = (("retrieval", "r_mean"), ("retrieval", "itc_r_mean"), ("itm", "auc"),
            ("vqa_landforms_present", "accuracy"), ("screening", "auc_rule"), ("screening", "auc_rule_visible"),
            ("screening", "auc_itm"), ("screening", "auc_itc"), ("screening", "auc_decoder"),
            ("scio_repair", "screening_precision"),
-           ("scio_repair", "screening_recall"), ("scio_repair", "proofreading_accuracy"),
+           ("scio_repair", "screening_recall"), ("scio_repair", "auc_rule"), ("scio_repair", "auc_rule_visible"),
+           ("scio_repair", "proofreading_accuracy"),
            ("scio_repair", "clean_clauses_changed_rate"))
 CHANCE = {("retrieval", "r_mean"): "chance_r_mean", ("retrieval", "itc_r_mean"): "chance_r_mean",
           ("itm", "auc"): "chance_auc", ("itm", "balanced_accuracy"): "chance_balanced_accuracy",
@@ -74,6 +75,7 @@ CHANCE = {("retrieval", "r_mean"): "chance_r_mean", ("retrieval", "itc_r_mean"):
           ("screening", "auc_decoder"): "chance_auc",
           ("scio_repair", "screening_precision"): "chance_screening_precision",
           ("scio_repair", "screening_recall"): "chance_screening_recall",
+          ("scio_repair", "auc_rule"): "chance_auc", ("scio_repair", "auc_rule_visible"): "chance_auc",
           ("scio_repair", "proofreading_accuracy"): "chance_proofreading_accuracy"}
 for _task in ("vqa_count", "vqa_recognition", "vqa_position", "vqa_landform", "vqa_landforms_present"):
   CHANCE[(_task, "accuracy")] = "chance_accuracy"

@@ -78,6 +78,7 @@ def test_report_screening_table_per_field():
       "target.count": {"clauses": 40, "corrupted": 9, "auc_itc": 0.75, "auc_itm": 0.5, "auc_decoder": 0.875,
                        "auc_rule": 0.625},
       "target.region": {"clauses": 40, "corrupted": 0, "auc_itc": float("nan"), "auc_itm": float("nan"),
-                        "auc_rule": float("nan")}})
+                        "auc_rule": float("nan")}}, "train split's noisy captions")
+  assert table.startswith("Screening AUC per HCoT field (train split's noisy captions; chance 0.500):")
   assert "| target.count | 40 | 9 | 0.750 | 0.500 | 0.875 | 0.625 |" in table
   assert "| target.region (no chip can show it) | 40 | 0 | — | — | — | — |" in table

@@ -60,12 +60,17 @@ def test_pretrain_runs_all_stages_and_the_benchmark(tiny_data, tiny_tokenizer, t
     assert all(isinstance(v, (int, float)) for v in metrics.values()), name
     assert any(k.startswith("chance") for k in metrics), f"{name} reports no chance level"
   assert saved["tasks"]["scio_repair"]["captions"] == 48
+  # Screening AUC on the train captions it repaired, per field in details.json and the report.
+  assert 0 <= saved["tasks"]["scio_repair"]["auc_rule"] <= 1 and saved["tasks"]["scio_repair"]["chance_auc"] == 0.5
+  per_field = json.load(open(os.path.join(folder, "details.json")))["scio_repair"]["per_field"]
+  assert sum(m["clauses"] for m in per_field.values()) > 0
   assert 0 <= saved["tasks"]["retrieval"]["r_mean"] <= 1
   entries = [json.loads(line) for line in open(os.path.join(folder, "relabel_train.jsonl"))]
   assert len(entries) == 48
   report = open(os.path.join(folder, "report.md")).read()
   assert all(f"| {name} |" in report for name in tasks)
   assert "SCIO before/after" in report and "cannot exceed" in report
+  assert "Screening AUC per HCoT field (train split's" in report
   plots = ["retrieval.png", "training_curves.png"] + (["confusion.png"] if mode == "online" else [])
   if mode == "online":
     assert saved["tasks"]["screening"]["clauses"] > 0 and 0 <= saved["tasks"]["screening"]["auc_rule"] <= 1
