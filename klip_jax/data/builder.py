@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
+import resource
+import struct
 import uuid
 from collections.abc import Iterator
 from typing import Protocol
@@ -186,18 +189,9 @@ def build(data_dir: str | os.PathLike, settings: RecordSource, rebuild: bool = F
   staging.mkdir(parents=True)
   try:
     (staging / "settings.json").write_text(json.dumps(wanted))  # names the command after a kill
-    with _splits_shuffled_in_memory() as limit:
-      try:
-        KlipSar(settings=settings, data_dir=os.fspath(staging)).download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-      except ModuleNotFoundError as e:
-        if e.name != "tensorflow":
-          raise
-        raise DatasetError(
-            f"a split of this dataset is larger than {limit / 2**30:.1f} GiB (half of this machine's "
-            "memory), the most TFDS shuffles in memory; past that it spills to disk through TensorFlow, "
-            "which klip_jax does not install. Build on a machine with more memory, or pip install "
-            "tensorflow-cpu for the build. Nothing was written to the dataset folder.") from e
+    with _spills_without_tensorflow():
+      KlipSar(settings=settings, data_dir=os.fspath(staging)).download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     io.replace(staging / NAME / VERSION, path)
   finally:
     if staging.exists():
@@ -205,20 +199,75 @@ def build(data_dir: str | os.PathLike, settings: RecordSource, rebuild: bool = F
   return path
 
 
-@contextlib.contextmanager
-def _splits_shuffled_in_memory():
-  """TFDS shuffles a split's serialized records in memory up to `shuffle.MAX_MEM_BUFFER_SIZE`
-  (1 GB) and spills beyond it to bucket files written through tf.io.gfile, i.e. TensorFlow,
-  which klip_jax does not install: a 224 px world of 20,000 chips (~2.4 GB) failed with "No
-  module named 'tensorflow'" after 9 minutes of generation. For the build, the limit is half
-  of this machine's memory instead. -> that limit in bytes."""
-  default = tfds_shuffle.MAX_MEM_BUFFER_SIZE
-  limit = max(default, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
-  tfds_shuffle.MAX_MEM_BUFFER_SIZE = limit
+class _LocalBucket(tfds_shuffle._Bucket):
+  """TFDS's shuffle bucket (the same file format) written and read with Python's open()
+  instead of tf.io.gfile. TFDS shuffles a split's serialized records in memory up to
+  `shuffle.MAX_MEM_BUFFER_SIZE` (1 GB) and spills the rest into 1,000 bucket files in the
+  build's staging folder, which `require_local` keeps on a local disk; through tf.io.gfile
+  that needs TensorFlow, which klip_jax does not install (a 224 px world of 20,000 chips,
+  ~2.4 GB, failed with "No module named 'tensorflow'" after 9 minutes of generation). A build
+  therefore needs twice the split's size on disk for a moment, and about 1 GB of memory."""
+
+  def add(self, key, data: bytes) -> None:
+    if not self._fobj:
+      os.makedirs(os.path.dirname(self._path), exist_ok=True)
+      self._fobj = _open_bucket(self._path)
+    self._fobj.write(tfds_shuffle._hkey_to_bytes(key))
+    self._fobj.write(struct.pack("=Q", len(data)))  # the layout _Bucket documents and reads
+    self._fobj.write(data)
+    self._length += 1
+    self._size += len(data)
+
+  def flush(self) -> None:
+    if self._fobj:
+      self._fobj.close()
+
+  def read_values(self):
+    self.flush()
+    if not os.path.exists(self._path):  # a bucket no key hashed into
+      return
+    with open(self._path, "rb") as f:
+      while key := f.read(tfds_shuffle.HKEY_SIZE_BYTES):
+        (size,) = struct.unpack("=Q", f.read(8))
+        yield tfds_shuffle._read_hkey(key), f.read(size)
+
+  def del_file(self) -> None:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(self._path)
+
+
+def _open_bucket(path):
+  """A bucket file for writing, or a DatasetError when the process may not open one more."""
   try:
-    yield limit
+    return open(path, "wb")
+  except OSError as e:
+    if e.errno != errno.EMFILE:
+      raise
+    raise DatasetError(f"a dataset build spills a large split into {tfds_shuffle.BUCKETS_NUMBER} files open at "
+                       f"once, but this process may open no more files ({e}): raise the open-file limit "
+                       f"(ulimit -n {_OPEN_FILES}) and build again.") from e
+
+
+_OPEN_FILES = 2 * tfds_shuffle.BUCKETS_NUMBER  # the buckets, the shards and whatever else is open
+
+
+@contextlib.contextmanager
+def _spills_without_tensorflow():
+  """While a build runs, TFDS's shuffler writes its spill buckets as `_LocalBucket`s, and the
+  process's soft open-file limit is at least _OPEN_FILES (up to the hard limit): a split that
+  spills keeps all its bucket files open at once."""
+  default = tfds_shuffle._Bucket
+  limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+  soft, hard = limits
+  if soft != resource.RLIM_INFINITY and soft < _OPEN_FILES:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_OPEN_FILES if hard == resource.RLIM_INFINITY
+                                                else min(_OPEN_FILES, hard), hard))
+  tfds_shuffle._Bucket = _LocalBucket
+  try:
+    yield
   finally:
-    tfds_shuffle.MAX_MEM_BUFFER_SIZE = default
+    tfds_shuffle._Bucket = default
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
 
 def command(settings: dict | None, data_dir, flags: str = "") -> str:

@@ -1,5 +1,6 @@
 """The TFDS ArrayRecord builder: round trip, statistics, refusal, and interrupted builds."""
 
+import errno
 import os
 
 import numpy as np
@@ -83,25 +84,48 @@ def test_the_synthetic_world_is_still_stored_as_uint16_png(tiny_data):
   assert builder.metadata(tiny_data)["image_shape"] == [48, 48]
 
 
-def test_a_split_past_tfds_default_shuffle_buffer_builds_without_tensorflow(tmp_path, monkeypatch):
-  """TFDS spills a split larger than its 1 GB shuffle buffer through TensorFlow, which is not
-  installed: here the default is made smaller than one record, so only the build's own limit
-  (half of memory) keeps the split in memory."""
+def _split_bytes(data_dir, split):
+  source = builder.open_split(data_dir, split)
+  return [bytes(source[i]["id"]) + bytes(source[i]["image"]) + bytes(source[i]["caption"]) for i in range(len(source))]
+
+
+def test_a_split_spilled_past_the_shuffle_buffer_builds_without_tensorflow_and_equals_the_in_memory_one(
+    tmp_path, monkeypatch):
+  """TFDS shuffles up to 1 GB in memory and spills the rest to bucket files through
+  tf.io.gfile, which needs TensorFlow (not installed: TFDS's own bucket fails here). The buffer
+  is made smaller than one record, so every record goes through the spill files, and the soft
+  open-file limit is set too low for them: the build raises it, then puts it back."""
+  import resource
+
   from tensorflow_datasets.core import shuffle
 
+  settings = builder.SynthSettings({"train": 5, "val": 2}, seed=2, world=TINY_SETTINGS.world)
+  builder.build(tmp_path / "memory", settings)
   monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 100)
-  settings = builder.SynthSettings({"train": 3}, seed=2, world=TINY_SETTINGS.world)
-  builder.build(tmp_path, settings)
-  assert len(builder.open_split(tmp_path, "train")) == 3
-  assert shuffle.MAX_MEM_BUFFER_SIZE == 100  # TFDS's own limit is back after the build
+  opened = []
+  real_open = builder._open_bucket
+  monkeypatch.setattr(builder, "_open_bucket", lambda path: opened.append(path) or real_open(path))
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  if hard != resource.RLIM_INFINITY and hard < 2 * shuffle.BUCKETS_NUMBER:
+    pytest.skip(f"the hard open-file limit {hard} is below what a spilling build needs")
+  low = len(os.listdir("/proc/self/fd")) + 3  # too few for the shards and the buckets
+  resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+  try:
+    builder.build(tmp_path / "spilled", settings)
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (low, hard)  # restored after the build
+  finally:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+  assert len(opened) == 5 + 2  # every record spilled (into a bucket of its own: 7 keys, 1,000 buckets)
+  for split in ("train", "val"):
+    assert _split_bytes(tmp_path / "spilled", split) == _split_bytes(tmp_path / "memory", split)
+  assert not list((tmp_path / "spilled" / builder.NAME).glob(".build-*"))  # buckets gone with staging
+  assert shuffle._Bucket is not builder._LocalBucket  # TFDS's own bucket is back after the build
 
 
-def test_a_split_past_memory_is_refused_naming_the_fix_and_loses_nothing(tmp_path, monkeypatch):
-  monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE" else 0)  # no memory
-  from tensorflow_datasets.core import shuffle
+def test_running_out_of_open_files_while_spilling_names_the_limit(tmp_path, monkeypatch):
+  def no_more_files(*args, **kwargs):
+    raise OSError(errno.EMFILE, "Too many open files")
 
-  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 100)
-  settings = builder.SynthSettings({"train": 3}, seed=2, world=TINY_SETTINGS.world)
-  with pytest.raises(DatasetError, match="tensorflow-cpu"):
-    builder.build(tmp_path, settings)
-  assert not list((tmp_path / builder.NAME).glob(".build-*"))  # the staging folder is gone
+  monkeypatch.setattr("builtins.open", no_more_files)
+  with pytest.raises(DatasetError, match="ulimit -n 2000"):
+    builder._open_bucket(tmp_path / "bucket_000.tmp")
