@@ -206,7 +206,8 @@ class _LocalBucket(tfds_shuffle._Bucket):
   build's staging folder, which `require_local` keeps on a local disk; through tf.io.gfile
   that needs TensorFlow, which klip_jax does not install (a 224 px world of 20,000 chips,
   ~2.4 GB, failed with "No module named 'tensorflow'" after 9 minutes of generation). A build
-  therefore needs twice the split's size on disk for a moment, and about 1 GB of memory."""
+  therefore needs twice the split's size on disk for a moment, and holds at most 1 GB of it in
+  memory."""
 
   def add(self, key, data: bytes) -> None:
     if not self._fobj:
