@@ -103,6 +103,15 @@ class RecordSource(Protocol):
   def as_metadata(self) -> dict: ...
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+  """TFDS's DatasetInfo, without the look-up of a builder's precomputed info on TFDS's GCS
+  bucket, which klip_sar is never on: TFDS makes a temp folder for it whenever a builder
+  starts before its dataset exists and never removes it (one empty /tmp/tmp*tfds per build)."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class KlipSar(tfds.core.GeneratorBasedBuilder):
   """SAR chips with HCoT captions: the embedded synthetic world or ingested records."""
 
@@ -115,9 +124,8 @@ class KlipSar(tfds.core.GeneratorBasedBuilder):
     super().__init__(file_format="array_record", **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=records.tfds_features(),
-                                 metadata=tfds.core.MetadataDict(),
-                                 description=__doc__)
+    return _LocalInfo(builder=self, features=records.tfds_features(), metadata=tfds.core.MetadataDict(),
+                      description=__doc__)
 
   def _split_generators(self, dl_manager):
     del dl_manager

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -128,3 +129,13 @@ def test_running_out_of_open_files_while_spilling_names_the_limit(tmp_path, monk
   monkeypatch.setattr("builtins.open", no_more_files)
   with pytest.raises(DatasetError, match="ulimit -n 2000"):
     builder._open_bucket(tmp_path / "bucket_000.tmp")
+
+
+def test_a_build_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+  """TFDS's DatasetInfo makes an empty temp folder per builder started before its data exists."""
+  scratch = tmp_path / "tmp"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  builder.build(tmp_path / "data", builder.SynthSettings({"train": 2}, seed=1, world=TINY_SETTINGS.world))
+  assert len(builder.open_split(tmp_path / "data", "train")) == 2
+  assert not list(scratch.iterdir())
