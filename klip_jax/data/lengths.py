@@ -73,6 +73,16 @@ class LengthReport:
                  "'keywords', or let the head-phrase rule of klip_jax/data/fields.py pick them).")
     return out
 
+  def padding_note(self) -> str | None:
+    """Every caption is padded to max_len, and the text towers run on every padded token:
+    when even the longest caption leaves a multiple of 32 unused, say what a shorter max_len saves."""
+    n = self.suggested_max_len()
+    if n >= self.max_len:
+      return None
+    return (f"note: data.max_len={self.max_len} pads every caption, and the longest here has {self.longest} tokens: "
+            f"--config.data.max_len={n} runs the text towers on {1 - n / self.max_len:.0%} fewer tokens "
+            "(SCIO's rewrites may lengthen a caption; one that outgrows max_len is cut, as the tokenizer cuts).")
+
   def text(self) -> str:
     label = self.label or f"{self.captions} captions"
     lines = [
@@ -81,7 +91,8 @@ class LengthReport:
         f"captions ({self.truncated_share:.1%}), cutting {self.clauses_cut} of {self.clauses} clauses "
         f"({self.clauses_lost} lost whole) and {self.keywords_cut} of {self.keywords} keywords; keywords are "
         f"{self.keyword_share:.0%} of the caption tokens"]
-    return "\n".join(lines + self.warnings())
+    note = self.padding_note()
+    return "\n".join(lines + self.warnings() + ([note] if note else []))
 
 
 def measure(codec: TextCodec, texts: Iterable[tuple[str, Sequence[tuple[int, int]]]], max_len: int,

@@ -99,10 +99,24 @@ def test_tokenizer_command_reports_lengths(tiny_data, tmp_path, capsys):
                    "--max-len", "512"]) == 0
   printed = capsys.readouterr().out.splitlines()
   assert printed[1].startswith("caption tokens of the train split (all 48 captions), [CLS] and [SEP] included: p50 ")
-  assert "data.max_len=512 truncates 0 captions (0.0%)" in printed[1] and len(printed) == 2
+  assert "data.max_len=512 truncates 0 captions (0.0%)" in printed[1] and len(printed) == 3
+  assert printed[2].startswith("note: data.max_len=512 pads every caption, and the longest here has 120 tokens: "
+                               "--config.data.max_len=128 runs the text towers on 75% fewer tokens")
   assert cli.main(["data", "tokenizer", "--data", tiny_data, "--vocab-size", "500", "--out", out,
                    "--max-len", "16"]) == 0
   printed = capsys.readouterr().out.splitlines()
   assert "data.max_len=16 truncates 48 captions (100.0%)" in printed[1]
   assert printed[2].startswith("warning: data.max_len=16 truncates 100.0% of the captions")
   assert printed[2].endswith("or --config=configs/real_text.py:tiny (256 tokens).")
+
+
+def test_a_max_len_far_past_the_longest_caption_is_noted_with_the_saving(codec):
+  texts = _texts()
+  longest = lengths.measure(codec, texts, 512).longest
+  fitted = 32 * -(-longest // 32)  # the longest caption, rounded up to a multiple of 32
+  note = lengths.measure(codec, texts, 512).padding_note()
+  assert note.startswith(f"note: data.max_len=512 pads every caption, and the longest here has {longest} tokens: "
+                         f"--config.data.max_len={fitted} runs the text towers on {1 - fitted / 512:.0%} fewer tokens")
+  assert note in lengths.measure(codec, texts, 512).text().splitlines()
+  assert lengths.measure(codec, texts, fitted).padding_note() is None
+  assert lengths.measure(codec, texts, longest - 1).padding_note() is None  # too short: the warning's case
