@@ -24,15 +24,17 @@ def test_mean_ci_is_the_student_t_interval_of_the_mean():
 def test_arms_share_steps_seed_data_and_differ_only_where_named():
   config = config_lib.load("configs/demo.py")
   arms = {arm: ablate.arm_config(config, arm, 2, "/d", "/t.model") for arm in ablate.ARMS}
+  steps, stage_b = config.train.steps, config.scio.stage_b_steps
+  assert steps == config.scio.stage_a_steps + stage_b + config.scio.stage_c_steps and stage_b > 0
   for c in arms.values():
-    assert c.train.steps == 720 and c.seed == 2 and c.data.data_dir == "/d"
+    assert c.train.steps == steps and c.seed == 2 and c.data.data_dir == "/d"
   a = arms["stage_a"].scio
-  assert (a.stage_a_steps, a.stage_b_steps, a.stage_c_steps) == (720, 0, 0)
+  assert (a.stage_a_steps, a.stage_b_steps, a.stage_c_steps) == (steps, 0, 0)
   paper, extended = arms["paper"], arms["extended"]
   assert paper.scio.rule == "paper" and not paper.data.clause_negatives
   assert extended.scio.rule == "decoder" and extended.loss.itm_random_negatives > 0 and extended.scio.candidates
   assert arms["stage_a_extended"].loss.itm_random_negatives > 0 and arms["stage_a_extended"].scio.stage_b_steps == 0
-  assert paper.scio.stage_b_steps == extended.scio.stage_b_steps == 120
+  assert paper.scio.stage_b_steps == extended.scio.stage_b_steps == stage_b
   with pytest.raises(ConfigError, match="unknown arm"):
     ablate.arm_config(config, "nope", 0, "", "")
 
