@@ -82,12 +82,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
   base_rng = jax.random.key(c.seed)
   last: dict = {}
   with mesh_lib.logical_context(mesh, c.mesh.rules), compilations.Counter() as compiled:
-    steps = {"A": step_lib.make_train_step(c, graph, tx, schedule, tokens, shardings, mesh)}
+    # One program for every stage: SCIO's batches carry what differs (`scio.reconstruction_inputs`).
+    train_step = step_lib.make_train_step(c, graph, tx, schedule, tokens, shardings, mesh)
     if scio_on:
-      config_c = c.copy_and_resolve_references()
-      config_c.loss.extra_mask_rate = c.scio.stage_c_extra_mask_rate
-      steps["B"] = steps["A"]
-      steps["C"] = step_lib.make_train_step(config_c, graph, tx, schedule, tokens, shardings, mesh)
       relabel_fns = scio.relabel_steps(c, graph, tokens, shardings.params, mesh, data)
     if scio_on and c.scio.mode == "offline" and stage in scio.STAGE_OVERLAY:
       iterator = scio.enter_offline_stage(c, data, workdir, stage, relabel_fns[stage], state.params,
@@ -104,18 +101,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
             iterator = scio.enter_offline_stage(c, data, workdir, stage, relabel_fns[stage], state.params,
                                                 iterator, mesh)
         local = next(iterator)
-        batch = pipeline.global_batch({k: np.asarray(local[k]) for k in local
-                                       if k in step_lib.MODEL_INPUTS or k.startswith(("recon_", "neg_"))}, mesh)
+        local = {k: np.asarray(local[k]) for k in local
+                 if k in step_lib.MODEL_INPUTS or k.startswith(("recon_", "neg_"))}
+        batch = pipeline.global_batch(scio.reconstruction_inputs(local, c, stage) if scio_on else local, mesh)
         if scio_on and stage in ("B", "C") and c.scio.mode == "online":
           result = relabel_fns[stage](state.params, step_lib.model_inputs(batch),
                                       jax.random.fold_in(base_rng, step))
           if stage == "B":
             batch.update(recon_ids=result.removed_ids, recon_keyword_mask=result.removed_keyword_mask,
                          recon_clause_ids=result.removed_clause_ids)
-          else:
-            batch.update(text_ids=result.corrected_ids, keyword_mask=result.corrected_keyword_mask,
-                         clause_ids=result.corrected_clause_ids)
-        state, metrics = steps[stage](state, batch, jax.random.fold_in(base_rng, step))
+          else:  # trained on, and reconstructed from, the corrected caption
+            corrected = dict(text_ids=result.corrected_ids, keyword_mask=result.corrected_keyword_mask,
+                             clause_ids=result.corrected_clause_ids)
+            batch.update(corrected, **{recon: corrected[own] for recon, own in scio.RECON_KEYS.items()})
+        state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
         done = step + 1
         preempted = watch.reached(done)
         if done % c.train.log_every == 0 or done == end or preempted:
@@ -123,7 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
           now = time.perf_counter()
           last["images_per_s"] = (done - tick_step) * c.train.batch_size / (now - tick)
           last["stage"] = "ABC".index(stage)
-          # One per train step function (two with SCIO's stage C); more means steady-state recompiles.
+          # One in every run, SCIO's three stages included; more means steady-state recompiles.
           last["train_step_compilations"] = compiled.by_name[step_lib.JIT_NAME]
           tick, tick_step = now, done
           writer.train(done, last)

@@ -96,8 +96,9 @@ def itm_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
 
 
 def select_positions(rng: jax.Array, keyword_mask: jax.Array, ordinary_mask: jax.Array,
-                     extra_rate: float) -> jax.Array:
-  """Positions to reconstruct: every keyword token, plus `extra_rate` of ordinary tokens."""
+                     extra_rate: float | jax.Array) -> jax.Array:
+  """Positions to reconstruct: every keyword token, plus `extra_rate` of ordinary tokens (a
+  scalar, or an array that broadcasts against the [B, L] masks, e.g. one rate per row [B, 1])."""
   extra = jax.random.uniform(rng, keyword_mask.shape) < extra_rate
   return (keyword_mask > 0) | (ordinary_mask & extra)
 

@@ -37,6 +37,26 @@ def total_steps(scio) -> int:
   return scio.stage_a_steps + scio.stage_b_steps + scio.stage_c_steps
 
 
+# The reconstruction target's keys (`train.step`) and the caption keys they default to.
+RECON_KEYS = {"recon_ids": "text_ids", "recon_keyword_mask": "keyword_mask", "recon_clause_ids": "clause_ids"}
+
+
+def reconstruction_inputs(local_batch: dict, config, stage: str) -> dict:
+  """A host's batch with the reconstruction target spelled out in every stage: the caption the
+  decoder reconstructs (stage B's removal round brings its own, the caption without its flagged
+  clauses; A and C reconstruct the caption itself) and each example's rate of extra ordinary
+  positions (stage C's config.scio.stage_c_extra_mask_rate, else config.loss.extra_mask_rate).
+  One batch structure in every stage lets A, B and C share one compiled train step; a structure
+  or a constant that changed per stage compiled it three times (~18 s each on configs/demo.py).
+  Online stage B and C overwrite the target after relabelling (`train.loop`)."""
+  out = dict(local_batch)
+  for recon, own in RECON_KEYS.items():
+    out.setdefault(recon, local_batch[own])
+  rate = config.scio.stage_c_extra_mask_rate if stage == "C" else config.loss.extra_mask_rate
+  out["recon_extra_rate"] = np.full(len(local_batch["text_ids"]), rate, np.float32)
+  return out
+
+
 def stage_of(step: int, scio) -> str:
   for name, (start, end) in stage_bounds(scio).items():
     if start <= step < end:

@@ -7,7 +7,10 @@ was (params, optimizer, momentum, queues) and is counted in `metrics["skipped"]`
 
 Batch keys: image [B, H, W, 1]; text_ids, keyword_mask, clause_ids [B, L]. The SCIO stages
 may add recon_ids / recon_keyword_mask / recon_clause_ids: the caption the reconstruction
-loss is trained on (default: the same caption); with config.data.clause_negatives, neg_text_ids
+loss is trained on (default: the same caption), and recon_extra_rate [B]: each example's share
+of ordinary tokens reconstructed besides the keywords (default: config.loss.extra_mask_rate).
+Carried as data rather than config, they let SCIO's three stages run one compiled program
+(`scio.reconstruction_inputs`). With config.data.clause_negatives, neg_text_ids
 [B, L] is each caption with one clause wrong, an extra ITM negative of its image.
 """
 
@@ -93,7 +96,8 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
   rec_pad = rec_ids != tokens.pad
   ordinary = (batch.get("recon_clause_ids", batch["clause_ids"]) >= 0) & rec_pad
   rec_keywords = batch.get("recon_keyword_mask", batch["keyword_mask"])
-  selected = losses.select_positions(rng_select, rec_keywords, ordinary, config.loss.extra_mask_rate) & rec_pad
+  extra_rate = batch["recon_extra_rate"][:, None] if "recon_extra_rate" in batch else config.loss.extra_mask_rate
+  selected = losses.select_positions(rng_select, rec_keywords, ordinary, extra_rate) & rec_pad
   if config.loss.keyword_end:
     selected = selected | (losses.keyword_ends(rec_keywords) & rec_pad)
   selected = selected.at[:, 0].set(False)

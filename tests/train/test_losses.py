@@ -110,6 +110,18 @@ def test_extra_masking_selects_the_requested_rate_of_ordinary_tokens():
   assert none.sum() == 100 * 10
 
 
+def test_extra_positions_follow_each_rows_rate():
+  """select_positions with one rate per row: every keyword, then about that row's share of
+  ordinary tokens (0 and 1 exactly; 0.5 within 5 standard errors of 2,000 draws)."""
+  keywords = np.zeros((3, 2000), np.int32)
+  keywords[:, :10] = 1
+  selected = np.asarray(losses.select_positions(jax.random.key(0), jnp.asarray(keywords), jnp.ones((3, 2000), bool),
+                                                jnp.asarray([[0.0], [0.5], [1.0]])))
+  assert selected[:, :10].all()
+  assert selected[0, 10:].sum() == 0 and selected[2, 10:].all()
+  assert abs(selected[1, 10:].mean() - 0.5) < 5 * np.sqrt(0.25 / 1990)
+
+
 def test_reconstruction_counts_only_selected_positions_with_causal_shift():
   rng = np.random.default_rng(5)
   logits = rng.standard_normal((2, 6, 11)).astype(np.float32)

@@ -40,6 +40,8 @@ def test_pretrain_runs_all_stages_and_the_benchmark(tiny_data, tiny_tokenizer, t
   results = pretrain.pretrain(config, workdir, progress=False)
   lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [m["stage"] for m in lines if "eval" not in m] == [0, 0, 0, 0, 1, 1, 2, 2]
+  # Stages A, B and C share one compiled train step (the offline run is two invocations: one each).
+  assert {m["train_step_compilations"] for m in lines if "eval" not in m} == {1}
   evals = [m for m in lines if "eval" in m]
   if mode == "online":  # in-training evaluation at the configured steps, cheap tasks only
     assert [m["step"] for m in evals] == [3, 6]

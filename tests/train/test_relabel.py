@@ -217,6 +217,26 @@ def test_online_and_offline_give_identical_corrected_captions(tiny_data, tiny_to
       assert codec.decode(offline[key][row]) == codec.decode(online_ids[row]), (use, row)
 
 
+def test_every_stage_spells_out_the_reconstruction_target_and_rate():
+  """One batch structure in stages A, B and C (so one compiled train step): A and C reconstruct
+  the caption itself, B keeps the target its round wrote; only C adds extra positions."""
+  config = config_lib.load("configs/tiny.py")
+  config.loss.extra_mask_rate, config.scio.stage_c_extra_mask_rate = 0.0, 0.25
+  caption = {"text_ids": np.arange(6).reshape(2, 3), "keyword_mask": np.ones((2, 3)),
+             "clause_ids": np.zeros((2, 3)), "image": np.zeros((2, 4, 4, 1))}
+  removed = {"recon_ids": np.full((2, 3), 9), "recon_keyword_mask": np.zeros((2, 3)),
+             "recon_clause_ids": np.full((2, 3), -1)}
+  batches = {stage: scio.reconstruction_inputs({**caption, **(removed if stage == "B" else {})}, config, stage)
+             for stage in scio.STAGES}
+  assert len({tuple(sorted(b)) for b in batches.values()}) == 1
+  for stage, batch in batches.items():
+    for recon, own in (("recon_ids", "text_ids"), ("recon_keyword_mask", "keyword_mask"),
+                       ("recon_clause_ids", "clause_ids")):
+      np.testing.assert_array_equal(batch[recon], removed[recon] if stage == "B" else caption[own])
+    assert batch["recon_extra_rate"].dtype == np.float32
+    np.testing.assert_array_equal(batch["recon_extra_rate"], [0.25, 0.25] if stage == "C" else [0.0, 0.0])
+
+
 def test_repair_metrics_on_hand_made_entries():
   entries = [
       {"caption": "a$b$c", "flagged": 1, "truth": {"1": "x"}, "original_keyword": "y", "corrected_keyword": "x"},
