@@ -143,6 +143,14 @@ def test_proofreading_rewrites_a_memorised_keyword_of_another_length(tiny_data, 
     rows = [records.from_example(source[int(i)], decode_rasters=False) for i in batch["index"]]
     candidates = scio.field_candidates(RunData(tiny_data, codec), max_candidates=64)
 
+    fixes = {}
+    for use_candidates in (False, True):  # one program per mode and number of flags
+      scio_config = config.scio.copy_and_resolve_references()
+      scio_config.candidates = use_candidates
+      fixes[use_candidates] = jax.jit(functools.partial(_rewrite, graph, inputs["image"],
+                                                        fields=jnp.asarray(batch["clause_fields"]),
+                                                        scio_config=scio_config, tokens=tokens,
+                                                        candidates=candidates))
     cases = (((0,), ("sea",)), ((4,), ("runways and water and vegetation and roads",)),
              ((4, 0), ("runways and water and vegetation and roads", "sea")))
     for clauses, wrongs in cases:
@@ -155,12 +163,9 @@ def test_proofreading_rewrites_a_memorised_keyword_of_another_length(tiny_data, 
       ids, kw, cl = (jnp.asarray(np.stack([getattr(e, n) for e in wrong_ids]))
                      for n in ("ids", "keyword_mask", "clause_ids"))
       flagged = jnp.tile(jnp.asarray(clauses, jnp.int32), (len(rows), 1))
-      for use_candidates in (False, True):
-        scio_config = config.scio.copy_and_resolve_references()
-        scio_config.candidates = use_candidates
-        fix = jax.jit(functools.partial(_rewrite, graph, inputs["image"], flagged, jnp.asarray(batch["clause_fields"]),
-                                        scio_config, tokens, candidates))
-        out_ids, out_kw, out_cl, span = (np.asarray(x) for x in fix(state.params, ids, kw, cl))
+      for fix in fixes.values():
+        out_ids, out_kw, out_cl, span = (np.asarray(x) for x in fix(flagged=flagged, params=state.params, ids=ids,
+                                                                    kw=kw, cl=cl))
         np.testing.assert_array_equal(out_ids, batch["text_ids"])
         np.testing.assert_array_equal(out_kw, batch["keyword_mask"])
         np.testing.assert_array_equal(out_cl, batch["clause_ids"])
