@@ -155,7 +155,7 @@ def evaluation_due(eval_config: ml_collections.ConfigDict, step: int) -> bool:
 
 def _initial_state(c, data: RunData, tx, mesh, workdir: str, abstract, shardings, imported: bool):
   """A fresh train state, with `klip import-hf`'s parameters when the workdir has them."""
-  _, state, _ = state_lib.create(c, data.codec.vocab_size, tx, mesh)
+  state = state_lib.initialise(c, data.codec.vocab_size, tx, mesh, shardings)
   if imported:
     path = checkpoint.init_params_path(workdir)
     params = checkpoint.restore_params(path, abstract.params, shardings.params)

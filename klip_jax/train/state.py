@@ -102,6 +102,12 @@ def abstract_state(config, vocab_size: int, tx, mesh):
 def create(config, vocab_size: int, tx, mesh) -> tuple[nnx.GraphDef, TrainState, Any]:
   """(graphdef, freshly initialised sharded train state, its shardings), seeded by config.seed."""
   graph, _, shardings = abstract_state(config, vocab_size, tx, mesh)
+  return graph, initialise(config, vocab_size, tx, mesh, shardings), shardings
+
+
+def initialise(config, vocab_size: int, tx, mesh, shardings) -> TrainState:
+  """A freshly initialised train state, seeded by config.seed, made in place with `shardings`
+  (`abstract_state`'s: a caller that has them skips building the model's shapes again)."""
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     init = jax.jit(lambda rng: _init(config, vocab_size, tx, rng), out_shardings=shardings)
-    return graph, init(jax.random.key(config.seed)), shardings
+    return init(jax.random.key(config.seed))
