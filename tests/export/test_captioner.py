@@ -43,9 +43,11 @@ RESULTS = {"step": 7, "tasks": {"retrieval": {"r_mean": 0.25, "chance_r_mean": 0
            "random_init": {"retrieval": {"r_mean": 0.1}}}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run(tiny_data, tiny_tokenizer, tmp_path_factory):
-  """(config, workdir, export folder, finetune.json) of a fine-tuned, exported workdir."""
+  """(config, workdir, export folder, finetune.json) of a fine-tuned, exported workdir. Built
+  once per session: a module fixture is rebuilt whenever pytest-xdist runs another module's
+  test between this module's (CI built it twice)."""
   config = config_lib.load("configs/tiny.py:48px")
   config.data.update(data_dir=tiny_data, tokenizer=tiny_tokenizer)
   config.eval.update(batch_size=16, beam_size=2)
