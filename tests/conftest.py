@@ -70,6 +70,21 @@ def fake_gcs(monkeypatch) -> dict:
   FakeGCS.clear_instance_cache()
 
 
+def pytest_configure(config):
+  """Under --dist loadgroup, pytest-xdist keeps each xdist_group on one worker by tagging its
+  tests' node ids; pytest 9.2's structured node ids drop the tag (pytest-xdist#1386), and the
+  groups spread over workers without a word: the 2-process runs then overlap and starve
+  jax.distributed's heartbeats, and shared fixtures are built on every worker."""
+  if config.getoption("dist", "no") == "loadgroup" and _release(pytest.__version__) >= (9, 2):
+    raise pytest.UsageError(f"pytest {pytest.__version__} makes pytest-xdist ignore xdist_group (pytest-xdist#1386): "
+                            "pip install 'pytest<9.2' (setup.py's test extra pins it), or run with -n 0.")
+
+
+def _release(version: str) -> tuple[int, ...]:
+  """"9.2.0.dev340+g6a0de9be5" -> (9, 2)."""
+  return tuple(int(part) for part in version.split(".")[:2])
+
+
 def pytest_collection_modifyitems(items):
   """The slow tier first, the multi-process runs (the longest) before all: pytest-xdist workers
   take tests in this order, so the long ones start early and the short ones fill the gaps."""
