@@ -113,7 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
           else:  # trained on, and reconstructed from, the corrected caption
             corrected = dict(text_ids=result.corrected_ids, keyword_mask=result.corrected_keyword_mask,
                              clause_ids=result.corrected_clause_ids)
-            batch.update(corrected, **{recon: corrected[own] for recon, own in scio.RECON_KEYS.items()})
+            batch.update(corrected, **{recon: corrected[own] for recon, own in step_lib.RECON_KEYS.items()})
         state, metrics = train_step(state, batch, jax.random.fold_in(base_rng, step))
         done = step + 1
         preempted = watch.reached(done)

@@ -22,7 +22,7 @@ from klip_jax.errors import ConfigError, KlipError
 from klip_jax.parallel import hosts
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import relabel as relabel_lib
-from klip_jax.train.step import model_inputs
+from klip_jax.train.step import RECON_KEYS, model_inputs
 
 STAGES = ("A", "B", "C")
 
@@ -35,10 +35,6 @@ def stage_bounds(scio) -> dict[str, tuple[int, int]]:
 
 def total_steps(scio) -> int:
   return scio.stage_a_steps + scio.stage_b_steps + scio.stage_c_steps
-
-
-# The reconstruction target's keys (`train.step`) and the caption keys they default to.
-RECON_KEYS = {"recon_ids": "text_ids", "recon_keyword_mask": "keyword_mask", "recon_clause_ids": "clause_ids"}
 
 
 def reconstruction_inputs(local_batch: dict, config, stage: str) -> dict:

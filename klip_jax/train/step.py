@@ -33,6 +33,8 @@ from klip_jax.train.state import TrainState, momentum_subset, with_momentum
 # The batch keys the train and relabel steps read (SCIO may add recon_* keys; clause_fields,
 # each clause's knowledge.FIELD_SLOTS index, is the relabel step's).
 MODEL_INPUTS = ("image", "text_ids", "keyword_mask", "clause_ids", "clause_fields")
+# The reconstruction target's keys and the caption keys each defaults to when a batch has none.
+RECON_KEYS = {"recon_ids": "text_ids", "recon_keyword_mask": "keyword_mask", "recon_clause_ids": "clause_ids"}
 # The name jax gives the jitted step in its compile events (`compilations.Counter.by_name`).
 JIT_NAME = "jit(train_step)"
 
@@ -92,10 +94,9 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
   loss_itm, itm_acc = losses.itm(itm_logits, labels)
 
   # Keyword reconstruction through the image-grounded causal decoder.
-  rec_ids = batch.get("recon_ids", ids)
+  rec_ids, rec_keywords, rec_clauses = (batch.get(recon, batch[own]) for recon, own in RECON_KEYS.items())
   rec_pad = rec_ids != tokens.pad
-  ordinary = (batch.get("recon_clause_ids", batch["clause_ids"]) >= 0) & rec_pad
-  rec_keywords = batch.get("recon_keyword_mask", batch["keyword_mask"])
+  ordinary = (rec_clauses >= 0) & rec_pad
   extra_rate = batch["recon_extra_rate"][:, None] if "recon_extra_rate" in batch else config.loss.extra_mask_rate
   selected = losses.select_positions(rng_select, rec_keywords, ordinary, extra_rate) & rec_pad
   if config.loss.keyword_end:
