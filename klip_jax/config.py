@@ -16,6 +16,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from klip_jax.data import knowledge
 from klip_jax.errors import ConfigError, KlipError
 
 # The shipped configs (the repository's configs/, installed as klip_jax.configs), found from
@@ -127,6 +128,12 @@ def default_config() -> ml_collections.ConfigDict:
       # most likely in place; other fields are generated freely.
       candidates=False,
       max_candidates=16,
+      # Extension: HCoT fields screening never flags, as "scene_type.field" names, comma-separated:
+      # fields no image can show (a target scene's city), whose flags are noise.
+      skip_fields="",
+      # Extension: a rewrite replaces the flagged keyword only when the decoder finds it more
+      # than `keep_margin` nats likelier in place than the keyword as written (0: always).
+      keep_margin=0.0,
   ))
   # Evaluation (klip_jax/eval/registry.py): the full benchmark (`klip eval`, the end of
   # `klip pretrain`) runs `tasks`; the cheap ones among them also run on the val split every
@@ -190,6 +197,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(1 <= c.scio.max_flags <= c.scio.max_clauses, "scio.max_flags",
            f"must be between 1 and scio.max_clauses ({c.scio.max_clauses}), got {c.scio.max_flags}.")
   _require(c.scio.max_candidates >= 2, "scio.max_candidates", "must be >= 2.")
+  unknown = {f.strip() for f in c.scio.skip_fields.split(",") if f.strip()} - set(knowledge.slot_names())
+  _require(not unknown, "scio.skip_fields", f"unknown fields {sorted(unknown)}; use scene_type.field names "
+           f"from {', '.join(knowledge.slot_names())}.")
+  _require(c.scio.keep_margin >= 0, "scio.keep_margin", f"must be >= 0 nats, got {c.scio.keep_margin}.")
   if c.momentum.enabled:
     _require(0 < c.momentum.decay < 1, "momentum.decay", "must lie in (0, 1).")
     _require(c.momentum.queue_size >= 0 and c.momentum.queue_size % c.train.batch_size == 0,

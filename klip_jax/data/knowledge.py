@@ -32,6 +32,13 @@ FIELDS = {"landform": LANDFORM_FIELDS, "target": TARGET_FIELDS}
 # keywords by, whatever clause position a field sits at after a clause was dropped.
 FIELD_SLOTS = tuple((scene, name) for scene, names in FIELDS.items() for name in names)
 MAX_CLAUSES = max(len(names) for names in FIELDS.values())
+# Fields no SAR chip can show: a target scene's city and country (from speckle).
+IMAGE_BLIND = (("target", "region"),)
+
+
+def slot_names() -> tuple[str, ...]:
+  """FIELD_SLOTS as "scene_type.field" names, how configs and reports spell a field."""
+  return tuple(f"{scene}.{name}" for scene, name in FIELD_SLOTS)
 
 
 def field_slots(scene_type: str, field_names) -> np.ndarray:

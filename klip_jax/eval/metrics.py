@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats
 from sklearn import metrics as skm
 
 KS = (1, 5, 10)
@@ -68,11 +69,12 @@ CHANCE_AUC = 0.5  # a score that carries no information about the label, ties in
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
   """Area under the ROC curve: the probability that a random label-1 item scores above a random
-  label-0 one (ties count half). NaN when only one class is present. Chance: 0.5."""
+  label-0 one (ties count half). NaN when only one class is present. Chance: 0.5. Scores may be
+  infinite (a rule that never flags a clause scores it -inf): the AUC reads only their order."""
   labels = np.asarray(labels, bool)
   if labels.all() or not labels.any():
     return float("nan")
-  return float(skm.roc_auc_score(labels, np.asarray(scores)))
+  return float(skm.roc_auc_score(labels, stats.rankdata(scores)))
 
 
 def binary_accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:

@@ -17,7 +17,6 @@ import numpy as np
 
 from klip_jax import io
 from klip_jax.data import builder, knowledge, pipeline, targets, terrain
-from klip_jax.eval import screening
 from klip_jax.train import scio
 
 HEADLINES = {
@@ -72,7 +71,7 @@ def screening_table(per_field: dict, captions: str) -> str:
           "| field | clauses | corrupted | ITC gain | ITM gain | decoder surprise | rule |",
           "|---|---|---|---|---|---|---|"]
   for field, m in per_field.items():
-    blind = " (no chip can show it)" if tuple(field.split(".")) in screening.IMAGE_BLIND else ""
+    blind = " (no chip can show it)" if tuple(field.split(".")) in knowledge.IMAGE_BLIND else ""
     rows.append(f"| {field}{blind} | {m['clauses']} | {m['corrupted']} | {_fmt(m['auc_itc'])} | "
                 f"{_fmt(m['auc_itm'])} | {_fmt(m.get('auc_decoder'))} | {_fmt(m['auc_rule'])} |")
   return "\n".join(rows)

@@ -12,7 +12,7 @@ signal orders corrupted clauses first, whatever threshold the rule puts on it. O
 variants count: clause k < the caption's clause count, in captions of at least 2 clauses (a
 caption's only clause is never removed; the table slots past its clauses hold meaningless
 scores). Each HCoT field is also scored on its own (`per_field`, in details.json): a field no
-chip can show (`IMAGE_BLIND`: a target scene's city and country, from speckle) is reported
+chip can show (`knowledge.IMAGE_BLIND`: a target scene's city and country, from speckle) is reported
 apart instead of being averaged into what the image can show.
 """
 
@@ -27,8 +27,6 @@ from klip_jax.eval import metrics
 from klip_jax.eval.truth import NoTruth
 
 SIGNALS = {"itc": "itc_gain", "itm": "itm_gain", "decoder": "surprise", "rule": "rule", "flagged": "flagged"}
-# (scene type, field) pairs no SAR chip can show.
-IMAGE_BLIND = {("target", "region")}
 
 
 def clause_table(entries: Sequence[dict]) -> dict:
@@ -78,7 +76,7 @@ def evaluate(entries: Sequence[dict]) -> dict:
   out = {f"auc_{name}": metrics.roc_auc(table[column], corrupted) for name, column in signals.items()}
   out.update(chance_auc=metrics.CHANCE_AUC, corrupted_rate=float(corrupted.mean()),
              clauses=len(corrupted))
-  blind = np.isin(table["field"], [f"{scene}.{field}" for scene, field in IMAGE_BLIND])
+  blind = np.isin(table["field"], [f"{scene}.{field}" for scene, field in knowledge.IMAGE_BLIND])
   for name, rows in (("visible", ~blind & (table["field"] != "")), ("image_blind", blind)):
     if corrupted[rows].any() and not corrupted[rows].all():
       out[f"auc_rule_{name}"] = metrics.roc_auc(table["rule"][rows], corrupted[rows])

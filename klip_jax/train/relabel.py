@@ -16,7 +16,8 @@ clauses whose score is above zero are flagged (one in the paper; more is an exte
   trained on every keyword of every caption (masked-keyword reconstruction), so it is the one
   that learns what a clause's value should be for an image; ITC and ITM see a caption as a
   whole, and one wrong clause in eight barely moves them.
-With `config.scio.field_calibration` (an extension), each signal is first standardised by its
+Clauses of the fields `config.scio.skip_fields` names (an extension: fields no image can show)
+are never flagged. With `config.scio.field_calibration` (an extension), each signal is first standardised by its
 HCoT field's mean and spread over the batch; without it the "decoder" rule standardises within
 the caption, like "relative".
 
@@ -180,12 +181,19 @@ def rule_score(scio: ml_collections.ConfigDict, itc: jax.Array, itm: jax.Array, 
   if scio.field_calibration:
     signals = tuple(standardise_by_field(g, valid, fields, len(knowledge.FIELD_SLOTS)) for g in signals)
   if scio.rule == "paper":
-    return paper_score(*signals, valid)
+    return paper_score(*signals, valid & ~skipped(scio, fields))
   if scio.rule == "decoder" and scio.field_calibration:
     score = signals[0] - scio.threshold
   else:
     score = sum(relative_score(g, valid) for g in signals) / len(signals) - scio.threshold
-  return jnp.where(valid, score, -jnp.inf)
+  return jnp.where(valid & ~skipped(scio, fields), score, -jnp.inf)
+
+
+def skipped(scio: ml_collections.ConfigDict, fields: jax.Array) -> jax.Array:
+  """bool [B, K]: clauses of the fields `config.scio.skip_fields` names (never flagged)."""
+  names = {name.strip() for name in scio.skip_fields.split(",") if name.strip()}
+  table = jnp.asarray([name in names for name in knowledge.slot_names()] + [False])  # [-1]: no field
+  return table[jnp.where(fields >= 0, fields, len(knowledge.FIELD_SLOTS))]
 
 
 def flag(score: jax.Array, valid: jax.Array) -> jax.Array:
@@ -301,6 +309,9 @@ def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, sci
     pad_to = lambda x: jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
     new = jnp.where(closed[:, None], pad_to(cand_ids[rows, best]), pad_to(new))
     new_len = jnp.where(closed, cand_len[rows, best], new_len)
+  if scio.keep_margin > 0:
+    new, new_len = keep_written(model, cache, ids, start, old_len, new, new_len, after,
+                                margin=scio.keep_margin, dec_id=tokens.dec)
   new_len = jnp.where(has, new_len, old_len)
   new = jnp.where(has[:, None], new, 0)
   spliced = lambda x, fresh, fill: jnp.where(
@@ -315,6 +326,23 @@ def rewrite(model, cache, ids, keyword_mask, clause_ids, flagged, fields, *, sci
   out_kw = jnp.where(cut, 0, out_kw)
   out_clause = jnp.where(cut, -1, out_clause)
   return out_ids, out_kw, out_clause
+
+
+def keep_written(model, cache, ids, start, old_len, new, new_len, after, *, margin: float, dec_id: int):
+  """The rewrite (`new` [B, T], `new_len` [B]) where the decoder finds it more than `margin` nats
+  likelier in place than the keyword as written (ids[start : start + old_len]), else the written
+  keyword back. Where the decoder hardly prefers another value (a field it cannot read from the
+  image), its choice is noise, and a flagged clause that is in fact clean would be changed; the
+  margin is the evidence a rewrite needs. A written keyword longer than T tokens (longer than
+  any rewrite: scio.max_fill) is not compared, and is rewritten as without a margin."""
+  width = new.shape[1]
+  offsets = jnp.arange(width)[None]
+  written = jnp.where(offsets < old_len[:, None],
+                      jnp.take_along_axis(ids, jnp.clip(start[:, None] + offsets, 0, ids.shape[1] - 1), 1), 0)
+  logp = decode.score_spans(model, cache, ids, start, jnp.stack([new, written], 1),
+                            jnp.stack([new_len, old_len], 1), after, dec_id=dec_id)
+  keep = (logp[:, 0] <= logp[:, 1] + margin) & (old_len <= width)
+  return jnp.where(keep[:, None], written, new), jnp.where(keep, old_len, new_len)
 
 
 def rewrite_flags(model, image_tokens, cache, ids, keyword_mask, clause_ids, flagged, fields, *, scio,

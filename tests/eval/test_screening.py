@@ -44,6 +44,8 @@ def test_roc_auc_hand_case():
   assert metrics.roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == approx(0.75)
   # Ties count half: 0.5 vs 0.5 -> 1/2.
   assert metrics.roc_auc(np.array([0.5, 0.5]), np.array([1, 0])) == approx(0.5)
+  # Infinite scores rank too: -inf vs -inf ties (1/2), 0.3 beats both -inf -> (1/2 + 1) / 2.
+  assert metrics.roc_auc(np.array([-np.inf, 0.3, -np.inf]), np.array([1, 1, 0])) == approx(0.75)
   assert math.isnan(metrics.roc_auc(np.array([0.1, 0.2]), np.array([1, 1])))
   assert math.isnan(metrics.roc_auc(np.array([0.1, 0.2]), np.array([0, 0])))
 

@@ -13,6 +13,7 @@ from klip_jax import config as config_lib
 from klip_jax.data import builder, knowledge, pipeline, records
 from klip_jax.data.prepare import RunData
 from klip_jax.data.tokenizer import TextCodec, TokenIds
+from klip_jax.errors import ConfigError
 from klip_jax.model import decode
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import relabel, scio
@@ -382,6 +383,32 @@ def test_decoder_rule_flags_the_most_surprising_keyword_in_its_fields_units():
   assert relabel.flag(relabel.rule_score(config.scio, itc, itm, valid, fields, surprise), valid).tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("rule", ["paper", "relative", "decoder"])
+def test_skipped_fields_are_never_flagged_and_the_rest_flag_as_before(rule):
+  """Every rule scores a clause of a field in scio.skip_fields -inf (never flagged), the field
+  named as configs name it; the other clauses keep their scores, so the next best is flagged."""
+  slot = {name: i for i, name in enumerate(knowledge.slot_names())}
+  fields = jnp.asarray([[slot["target.count"], slot["target.region"], slot["target.size"]]] * 2)
+  surprise = jnp.asarray([[1.0, 9.0, 8.0], [1.0, 8.0, 0.0]])
+  itc = jnp.asarray([[0.0, 0.1, 0.9, 0.8], [0.0, 0.1, 0.8, -0.1]])  # removing clause 1 raises both most
+  itm = itc
+  valid = jnp.ones((2, 3), bool)
+  config = config_lib.load("configs/tiny.py")
+  config.scio.update(rule=rule, field_calibration=False, threshold=0.1)
+  before = np.asarray(relabel.rule_score(config.scio, itc, itm, valid, fields, surprise))
+  assert relabel.flag(jnp.asarray(before), valid).tolist() == [1, 1]
+  config.scio.skip_fields = "landform.water, target.region"
+  after = np.asarray(relabel.rule_score(config.scio, itc, itm, valid, fields, surprise))
+  assert np.isneginf(after[:, 1]).all()
+  np.testing.assert_array_equal(after[:, [0, 2]], before[:, [0, 2]])
+  rest = np.where(np.arange(3) == 1, -np.inf, before)  # the best of the other clauses, when above the bar
+  expected = [int(r.argmax()) if r.max() > 0 else -1 for r in rest]
+  assert relabel.flag(jnp.asarray(after), valid).tolist() == expected and expected != [-1, -1]
+  config.scio.skip_fields = "target.city"
+  with pytest.raises(ConfigError, match=r"scio.skip_fields: unknown fields \['target.city'\]"):
+    config_lib.validate(config)
+
+
 def test_the_decoder_rule_skips_the_removal_passes_and_flags_and_rewrites_the_same(tiny_data, tiny_tokenizer):
   """Training's relabel step under the decoder rule scores no leave-one-out variant (ITC and
   ITM come back NaN) and flags and rewrites exactly as the evaluation's step that scores every
@@ -411,3 +438,50 @@ def test_the_decoder_rule_skips_the_removal_passes_and_flags_and_rewrites_the_sa
       positions = np.flatnonzero(keyword[row] & (clause[row] == k))
       want = -sum(logp[row, t - 1, ids[row, t]] for t in positions)
       np.testing.assert_allclose(lean.surprise[row, k], want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_rewrite_replaces_the_written_keyword_only_by_more_than_the_margin(tiny_data, tiny_tokenizer):
+  """keep_written swaps clause 1's keyword for clause 2's exactly where a full decoder pass
+  (no cache) finds the swap more than `margin` nats likelier in place, the keyword and the
+  token after it scored; elsewhere the written keyword comes back, tokens and length."""
+  _config, codec, _mesh, _tx, _schedule, graph, state, _shardings, batch = _setup(tiny_data, tiny_tokenizer)
+  tokens = TokenIds.from_codec(codec)
+  ids, kw, cl = (np.asarray(batch[k]) for k in ("text_ids", "keyword_mask", "clause_ids"))
+  span = lambda k: (kw > 0) & (cl == k)
+  start, old_len = span(1).argmax(1), span(1).sum(1)
+  width = 8
+  new_len = span(2).sum(1)
+  assert (old_len <= width).all() and (new_len <= width).all()
+  new = np.zeros((len(ids), width), np.int32)
+  for row in range(len(ids)):
+    new[row, :new_len[row]] = ids[row, span(2)[row]]
+  after = ids[np.arange(len(ids)), start + old_len]
+  model = nnx.merge(graph, state.params)
+  image_tokens, _ = model.encode_image(jnp.asarray(batch["image"]))
+
+  def full_logp(caption, first, length):  # the keyword's tokens and the token after it
+    logits = model.decoder_logits(jnp.asarray(caption).at[:, 0].set(tokens.dec),
+                                  jnp.asarray(caption != tokens.pad), image_tokens)
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+    return np.asarray([sum(logp[r, t - 1, caption[r, t]] for t in range(first[r], first[r] + length[r] + 1))
+                       for r in range(len(caption))])
+
+  swapped = np.asarray(relabel.splice(jnp.asarray(ids), jnp.asarray(start), jnp.asarray(old_len),
+                                      jnp.asarray(new), jnp.asarray(new_len), tokens.pad))
+  gain = full_logp(swapped, start, new_len) - full_logp(ids, start, old_len)
+  _, cache = decode.prefill_caption(model, image_tokens, jnp.asarray(ids), jnp.asarray(ids != tokens.pad),
+                                    dec_id=tokens.dec)
+  keep = jax.jit(functools.partial(relabel.keep_written, dec_id=tokens.dec), static_argnames="margin")
+  ordered = np.sort(gain)  # margins between the rows' gains (a negative one: the rewrite may be less likely)
+  margins = [m for m, gap in zip(ordered[:-1] + np.diff(ordered) / 2, np.diff(ordered)) if gap > 2e-3]
+  assert len(margins) >= 5 and any(m > 0 for m in margins)  # each far from every gain in float32 terms
+  for margin in margins:
+    out, out_len = (np.asarray(x) for x in keep(model, cache, jnp.asarray(ids), jnp.asarray(start),
+                                                 jnp.asarray(old_len), jnp.asarray(new), jnp.asarray(new_len),
+                                                 jnp.asarray(after), margin=float(margin)))
+    replaced = gain > margin
+    assert 0 < replaced.sum() < len(ids)
+    np.testing.assert_array_equal(out_len, np.where(replaced, new_len, old_len))
+    for row in range(len(ids)):
+      want = new[row] if replaced[row] else ids[row, start[row]:start[row] + width] * (np.arange(width) < old_len[row])
+      np.testing.assert_array_equal(out[row], want)
