@@ -197,7 +197,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(1 <= c.scio.max_flags <= c.scio.max_clauses, "scio.max_flags",
            f"must be between 1 and scio.max_clauses ({c.scio.max_clauses}), got {c.scio.max_flags}.")
   _require(c.scio.max_candidates >= 2, "scio.max_candidates", "must be >= 2.")
-  unknown = {f.strip() for f in c.scio.skip_fields.split(",") if f.strip()} - set(knowledge.slot_names())
+  unknown = skipped_fields(c.scio) - set(knowledge.slot_names())
   _require(not unknown, "scio.skip_fields", f"unknown fields {sorted(unknown)}; use scene_type.field names "
            f"from {', '.join(knowledge.slot_names())}.")
   _require(c.scio.keep_margin >= 0, "scio.keep_margin", f"must be >= 0 nats, got {c.scio.keep_margin}.")
@@ -270,6 +270,11 @@ def variant(arg: str | None, choices: Sequence[str]) -> str:
   if arg not in choices:
     raise ConfigError(f"unknown config variant {arg!r}; choose one of {', '.join(choices)}.")
   return arg
+
+
+def skipped_fields(scio: ml_collections.ConfigDict) -> frozenset[str]:
+  """The "scene_type.field" names of `config.scio.skip_fields` (comma-separated)."""
+  return frozenset(name.strip() for name in scio.skip_fields.split(",") if name.strip())
 
 
 def load_saved(path: str) -> ml_collections.ConfigDict:

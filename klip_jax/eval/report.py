@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from klip_jax import config as config_lib
 from klip_jax import io
 from klip_jax.data import builder, knowledge, pipeline, targets, terrain
 from klip_jax.train import scio
@@ -64,14 +65,17 @@ def table(results: dict, details: dict) -> str:
   return "\n".join(rows)
 
 
-def screening_table(per_field: dict, captions: str) -> str:
+def screening_table(per_field: dict, captions: str, skipped: frozenset[str] = frozenset()) -> str:
   """SCIO screening AUC per HCoT field (chance 0.5) on `captions` (which split's, said in the
-  heading); image-blind fields are marked."""
+  heading); image-blind fields are marked, and so are the `skipped` ones (config.scio.skip_fields),
+  whose rule AUC is 0.5 by construction: the rule never flags them, what their signal ranks is
+  in the decoder surprise column."""
   rows = [f"Screening AUC per HCoT field ({captions}; chance 0.500):", "",
           "| field | clauses | corrupted | ITC gain | ITM gain | decoder surprise | rule |",
           "|---|---|---|---|---|---|---|"]
   for field, m in per_field.items():
     blind = " (no chip can show it)" if tuple(field.split(".")) in knowledge.IMAGE_BLIND else ""
+    blind += " (never flagged: scio.skip_fields)" if field in skipped else ""
     rows.append(f"| {field}{blind} | {m['clauses']} | {m['corrupted']} | {_fmt(m['auc_itc'])} | "
                 f"{_fmt(m['auc_itm'])} | {_fmt(m.get('auc_decoder'))} | {_fmt(m['auc_rule'])} |")
   return "\n".join(rows)
@@ -136,11 +140,13 @@ def write(folder: io.PathLike, results: dict, details: dict, test, i2t_scores, m
           table(results, details), ""]
   if questions:
     text += ["VQA questions (zero-shot, ranked answers):", *questions, ""]
+  skipped = config_lib.skipped_fields(scio_config)
   if "per_field" in details.get("screening", {}):
-    text += [screening_table(details["screening"]["per_field"], "val split's noisy captions, never trained on"), ""]
+    text += [screening_table(details["screening"]["per_field"], "val split's noisy captions, never trained on",
+                             skipped), ""]
   if "per_field" in details.get("scio_repair", {}):
     text += [screening_table(details["scio_repair"]["per_field"],
-                             "train split's noisy captions, the ones trained on and repaired"), ""]
+                             "train split's noisy captions, the ones trained on and repaired", skipped), ""]
   repair = results["tasks"].get("scio_repair", {})
   if "max_screening_recall" in repair:
     most = scio_config.max_flags

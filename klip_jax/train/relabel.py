@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from klip_jax import config as config_lib
 from klip_jax.data import knowledge
 from klip_jax.data.tokenizer import TokenIds
 from klip_jax.model import decode
@@ -191,7 +192,7 @@ def rule_score(scio: ml_collections.ConfigDict, itc: jax.Array, itm: jax.Array, 
 
 def skipped(scio: ml_collections.ConfigDict, fields: jax.Array) -> jax.Array:
   """bool [B, K]: clauses of the fields `config.scio.skip_fields` names (never flagged)."""
-  names = {name.strip() for name in scio.skip_fields.split(",") if name.strip()}
+  names = config_lib.skipped_fields(scio)
   table = jnp.asarray([name in names for name in knowledge.slot_names()] + [False])  # [-1]: no field
   return table[jnp.where(fields >= 0, fields, len(knowledge.FIELD_SLOTS))]
 

@@ -82,3 +82,7 @@ def test_report_screening_table_per_field():
   assert table.startswith("Screening AUC per HCoT field (train split's noisy captions; chance 0.500):")
   assert "| target.count | 40 | 9 | 0.750 | 0.500 | 0.875 | 0.625 |" in table
   assert "| target.region (no chip can show it) | 40 | 0 | — | — | — | — |" in table
+  skipping = report.screening_table({"target.count": {"clauses": 40, "corrupted": 9, "auc_itc": 0.75, "auc_itm": 0.5,
+                                                      "auc_decoder": 0.875, "auc_rule": 0.5}}, "val",
+                                    frozenset({"target.count"}))
+  assert "| target.count (never flagged: scio.skip_fields) | 40 | 9 | 0.750 | 0.500 | 0.875 | 0.500 |" in skipping
