@@ -471,7 +471,7 @@ def test_a_rewrite_replaces_the_written_keyword_only_by_more_than_the_margin(tin
   gain = full_logp(swapped, start, new_len) - full_logp(ids, start, old_len)
   _, cache = decode.prefill_caption(model, image_tokens, jnp.asarray(ids), jnp.asarray(ids != tokens.pad),
                                     dec_id=tokens.dec)
-  keep = jax.jit(functools.partial(relabel.keep_written, dec_id=tokens.dec), static_argnames="margin")
+  keep = jax.jit(functools.partial(relabel.keep_written, dec_id=tokens.dec))  # one program for every margin
   ordered = np.sort(gain)  # margins between the rows' gains (a negative one: the rewrite may be less likely)
   margins = [m for m, gap in zip(ordered[:-1] + np.diff(ordered) / 2, np.diff(ordered)) if gap > 2e-3]
   assert len(margins) >= 5 and any(m > 0 for m in margins)  # each far from every gain in float32 terms
