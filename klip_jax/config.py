@@ -129,7 +129,7 @@ def default_config() -> ml_collections.ConfigDict:
       candidates=False,
       max_candidates=16,
       # Extension: HCoT fields screening never flags, as "scene_type.field" names, comma-separated:
-      # fields no image can show (a target scene's city), whose flags are noise.
+      # fields the model cannot read (no image shows a target scene's city), whose flags are noise.
       skip_fields="",
       # Extension: a rewrite replaces the flagged keyword only when the decoder finds it more
       # than `keep_margin` nats likelier in place than the keyword as written (0: always).
