@@ -16,8 +16,8 @@ clauses whose score is above zero are flagged (one in the paper; more is an exte
   trained on every keyword of every caption (masked-keyword reconstruction), so it is the one
   that learns what a clause's value should be for an image; ITC and ITM see a caption as a
   whole, and one wrong clause in eight barely moves them.
-Clauses of the fields `config.scio.skip_fields` names (an extension: fields no image can show)
-are never flagged. With `config.scio.field_calibration` (an extension), each signal is first standardised by its
+Clauses of the fields `config.scio.skip_fields` names (an extension: fields the model cannot
+read) are never flagged. With `config.scio.field_calibration` (an extension), each signal is first standardised by its
 HCoT field's mean and spread over the batch; without it the "decoder" rule standardises within
 the caption, like "relative".
 
@@ -25,9 +25,10 @@ Proofreading: each flagged clause's keyword is rewritten by the image-grounded c
 with a KV cache (`model.decode`): generated left to right until the decoder ends it, or, with
 `config.scio.candidates` and a field with a closed vocabulary (`FieldCandidates`), chosen
 among the field's values (the current one included) by decoder likelihood. The caption is
-re-spliced around the new keyword, so its length may change. With several flags a caption is
-rewritten from its first flagged clause to its last, each rewrite reading the caption before
-it as already corrected (one more decoder pass over the caption per further flag).
+re-spliced around the new keyword, so its length may change. With `config.scio.keep_margin`
+(an extension), the keyword as written stays unless the rewrite is that many nats likelier.
+With several flags a caption is rewritten from its first flagged clause to its last, each
+rewrite reading the caption before it as already corrected (one more decoder pass over the caption per further flag).
 
 `relabel_step(params, batch, rng) -> RelabelResult` is pure and jitted with the same mesh and
 batch sharding as the train step.
@@ -182,8 +183,8 @@ def rule_score(scio: ml_collections.ConfigDict, itc: jax.Array, itm: jax.Array, 
   if scio.field_calibration:
     signals = tuple(standardise_by_field(g, valid, fields, len(knowledge.FIELD_SLOTS)) for g in signals)
   if scio.rule == "paper":
-    return paper_score(*signals, valid & ~skipped(scio, fields))
-  if scio.rule == "decoder" and scio.field_calibration:
+    score = paper_score(*signals, valid)
+  elif scio.rule == "decoder" and scio.field_calibration:
     score = signals[0] - scio.threshold
   else:
     score = sum(relative_score(g, valid) for g in signals) / len(signals) - scio.threshold
