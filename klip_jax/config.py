@@ -134,6 +134,11 @@ def default_config() -> ml_collections.ConfigDict:
       # Extension: a rewrite replaces the flagged keyword only when the decoder finds it more
       # than `keep_margin` nats likelier in place than the keyword as written (0: always).
       keep_margin=0.0,
+      # Extension: a flagged clause is rewritten only when its score reaches this bar (the units
+      # of `threshold`: field-z under "decoder", z under "relative"); a flagged clause below it is
+      # removed from the corrected caption, as stage B removes it, instead of being rewritten on
+      # weak evidence. 0: every flagged clause is rewritten (the paper).
+      rewrite_threshold=0.0,
   ))
   # Evaluation (klip_jax/eval/registry.py): the full benchmark (`klip eval`, the end of
   # `klip pretrain`) runs `tasks`; the cheap ones among them also run on the val split every
@@ -201,6 +206,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(not unknown, "scio.skip_fields", f"unknown fields {sorted(unknown)}; use scene_type.field names "
            f"from {', '.join(knowledge.slot_names())}.")
   _require(c.scio.keep_margin >= 0, "scio.keep_margin", f"must be >= 0 nats, got {c.scio.keep_margin}.")
+  if c.scio.rewrite_threshold:
+    _require(c.scio.rule != "paper", "scio.rewrite_threshold",
+             "the paper rule's score has no units to set a bar in; use 0 (rewrite every flag) or the "
+             "'relative' or 'decoder' rule.")
+    _require(c.scio.rewrite_threshold > c.scio.threshold, "scio.rewrite_threshold",
+             f"{c.scio.rewrite_threshold} must exceed scio.threshold ({c.scio.threshold}), the bar to be "
+             "flagged at all; or 0: rewrite every flag.")
   if c.momentum.enabled:
     _require(0 < c.momentum.decay < 1, "momentum.decay", "must lie in (0, 1).")
     _require(c.momentum.queue_size >= 0 and c.momentum.queue_size % c.train.batch_size == 0,

@@ -207,6 +207,12 @@ def entry_flags(entry: dict) -> list[tuple[int, str, str]]:
   return list(zip(clauses, listed(entry["original_keyword"]), listed(entry["corrected_keyword"])))
 
 
+def dropped_clauses(entry: dict) -> set[int]:
+  """The flagged clauses proofreading removed instead of rewriting (config.scio.rewrite_threshold);
+  rounds written before it existed list none."""
+  return set(entry.get("dropped", ()))
+
+
 @dataclasses.dataclass
 class _Decode:
   overlay: dict  # example id -> relabel entry (`entry_flags`)
@@ -220,11 +226,14 @@ class _Decode:
     entry = self.overlay.get(record["id"]) if self.overlay else None
     flags = entry_flags(entry) if entry else []
     if self.use == "caption" and flags:
+      dropped = dropped_clauses(entry)
       keywords = list(record["keywords"])
       for clause, _, corrected in flags:
-        keywords[clause] = corrected
+        keywords[clause] = keywords[clause] if clause in dropped else corrected
       caption, spans = knowledge.replace_keywords(record["caption"], record["spans"], keywords)
       record = {**record, "caption": caption, "spans": np.asarray(spans, np.int32), "keywords": keywords}
+      for clause in sorted(dropped, reverse=True):  # the others keep their index
+        record = drop_clause(record, clause)
     if self.use == "recon":
       record = {**record, "recon_clauses": [clause for clause, _, _ in flags]}
     return index, record

@@ -31,7 +31,8 @@ HEADLINES = {
     "itm": ("auc", "balanced_accuracy", "accuracy"),
     "screening": ("auc_rule", "auc_itc", "auc_itm", "auc_decoder"),
     "scio_repair": ("screening_precision", "screening_recall", "auc_rule", "proofreading_accuracy",
-                    "clean_clauses_changed_rate"),
+                    "clean_clauses_changed_rate", "clean_clauses_removed_rate", "wrong_clause_rate_before",
+                    "wrong_clause_rate_after"),
     "heldout_loss": ("total", "itc", "itm", "reconstruction"),
 }
 _CONFUSIONS = {"zeroshot_landcover": terrain.LANDCOVER,
@@ -81,6 +82,10 @@ def screening_table(per_field: dict, captions: str, skipped: frozenset[str] = fr
   return "\n".join(rows)
 
 
+# A flagged clause proofreading removed instead of rewriting (config.scio.rewrite_threshold).
+_REMOVED = "(clause removed)"
+
+
 def _flags(entries: list[dict]) -> list[tuple[dict, int, str, str]]:
   """Every flag of every entry, in order: (entry, clause, keyword as it was, as corrected)."""
   return [(e, *flag) for e in entries for flag in pipeline.entry_flags(e)]
@@ -94,8 +99,11 @@ def scio_examples(entries: list[dict], limit: int = 6) -> str:
     clause = e["caption"].split(knowledge.SEPARATOR)[k]
     corrupted = str(k) in e["truth"]
     true = e["truth"].get(str(k), original)
-    verdict = ("repaired" if corrected == true else "flagged, not repaired") if corrupted else \
-        ("clean, kept" if corrected == true else "clean, changed")
+    if k in pipeline.dropped_clauses(e):
+      corrected, verdict = _REMOVED, "removed" if corrupted else "clean, removed"
+    else:
+      verdict = ("repaired" if corrected == true else "flagged, not repaired") if corrupted else \
+          ("clean, kept" if corrected == true else "clean, changed")
     rows.append(f"| {e['id']} | {clause} | {corrected} | {true} | {verdict} |")
   return "\n".join(rows)
 
@@ -108,13 +116,14 @@ def captions_diff(entries: list[dict], truth_recorded: bool, limit: int) -> list
   lines = []
   for e, k, original, corrected in flags:
     clause = e["caption"].split(knowledge.SEPARATOR)[k]
-    line = (f"{e['id']}  clause {k}: {clause}\n"
-            f"    original: {original!r}  corrected: {corrected!r}")
+    corrected = _REMOVED if k in pipeline.dropped_clauses(e) else repr(corrected)
+    line = f"{e['id']}  clause {k}: {clause}\n    original: {original!r}  corrected: {corrected}"
     if truth_recorded:
       true = e["truth"].get(str(k))
       line += f"  true: {true!r}" if true is not None else f"  true: {original!r} (was correct)"
     lines.append(line)
-  lines.append(f"{len(flags)} flagged clauses shown (limit {limit}); a flagged keyword may be kept as it was")
+  lines.append(f"{len(flags)} flagged clauses shown (limit {limit}); a flagged keyword may be kept as it was, "
+               "or its clause removed")
   if not truth_recorded:
     lines.append("no true keywords: this data records no corrupted clauses (ingested captions carry no truth), "
                  "so whether a flagged keyword was wrong is unknown")

@@ -27,6 +27,10 @@ with a KV cache (`model.decode`): generated left to right until the decoder ends
 among the field's values (the current one included) by decoder likelihood. The caption is
 re-spliced around the new keyword, so its length may change. With `config.scio.keep_margin`
 (an extension), the keyword as written stays unless the rewrite is that many nats likelier.
+With `config.scio.rewrite_threshold` (an extension), only flags scoring above that second bar
+are rewritten; the clauses of the others are removed from the corrected caption, as stage B
+removes every flagged clause: a clause the rule suspects but is not sure of is worth less to
+training than no clause, and a rewrite on weak evidence changes clean clauses.
 With several flags a caption is rewritten from its first flagged clause to its last, each
 rewrite reading the caption before it as already corrected (one more decoder pass over the caption per further flag).
 
@@ -68,6 +72,9 @@ class RelabelResult:
   corrected_keyword_mask: jax.Array
   corrected_clause_ids: jax.Array
   fill_mask: jax.Array  # bool [B, L]: the corrected caption's rewritten keyword tokens (all flags)
+  # bool [B, max_flags]: flag m scored below config.scio.rewrite_threshold, so its clause was
+  # removed from the corrected caption instead of rewritten (all False without proofreading)
+  dropped: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +205,16 @@ def skipped(scio: ml_collections.ConfigDict, fields: jax.Array) -> jax.Array:
   return table[jnp.where(fields >= 0, fields, len(knowledge.FIELD_SLOTS))]
 
 
+def unsure(scio: ml_collections.ConfigDict, score: jax.Array, flagged: jax.Array) -> jax.Array:
+  """bool [B, M]: flags (`flagged` [B, M], -1: none) whose clause scored below
+  `config.scio.rewrite_threshold` (in the units of `config.scio.threshold`, which `score`
+  [B, K] has been lowered by), to be removed rather than rewritten; none when it is 0."""
+  if not scio.rewrite_threshold:
+    return jnp.zeros(flagged.shape, bool)
+  flag_score = jnp.take_along_axis(score, jnp.maximum(flagged, 0), axis=1)
+  return (flagged >= 0) & (flag_score + scio.threshold < scio.rewrite_threshold)
+
+
 def flag(score: jax.Array, valid: jax.Array) -> jax.Array:
   """The best clause per caption when its score is > 0, else -1: [B]."""
   return flag_best(score, valid, 1)[:, 0]
@@ -267,13 +284,20 @@ def relabel_step_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, t
     removed = remove_clauses(ids, keyword_mask, clause_ids, flagged, separator_id=tokens.separator,
                              pad_id=tokens.pad, max_clauses=k)
     corrected = (ids, keyword_mask, clause_ids, keyword_span(keyword_mask, clause_ids, flagged))
+    dropped = jnp.zeros(flagged.shape, bool)
     if proofread:
-      corrected = rewrite_flags(model, image_tokens, cache, ids, keyword_mask, clause_ids, flagged, fields,
+      dropped = unsure(scio, score, flagged)
+      rewritten = jnp.where(dropped, -1, flagged)
+      corrected = rewrite_flags(model, image_tokens, cache, ids, keyword_mask, clause_ids, rewritten, fields,
                                 scio=scio, tokens=tokens, candidates=candidates)
+      if scio.rewrite_threshold:
+        kept = remove_clauses(*corrected[:3], jnp.where(dropped, flagged, -1), separator_id=tokens.separator,
+                              pad_id=tokens.pad, max_clauses=k)
+        corrected = (*kept, keyword_span(kept[1], kept[2], rewritten))
     return RelabelResult(flagged=flagged, itc=itc, itm=itm, valid=valid, score=score, surprise=surprise,
                          removed_ids=removed[0], removed_keyword_mask=removed[1], removed_clause_ids=removed[2],
                          corrected_ids=corrected[0], corrected_keyword_mask=corrected[1],
-                         corrected_clause_ids=corrected[2], fill_mask=corrected[3])
+                         corrected_clause_ids=corrected[2], fill_mask=corrected[3], dropped=dropped)
 
   return relabel_step
 

@@ -192,9 +192,10 @@ def entries_from_result(codec: TextCodec, result, indices: np.ndarray, valid: np
   for row in np.flatnonzero(valid):
     record = records.from_example(source[int(indices[row])], decode_rasters=False)
     flagged = [int(k) for k in result.flagged[row] if k >= 0]
+    dropped = [int(k) for k, d in zip(result.flagged[row], result.dropped[row]) if k >= 0 and d]
     entry = {"id": record["id"], "index": int(indices[row]), "scene_type": record["scene_type"],
              "caption": record["caption"],
-             "flagged": flagged, "itc": np.round(result.itc[row], 5).tolist(),
+             "flagged": flagged, "dropped": dropped, "itc": np.round(result.itc[row], 5).tolist(),
              "itm": np.round(result.itm[row], 5).tolist(),
              "score": np.round(np.where(result.valid[row], result.score[row], np.nan), 5).tolist(),
              "surprise": np.round(np.where(result.valid[row], result.surprise[row], np.nan), 5).tolist(),
@@ -247,24 +248,40 @@ def relabel_restored(config, relabel, params, data: RunData, split: str, mesh, *
 
 
 def repair_metrics(entries: list[dict], max_flags: int = 1) -> dict:
-  """Screening precision/recall against the truly corrupted clauses, proofreading accuracy
-  (corrupted keywords restored to their true value), and clean clauses wrongly changed, over
-  every flag of every entry (`max_flags`: the most a caption could get, config.scio.max_flags)."""
-  flags = [(e, clause, original, corrected) for e in entries for clause, original, corrected in pipeline.entry_flags(e)]
+  """What SCIO did to a split's captions against the truth, over every flag of every entry
+  (`max_flags`: the most a caption could get, config.scio.max_flags):
+  - screening precision and recall against the truly corrupted clauses (every flag counts);
+  - proofreading, over the flags it rewrote: corrupted keywords restored to their true value,
+    and clean clauses changed; flags it removed instead (config.scio.rewrite_threshold) are
+    counted apart, corrupted and clean;
+  - the share of wrong clauses in the captions before and after (wrong after: corrupted clauses
+    neither restored nor removed, plus clean ones changed, over the clauses left)."""
+  flags = [(e, clause, original, corrected, clause in pipeline.dropped_clauses(e))
+           for e in entries for clause, original, corrected in pipeline.entry_flags(e)]
   corrupted = sum(len(e["truth"]) for e in entries)
-  true_flags = [(e, k, corrected) for e, k, _, corrected in flags if str(k) in e["truth"]]
-  clean_flags = [(original, corrected) for e, k, original, corrected in flags if str(k) not in e["truth"]]
-  restored = sum(corrected == e["truth"][str(k)] for e, k, corrected in true_flags)
-  clean_changed = sum(corrected != original for original, corrected in clean_flags)
-  clauses = [len(e["caption"].split(knowledge.SEPARATOR)) for e in entries]
+  clauses = sum(len(e["caption"].split(knowledge.SEPARATOR)) for e in entries)
+  is_corrupted = lambda e, k: str(k) in e["truth"]
+  true_flags = [f for f in flags if is_corrupted(*f[:2])]
+  rewritten = [f for f in flags if not f[4]]
+  restored = sum(corrected == e["truth"][str(k)] for e, k, _, corrected, _ in rewritten if is_corrupted(e, k))
+  rewritten_corrupted = sum(is_corrupted(e, k) for e, k, *_ in rewritten)
+  clean_changed = sum(corrected != original for e, k, original, corrected, _ in rewritten if not is_corrupted(e, k))
+  dropped = len(flags) - len(rewritten)
+  dropped_corrupted = len(true_flags) - rewritten_corrupted
+  clean = max(clauses - corrupted, 1)
   return {"captions": len(entries), "corrupted_clauses": corrupted, "flagged": len(flags),
           "screening_precision": len(true_flags) / max(len(flags), 1),
-          "chance_screening_precision": corrupted / max(sum(clauses), 1),  # flagging at random
+          "chance_screening_precision": corrupted / max(clauses, 1),  # flagging at random
           "screening_recall": len(true_flags) / max(corrupted, 1),
           # As many clauses as screening flagged, flagged at random; and the most max_flags per caption reach.
-          "chance_screening_recall": len(flags) / max(sum(clauses), 1),
+          "chance_screening_recall": len(flags) / max(clauses, 1),
           "max_screening_recall": sum(min(len(e["truth"]), max_flags) for e in entries) / max(corrupted, 1),
-          "proofreading_accuracy": restored / max(len(true_flags), 1),
+          "rewritten": len(rewritten),
+          "proofreading_accuracy": restored / max(rewritten_corrupted, 1),
           "clean_clauses_changed": clean_changed,
-          "clean_clauses_changed_rate": clean_changed / max(
-              sum(len(e["caption"].split(knowledge.SEPARATOR)) - len(e["truth"]) for e in entries), 1)}
+          "clean_clauses_changed_rate": clean_changed / clean,
+          "removed": dropped, "corrupted_clauses_removed": dropped_corrupted,
+          "clean_clauses_removed_rate": (dropped - dropped_corrupted) / clean,
+          "wrong_clause_rate_before": corrupted / max(clauses, 1),
+          "wrong_clause_rate_after": (corrupted - restored - dropped_corrupted + clean_changed)
+                                     / max(clauses - dropped, 1)}

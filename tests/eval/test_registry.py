@@ -86,3 +86,15 @@ def test_report_screening_table_per_field():
                                                       "auc_decoder": 0.875, "auc_rule": 0.5}}, "val",
                                     frozenset({"target.count"}))
   assert "| target.count (never flagged: scio.skip_fields) | 40 | 9 | 0.750 | 0.500 | 0.875 | 0.500 |" in skipping
+
+
+def test_report_examples_and_captions_diff_show_a_removed_clause_as_removed():
+  entries = [{"id": "c0", "caption": "sea is calm$two ships$near a port", "flagged": [1, 2], "dropped": [2],
+              "truth": {"1": "three ships"}, "original_keyword": ["two ships", "a port"],
+              "corrected_keyword": ["three ships", ""]}]
+  examples = report.scio_examples(entries)
+  assert "| c0 | two ships | three ships | three ships | repaired |" in examples
+  assert "| c0 | near a port | (clause removed) | a port | clean, removed |" in examples
+  diff = report.captions_diff(entries, truth_recorded=True, limit=5)
+  assert diff[1] == ("c0  clause 2: near a port\n"
+                     "    original: 'a port'  corrected: (clause removed)  true: 'a port' (was correct)")

@@ -28,6 +28,7 @@ def test_arms_share_steps_seed_data_and_differ_only_where_named():
   assert steps == config.scio.stage_a_steps + stage_b + config.scio.stage_c_steps and stage_b > 0
   for c in arms.values():
     assert c.train.steps == steps and c.seed == 2 and c.data.data_dir == "/d"
+    config_lib.validate(c)  # every arm's switches go together (a rewrite bar needs a rule with units)
   a = arms["stage_a"].scio
   assert (a.stage_a_steps, a.stage_b_steps, a.stage_c_steps) == (steps, 0, 0)
   paper, extended = arms["paper"], arms["extended"]

@@ -198,10 +198,16 @@ def test_field_candidates_are_the_closed_fields_keywords_tokenised_as_captions_d
 
 
 @pytest.mark.slow  # a parity run: online == offline
-@pytest.mark.parametrize("max_flags", [1, 3])
-def test_online_and_offline_give_identical_corrected_captions(tiny_data, tiny_tokenizer, tmp_path, max_flags):
+@pytest.mark.parametrize("max_flags,rewrite_threshold", [(1, 0.0), (3, 0.0), (3, 1.0)])
+def test_online_and_offline_give_identical_corrected_captions(tiny_data, tiny_tokenizer, tmp_path, max_flags,
+                                                              rewrite_threshold):
+  """The relabel step's corrected and stage-B captions (token ids) read as the offline pipeline
+  builds them from the round's entries (text). With a rewrite bar, the flags below it are
+  removed from the corrected caption rather than rewritten, the others rewritten."""
   config, codec, mesh, _tx, _schedule, graph, state, shardings, batch = _setup(tiny_data, tiny_tokenizer, n=12)
   config.scio.max_flags = max_flags
+  if rewrite_threshold:  # a bar in field-z: the decoder rule's units
+    config.scio.update(rule="decoder", field_calibration=True, threshold=0.0, rewrite_threshold=rewrite_threshold)
   # A random model's rewrites are garbage of up to max_fill tokens; kept short, no corrected
   # caption outgrows the 96 slots (past them the ids are cut where the re-tokenised text is not).
   config.scio.max_fill = 4
@@ -212,6 +218,13 @@ def test_online_and_offline_give_identical_corrected_captions(tiny_data, tiny_to
     entries = scio.relabel_split(fn, state.params, RunData(tiny_data, codec), "train", mesh, 12, progress=False)
   assert (online.flagged >= 0).sum() >= 2  # a random model still flags some clauses
   assert online.flagged.shape == (12, max_flags) and (online.flagged >= 0).sum(1).max() == max_flags
+  flag_z = np.take_along_axis(online.score, np.maximum(online.flagged, 0), 1) + config.scio.threshold
+  np.testing.assert_array_equal(online.dropped, (online.flagged >= 0) & (flag_z < rewrite_threshold))
+  if rewrite_threshold:  # both kinds occur, and a removed clause is gone from the corrected caption
+    assert online.dropped.any() and ((online.flagged >= 0) & ~online.dropped).any()
+    clauses = lambda ids: codec.decode(ids).count(knowledge.SEPARATOR) + 1
+    for row in range(12):
+      assert clauses(online.corrected_ids[row]) == clauses(batch["text_ids"][row]) - online.dropped[row].sum()
   scio.write_overlay(str(tmp_path), 1, entries)
   with pytest.raises(Exception, match="never overwritten"):
     scio.write_overlay(str(tmp_path), 1, entries)
@@ -271,6 +284,35 @@ def test_repair_metrics_count_every_flag_of_a_caption():
   assert m["chance_screening_recall"] == pytest.approx(1 / 2)
   assert m["max_screening_recall"] == 1.0
   assert scio.repair_metrics(entries, max_flags=1)["max_screening_recall"] == pytest.approx(2 / 3)
+
+
+def test_repair_metrics_count_removed_flags_apart_from_rewritten_ones():
+  entries = [  # 5 clauses; 0, 1 and 4 corrupted. Flags: 1 rewritten (restored), 4 removed, 2 removed (clean),
+      # 3 rewritten (clean, changed).
+      {"caption": "a$b$c$d$e", "flagged": [1, 4, 2, 3], "dropped": [4, 2], "truth": {"0": "v", "1": "x", "4": "y"},
+       "original_keyword": ["w", "u", "c", "d"], "corrected_keyword": ["x", "", "", "f"]},
+      {"caption": "a$b$c", "flagged": [], "dropped": [], "truth": {}, "original_keyword": [], "corrected_keyword": []},
+  ]
+  m = scio.repair_metrics(entries, max_flags=4)
+  assert m["flagged"] == 4 and m["screening_precision"] == 0.5 and m["screening_recall"] == pytest.approx(2 / 3)
+  assert m["rewritten"] == 2 and m["proofreading_accuracy"] == 1.0  # the one corrupted keyword rewritten
+  assert m["removed"] == 2 and m["corrupted_clauses_removed"] == 1
+  assert m["clean_clauses_changed"] == 1 and m["clean_clauses_changed_rate"] == pytest.approx(1 / 5)
+  assert m["clean_clauses_removed_rate"] == pytest.approx(1 / 5)
+  # Wrong before: 3 of 8 clauses. After: clause 0 (never flagged) and 3 (changed), of the 6 left.
+  assert m["wrong_clause_rate_before"] == pytest.approx(3 / 8) and m["wrong_clause_rate_after"] == pytest.approx(2 / 6)
+
+
+def test_a_rewrite_bar_needs_a_rule_with_units_above_the_flag_bar():
+  config = config_lib.load("configs/tiny.py")
+  config.scio.update(rule="decoder", threshold=0.5, rewrite_threshold=1.5)
+  config_lib.validate(config)
+  config.scio.rewrite_threshold = 0.5
+  with pytest.raises(ConfigError, match=r"scio.rewrite_threshold: 0.5 must exceed scio.threshold \(0.5\)"):
+    config_lib.validate(config)
+  config.scio.update(rule="paper", rewrite_threshold=1.5)
+  with pytest.raises(ConfigError, match="scio.rewrite_threshold: the paper rule's score has no units"):
+    config_lib.validate(config)
 
 
 def test_entry_flags_read_listed_flags_and_the_single_flag_of_older_rounds():
