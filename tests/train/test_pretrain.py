@@ -22,8 +22,8 @@ def _config(tiny_data, tiny_tokenizer, mode):
   c.eval.update(batch_size=16, caption_steps=2, detection_steps=10, vqa_questions=4, vqa_candidates=8)
   if mode == "offline":  # the online run covers every task; this one the SCIO-specific ones
     c.eval.update(tasks="retrieval,scio_repair", random_baseline=False, every=0)
-  else:  # the paper's rule and free proofreading; the cheap evaluators at steps 3 and 6
-    c.scio.update(rule="paper", field_calibration=False, candidates=False)
+  else:  # the paper's rule (every flag rewritten) and free proofreading; the cheap evaluators at steps 3 and 6
+    c.scio.update(rule="paper", field_calibration=False, candidates=False, rewrite_threshold=0.0)
     c.eval.update(tasks="all", every=3, periodic_examples=8)
   return c
 
