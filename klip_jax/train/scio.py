@@ -269,9 +269,10 @@ def repair_metrics(entries: list[dict], max_flags: int = 1) -> dict:
   dropped = len(flags) - len(rewritten)
   dropped_corrupted = len(true_flags) - rewritten_corrupted
   clean = max(clauses - corrupted, 1)
+  wrong_before = corrupted / max(clauses, 1)  # also what flagging at random reaches in precision
   return {"captions": len(entries), "corrupted_clauses": corrupted, "flagged": len(flags),
           "screening_precision": len(true_flags) / max(len(flags), 1),
-          "chance_screening_precision": corrupted / max(clauses, 1),  # flagging at random
+          "chance_screening_precision": wrong_before,
           "screening_recall": len(true_flags) / max(corrupted, 1),
           # As many clauses as screening flagged, flagged at random; and the most max_flags per caption reach.
           "chance_screening_recall": len(flags) / max(clauses, 1),
@@ -282,6 +283,6 @@ def repair_metrics(entries: list[dict], max_flags: int = 1) -> dict:
           "clean_clauses_changed_rate": clean_changed / clean,
           "removed": dropped, "corrupted_clauses_removed": dropped_corrupted,
           "clean_clauses_removed_rate": (dropped - dropped_corrupted) / clean,
-          "wrong_clause_rate_before": corrupted / max(clauses, 1),
+          "wrong_clause_rate_before": wrong_before,
           "wrong_clause_rate_after": (corrupted - restored - dropped_corrupted + clean_changed)
                                      / max(clauses - dropped, 1)}
