@@ -125,13 +125,14 @@ def test_tiny_model_overfits_64_examples(tmp_path):
   workdir = str(tmp_path / "overfit")
   # Trained by `klip train` in a process of its own on one CPU device (batches of 16 spread over
   # 8 virtual devices on 2 cores cost ~2x the time); evaluated here on the 8-device mesh.
-  with optimized_xla():  # 500 steps: XLA's optimizations pay for their compile time
+  with optimized_xla():  # 400 steps: XLA's optimizations pay for their compile time
     _klip("train", "--config", "configs/tiny.py", "--workdir", workdir, "--config.data.synth.num_train=64",
           "--config.data.synth.num_val=16", "--config.data.synth.num_test=16", "--config.data.synth.noise_rate=0.0",
-          "--config.data.flip=False", "--config.momentum.enabled=False", "--config.optim.lr=2e-3",
-          "--config.optim.warmup_steps=20", "--config.optim.weight_decay=0.0", "--config.optim.grad_clip=1000.0",
-          "--config.train.steps=500", "--config.train.batch_size=16", "--config.train.log_every=100",
-          "--config.train.ckpt_every=500", "--config.eval.every=0")
+          "--config.data.flip=False", "--config.data.max_len=96", "--config.momentum.enabled=False",
+          "--config.optim.lr=3e-3", "--config.optim.warmup_steps=20", "--config.optim.weight_decay=0.0",
+          "--config.optim.grad_clip=1000.0",
+          "--config.train.steps=400", "--config.train.batch_size=16", "--config.train.log_every=100",
+          "--config.train.ckpt_every=400", "--config.eval.every=0")
   config = config_lib.load_saved(os.path.join(workdir, "config.json"))
   data = prepare.locate(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh.shape)
