@@ -378,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
   _distributed_args(ev)
   ev.set_defaults(run=_eval)
 
-  abl = commands.add_parser("ablate", help="ablations over seeds: mean and 95% CI per metric").add_subparsers(
+  abl = commands.add_parser("ablate", help="ablations over seeds: mean and 95%% CI per metric").add_subparsers(
       dest="ablate_command", required=True)
   abl_scio = abl.add_parser("scio", help="stage A only vs paper SCIO vs SCIO + extensions, equal steps")
   _config_arg(abl_scio, "demo.py", "the config every arm starts from")

@@ -1,6 +1,7 @@
 """`klip` as a user meets it: configs from any directory, config mistakes as one line and exit
 2 before any work, and commands that restore a checkpoint never building data."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -95,3 +96,19 @@ def test_data_synth_reads_config_data_synth(tmp_path, capsys):
   assert "{'train': 3, 'val': 1, 'test': 1}" in capsys.readouterr().out
   settings = builder.metadata(str(out))["settings"]
   assert settings["world"]["looks"] == 1 and settings["world"]["image_size"] == 32
+
+
+def _all_parsers(parser):
+  yield parser
+  for action in parser._actions:  # argparse keeps subcommands only here
+    if isinstance(action, argparse._SubParsersAction):
+      for sub in action.choices.values():
+        yield from _all_parsers(sub)
+
+
+def test_every_help_page_renders():
+  # A bare "%" in a help string breaks `klip --help` (argparse %-formats it) but no command run.
+  parsers = list(_all_parsers(cli._parser()))
+  assert len(parsers) > 20  # the walk reached the nested subcommands
+  for parser in parsers:
+    assert parser.format_help().startswith("usage: " + parser.prog)
