@@ -3,8 +3,9 @@
 libtpu (the [tpu] extra) describes the devices of a TPU topology with no TPU attached
 (`jax.experimental.topologies`). The steps are lowered for abstract, sharded inputs on a mesh
 over those devices and compiled by the real TPU compiler: its `memory_analysis()` gives the
-bytes each chip holds (arguments, temporaries, outputs) and its `cost_analysis()` the FLOPs each
-chip runs per step. From those: whether the steps fit the chip's HBM, the step time at the
+bytes each chip holds (arguments, temporaries, outputs); each chip's share of the step's model
+FLOPs (`flops.py`: the compiled program's own count sees a scanned stack's loop body once) gives
+the time at peak. From those: whether the steps fit the chip's HBM, the step time at the
 chip's bf16 peak and the examples/s at a given MFU. When they do not fit, stricter remat
 policies and a fully FSDP-sharded mesh are compiled (at most `search` of them) to find one that
 does. `klip bench memory` compiles through the same function (`compiled_memory`).
@@ -27,7 +28,7 @@ import ml_collections
 from tqdm import tqdm
 
 from klip_jax import config as config_lib
-from klip_jax.bench import inputs
+from klip_jax.bench import flops, inputs
 from klip_jax.bench import peak as peak_lib
 from klip_jax.errors import ConfigError
 from klip_jax.parallel import mesh as mesh_lib
@@ -185,7 +186,7 @@ class StepReport:
   output: int | None = None
   temp: int | None = None
   alias: int | None = None
-  flops: float | None = None  # XLA's count for one chip's program (remat recomputation included)
+  flops: float | None = None  # the step's model FLOPs over the chips (flops.py; no recomputation)
   compile_s: float = 0.0
   resident: int = 0  # bytes held beside the program while it runs in training (relabel: the state)
   error: str = ""
@@ -247,11 +248,8 @@ def _compile(step: str, batch: int, jitted, *args) -> StepReport:
     return report
   report.compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   report.argument, report.output = memory.argument_size_in_bytes, memory.output_size_in_bytes
   report.temp, report.alias = memory.temp_size_in_bytes, memory.alias_size_in_bytes
-  report.flops = float(cost["flops"]) if cost and "flops" in cost else None
   return report
 
 
@@ -276,8 +274,8 @@ def compile_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.
     if "train" in steps:
       b = config.train.batch_size
       train = step_lib.make_train_step(config, graph, tx, schedule, tokens, shardings, mesh)
-      reports.append(_compile("train_step", b, train, state,
-                              _abstract(inputs.batch_shapes(config), batch_sharding), rng))
+      report = _compile("train_step", b, train, state, _abstract(inputs.batch_shapes(config), batch_sharding), rng)
+      reports.append(report)
     if "relabel" in steps:
       b = relabel_batch(config)
       relabel = relabel_lib.make_relabel_step(config, graph, tokens, shardings.params, mesh)
@@ -285,6 +283,11 @@ def compile_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.
                         _abstract(inputs.batch_shapes(config, b), batch_sharding), rng)
       report.resident = chip_bytes(state) - chip_bytes(state.params)  # optimizer, momentum, queues
       reports.append(report)
+  # Counted on the host's CPU, outside the slice's mesh (flops.py).
+  for report in reports:
+    count = flops.train_step(config, vocab_size) if report.step == "train_step" else flops.relabel_step(
+        config, vocab_size, report.batch)
+    report.flops = count / mesh.size
   return reports
 
 
@@ -423,9 +426,10 @@ def _gib(x) -> str:
 
 NOTES = ("total: arguments + outputs + temporaries, less the donated buffers reused as outputs; "
          "relabel_step's adds the rest of the train state (optimizer moments, momentum model, queues), "
-         "resident while it runs in training. TFLOP per chip: XLA's count for one chip's compiled "
-         "program, remat recomputation included; it counts a loop body once, so relabel_step's "
-         "decoding loop (and scanned layers) are undercounted and their speeds are upper bounds. "
+         "resident while it runs in training. TFLOP per chip: the step's model FLOPs (flops.py: XLA's "
+         "count of the step with its layers unrolled, before partitioning and remat) over the chips; "
+         "relabel_step's decoding loop is counted once, so its FLOPs are a lower bound and its speeds "
+         "upper bounds. "
          f"examples/s: images (train_step) or captions (relabel_step) over all chips at {MFU:.0%} of "
          "the chip's bf16 peak.")
 

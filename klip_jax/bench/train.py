@@ -16,11 +16,10 @@ from flax import nnx
 
 from klip_jax import compilations
 from klip_jax.bench import aot, hf_blip, inputs, timing
+from klip_jax.bench import flops as flops_lib
 from klip_jax.bench import peak as peak_lib
 from klip_jax.bench import profile as profile_lib
-from klip_jax.data.tokenizer import TokenIds
 from klip_jax.parallel import mesh as mesh_lib
-from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
 
@@ -40,8 +39,8 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, steps: int
                compare_hf: bool = False, peak_tflops: float | None = None, profile_dir: str = "") -> dict:
   """The full train step on random inputs of the config's shapes (compute only: the input
   pipeline has its own benchmark): median step time over `rounds` rounds of `steps` steps,
-  model FLOPs per step (XLA's cost analysis of the step as lowered, before partitioning) and
-  the MFU they imply, and the compilations seen after the first step (0 in a steady state).
+  model FLOPs per step (`flops.train_step`) and the MFU they imply, and the compilations seen
+  after the first step (0 in a steady state).
 
   With `profile_dir`, `steps` more steps are traced there and the ops that took the most time
   are listed. With `compare_hf`, transformers' BLIP pretraining step of the same sizes (`hf_blip`) is
@@ -55,10 +54,10 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, steps: int
   batch = inputs.random_batch(config, vocab_size)
   b = config.train.batch_size
   tokens = inputs.token_ids(vocab_size)
+  flops = flops_lib.train_step(config, vocab_size)
   holder = {"state": state, "i": 0}
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     step = step_lib.make_train_step(config, graph, tx, schedule, tokens, shardings, mesh)
-    flops = _flops(step.lower(state, batch, jax.random.key(0)))
 
     def ours():
       for _ in range(steps):
@@ -105,28 +104,6 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, steps: int
                                  "hf_vision_fwd_bwd_s": seconds["hf_vision"],
                                  "ratio": seconds["hf_vision"] / seconds["klip_jax_vision"]}
   return result
-
-
-def step_flops(config: ml_collections.ConfigDict, tokens: TokenIds) -> float:
-  """XLA's FLOPs of one train step at the config's global batch (stage A's step), from its cost
-  analysis of the step lowered for shape-only inputs: nothing is allocated or compiled."""
-  mesh = mesh_lib.from_config(config.mesh)
-  tx, schedule = state_lib.make_optimizer(config.optim, config.train.steps)
-  graph, abstract, shardings = state_lib.abstract_state(config, tokens.vocab_size, tx, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-           for k, (shape, dtype) in inputs.batch_shapes(config).items()}
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=mesh_lib.replicated(mesh))
-  with mesh_lib.logical_context(mesh, config.mesh.rules):
-    step = step_lib.make_train_step(config, graph, tx, schedule, tokens, shardings, mesh)
-    return _flops(step.lower(state, batch, rng))
-
-
-def _flops(lowered) -> float:
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
 # `klip bench memory --topology` (cli) reads the devices of a TPU slice here; they live in aot.

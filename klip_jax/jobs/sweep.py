@@ -51,7 +51,7 @@ import ml_collections
 
 from klip_jax import config as config_lib
 from klip_jax import io
-from klip_jax.bench import train as bench_train
+from klip_jax.bench import flops
 from klip_jax.data import builder, prepare, tokenizer
 from klip_jax.errors import ConfigError, Preempted
 from klip_jax.jobs import train as train_job
@@ -231,8 +231,8 @@ def _train_seconds(metrics: list[dict], batch_size: int) -> float:
 class _Sizes:
   """Parameter counts and train-step FLOPs per model shape, computed once (from shapes alone)."""
 
-  def __init__(self, vocab_size: int, tokens):
-    self.vocab_size, self.tokens, self._cache = vocab_size, tokens, {}
+  def __init__(self, vocab_size: int):
+    self.vocab_size, self._cache = vocab_size, {}
 
   def __call__(self, c: ml_collections.ConfigDict) -> tuple[dict, float]:
     key = json.dumps([c.model.to_dict(), c.train.batch_size, c.data.max_len, c.momentum.to_dict()],
@@ -240,7 +240,7 @@ class _Sizes:
     if key not in self._cache:
       tx, _ = state_lib.make_optimizer(c.optim, c.train.steps)
       _, abstract, _ = state_lib.abstract_state(c, self.vocab_size, tx, mesh_lib.from_config(c.mesh))
-      self._cache[key] = (size.parameter_counts(abstract.params), bench_train.step_flops(c, self.tokens))
+      self._cache[key] = (size.parameter_counts(abstract.params), flops.train_step(c, self.vocab_size))
     return self._cache[key]
 
 
@@ -298,7 +298,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: list[str] | Non
   recorded = read_lines(workdir)
   tokenizer_path = _tokenizer(workdir, sweep, _world(workdir, sweep, next(iter(named.values()))))
   codec = tokenizer.TextCodec(tokenizer_path, sweep.base.data.max_len)
-  sizes = _Sizes(codec.vocab_size, tokenizer.TokenIds.from_codec(codec))
+  sizes = _Sizes(codec.vocab_size)
   print(HEADER, file=out, flush=True)
   for name, p in named.items():
     start = time.perf_counter()
