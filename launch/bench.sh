@@ -2,16 +2,17 @@
 # klip bench on one accelerator host: installs klip_jax with the jax build of EXTRA (tpu or
 # cuda) in a fresh virtual environment, then times the train step, caption generation and
 # SCIO relabelling of CONFIG and prints images/s, FLOPs per step and MFU against the chip's
-# datasheet bf16 peak. Usage: launch/bench.sh EXTRA [CONFIG] [OUT.json]
+# datasheet bf16 peak. Usage: launch/bench.sh EXTRA [CONFIG] [OUT.json] [klip bench options...]
 # (launch/bench_tpu.sh and launch/bench_gpu.sh call it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRA="$1"
 CONFIG="${2:-configs/base.py}"
 OUT="${3:-bench_${EXTRA}.json}"
+shift $(( $# < 3 ? $# : 3 ))
 python3 -m venv .bench-venv
 source .bench-venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[${EXTRA}]"
 python -c "import jax; print(jax.devices())"
-klip bench train caption relabel --config "$CONFIG" --json "$OUT"
+klip bench train caption relabel --config "$CONFIG" --json "$OUT" "$@"
