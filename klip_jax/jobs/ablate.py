@@ -1,6 +1,9 @@
 """`klip ablate scio`: does SCIO help, and do the extensions beyond the paper? Arms trained at
 equal total steps from the same seeds on the same world, each evaluated on the same tasks,
-summarised as mean and 95% confidence interval per metric.
+summarised as mean and 95% confidence interval per metric, and each arm's difference from the
+first arm paired by seed (a seed fixes initialisation and data order in every arm, so much of
+the seed-to-seed spread cancels in the difference: an effect can be clear in the paired interval
+while the arms' own intervals overlap).
 
 Arms (`ARMS`; the first three by default): `stage_a` (all steps in stage A with the paper's
 losses: no relabelling), `paper` (the config's SCIO stages with every extension off: the
@@ -134,13 +137,18 @@ def mean_ci(values) -> tuple[float, float, float]:
   return m, m - half, m + half
 
 
+def _values(results: list[dict], task: str, metric: str) -> list:
+  """One metric of each seed's results.json, None where the task or metric is missing."""
+  return [r["tasks"].get(task, {}).get(metric) for r in results]
+
+
 def summarise(runs: dict[str, list[dict]]) -> dict:
   """{arm: [results.json of each seed]} -> {"task/metric": {arm: {mean, lo, hi, n}, "chance"}}."""
   table = {}
   for task, metric in METRICS:
     row = {}
     for arm, results in runs.items():
-      values = [r["tasks"].get(task, {}).get(metric) for r in results]
+      values = _values(results, task, metric)
       m, lo, hi = mean_ci(values)
       row[arm] = {"mean": m, "lo": lo, "hi": hi, "n": sum(v is not None for v in values)}
     chance_key = CHANCE.get((task, metric))
@@ -151,7 +159,23 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
   return table
 
 
-def markdown(table: dict, arms: list[str], seeds: int) -> str:
+def paired_differences(runs: dict[str, list[dict]]) -> dict:
+  """{arm: [results.json of seeds 0..n-1]} -> {"task/metric": {arm: {mean, lo, hi, n}}}: the
+  mean and 95% CI of (arm - first arm) over the seeds both have, for every arm after the first."""
+  baseline, *others = runs
+  table = {}
+  for task, metric in METRICS:
+    base = _values(runs[baseline], task, metric)
+    row = {}
+    for arm in others:
+      diffs = [v - b for v, b in zip(_values(runs[arm], task, metric), base) if v is not None and b is not None]
+      m, lo, hi = mean_ci(diffs)
+      row[arm] = {"mean": m, "lo": lo, "hi": hi, "n": len(diffs)}
+    table[f"{task}/{metric}"] = row
+  return table
+
+
+def markdown(table: dict, arms: list[str], seeds: int, paired: dict | None = None) -> str:
   head = "| metric | chance | " + " | ".join(ARMS.get(a, a) for a in arms) + " |"
   lines = [f"# SCIO ablation: {seeds} seed(s), mean [95% CI]", "", head,
            "|" + "---|" * (len(arms) + 2)]
@@ -160,6 +184,15 @@ def markdown(table: dict, arms: list[str], seeds: int) -> str:
     cells = [f"{row[a]['mean']:.3f} [{row[a]['lo']:.3f}, {row[a]['hi']:.3f}]" if np.isfinite(row[a]["mean"])
              else "n/a" for a in arms]
     lines.append(f"| {name} | {chance} | " + " | ".join(cells) + " |")
+  if paired and len(arms) > 1:
+    lines += ["", f"## Difference from {ARMS.get(arms[0], arms[0])}, paired by seed: mean [95% CI]", "",
+              "An interval that excludes 0 (marked *) is an effect beyond seed noise.", "",
+              "| metric | " + " | ".join(ARMS.get(a, a) for a in arms[1:]) + " |", "|" + "---|" * len(arms)]
+    for name, row in paired.items():
+      cells = [(f"{row[a]['mean']:+.3f} [{row[a]['lo']:+.3f}, {row[a]['hi']:+.3f}]"
+                + (" *" if row[a]["n"] > 1 and (row[a]["lo"] > 0 or row[a]["hi"] < 0) else "")) if np.isfinite(row[a]["mean"])
+               else "n/a" for a in arms[1:]]
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -207,8 +240,9 @@ def ablate(config: ml_collections.ConfigDict, workdir: str, *, seeds: int, arms:
         train_job.train(c, run_dir, progress=progress)
         suite.run(c, run_dir, progress=progress)
       runs[arm].append(io.read_json(results_path))
-  table = summarise(runs)
-  io.write_json(io.path(workdir) / "ablation.json", {"seeds": seeds, "arms": arms, "table": table})
-  io.write_text(io.path(workdir) / "ablation.md", markdown(table, arms, seeds))
+  table, paired = summarise(runs), paired_differences(runs)
+  io.write_json(io.path(workdir) / "ablation.json",
+                {"seeds": seeds, "arms": arms, "table": table, "paired_difference": paired})
+  io.write_text(io.path(workdir) / "ablation.md", markdown(table, arms, seeds, paired))
   plot(table, arms, io.path(workdir) / "ablation.png")
   return table

@@ -51,6 +51,21 @@ def test_summary_table_reports_every_arm_with_its_chance_level():
   assert "| retrieval/r_mean | 0.040 | 0.250 [" in text and "n/a" in text
 
 
+def test_paired_differences_cancel_what_a_seed_shares():
+  result = lambda r: {"tasks": {"retrieval": {"r_mean": r}}}
+  # Seeds spread 0.1-0.3 in both arms; the arm is better by 0.02, 0.03, 0.04 on the same seeds.
+  runs = {"stage_a": [result(0.1), result(0.2), result(0.3)],
+          "extended": [result(0.12), result(0.23), result(0.34)]}
+  row, paired = ablate.summarise(runs)["retrieval/r_mean"], ablate.paired_differences(runs)["retrieval/r_mean"]
+  assert row["extended"]["lo"] < row["stage_a"]["hi"]  # the arms' own intervals overlap
+  half = 4.302652729911275 * 0.01 / np.sqrt(3)  # t(0.975, 2) x sd of (0.02, 0.03, 0.04) / sqrt(3)
+  assert paired["extended"]["mean"] == pytest.approx(0.03)
+  assert (paired["extended"]["lo"], paired["extended"]["hi"]) == pytest.approx((0.03 - half, 0.03 + half))
+  assert "stage_a" not in paired and np.isnan(ablate.paired_differences(runs)["itm/auc"]["extended"]["mean"])
+  text = ablate.markdown(ablate.summarise(runs), ["stage_a", "extended"], 3, ablate.paired_differences(runs))
+  assert "| retrieval/r_mean | +0.030 [+0.005, +0.055] *" in text
+
+
 def test_each_extension_arm_turns_back_exactly_its_own_switch():
   config = config_lib.load("configs/demo.py")
   extended = ablate.arm_config(config, "extended", 0, "/d", "/t.model")
