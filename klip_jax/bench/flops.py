@@ -6,9 +6,9 @@ or compiled), with two choices that make it the model's arithmetic on every back
 - the layers unrolled: the cost analysis counts a scanned stack's loop body once (configs/base.py's
   train step at batch 64: 4.3 TFLOP scanned against 47.8 unrolled; a compiled TPU program
   likewise), and unrolling changes no arithmetic;
-- one CPU device holding the global batch: the CPU lowering always carries a cost analysis
-  (jax 0.11's CUDA backend gives none), and it is the whole step's, before any partitioning or
-  rematerialisation (MFU counts neither recomputation nor replicated work).
+- one CPU device holding the global batch: the CPU lowering always carries a cost analysis (on
+  an H200, jax 0.11's CUDA lowering returned no FLOPs count), and it is the whole step's, before
+  any partitioning or rematerialisation (MFU counts neither recomputation nor replicated work).
 Lowering base.py's unrolled train step takes ~18 s on a 2-core CPU, so counts are cached per
 config.
 """
