@@ -2,13 +2,15 @@
 the scaling sweeps' compute axis count.
 
 The count is XLA's cost analysis of the step lowered for shape-only inputs (nothing allocated
-or compiled), with two choices that make it the model's arithmetic on every backend and layout:
+or compiled), with choices that make it the model's arithmetic on every backend and layout:
 - the layers unrolled: the cost analysis counts a scanned stack's loop body once (configs/base.py's
   train step at batch 64: 4.3 TFLOP scanned against 47.8 unrolled; a compiled TPU program
   likewise), and unrolling changes no arithmetic;
+- no remat: jax writes remat's recomputation into the lowered program (tiny.py with full remat:
+  7.3 GFLOP against 5.6), and MFU counts the model's FLOPs, not the recomputed ones;
 - one CPU device holding the global batch: the CPU lowering always carries a cost analysis (on
   an H200, jax 0.11's CUDA lowering returned no FLOPs count), and it is the whole step's, before
-  any partitioning or rematerialisation (MFU counts neither recomputation nor replicated work).
+  any partitioning (MFU counts no replicated work).
 Lowering base.py's unrolled train step takes ~18 s on a 2-core CPU, so counts are cached per
 config.
 """
@@ -48,7 +50,8 @@ def _count(config: ml_collections.ConfigDict, vocab_size: int, step: str, batch_
 
 def _lowered_flops(config: ml_collections.ConfigDict, vocab_size: int, step: str, batch_size: int) -> float:
   config = config.copy_and_resolve_references()
-  config.model.vision.scan_layers = config.model.text.scan_layers = False
+  for tower in (config.model.vision, config.model.text):
+    tower.update(scan_layers=False, remat="none")  # jax writes remat's recomputation into the lowering
   mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1], dcn_shape=(1, 1, 1))
   tokens = inputs.token_ids(vocab_size)
   tx, schedule = state_lib.make_optimizer(config.optim, config.train.steps)

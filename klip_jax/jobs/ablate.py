@@ -189,11 +189,16 @@ def markdown(table: dict, arms: list[str], seeds: int, paired: dict | None = Non
               "An interval that excludes 0 (marked *) is an effect beyond seed noise.", "",
               "| metric | " + " | ".join(ARMS.get(a, a) for a in arms[1:]) + " |", "|" + "---|" * len(arms)]
     for name, row in paired.items():
-      cells = [(f"{row[a]['mean']:+.3f} [{row[a]['lo']:+.3f}, {row[a]['hi']:+.3f}]"
-                + (" *" if row[a]["n"] > 1 and (row[a]["lo"] > 0 or row[a]["hi"] < 0) else "")) if np.isfinite(row[a]["mean"])
-               else "n/a" for a in arms[1:]]
-      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+      lines.append(f"| {name} | " + " | ".join(_difference_cell(row[a]) for a in arms[1:]) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _difference_cell(d: dict) -> str:
+  """'+0.030 [+0.005, +0.055] *': the star when two or more seeds put the interval off 0."""
+  if not np.isfinite(d["mean"]):
+    return "n/a"
+  beyond_noise = d["n"] > 1 and (d["lo"] > 0 or d["hi"] < 0)
+  return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" + (" *" if beyond_noise else "")
 
 
 def plot(table: dict, arms: list[str], path: io.PathLike) -> None:

@@ -1,6 +1,6 @@
 """Model FLOPs count every layer whatever the layout: a scanned stack counts as the unrolled one
-(XLA's cost analysis sees a loop body once), and one more vision layer adds what a hand count
-of its matrix products says it should."""
+(XLA's cost analysis sees a loop body once), remat's recomputation is not counted, and one more
+vision layer adds what a hand count of its matrix products says it should."""
 
 import pytest
 
@@ -26,9 +26,12 @@ def _vision_layer_forward_dot_flops(c) -> int:
   return 2 * b * t * (3 * d * d + 2 * t * d + d * d + 2 * d * m)
 
 
-def test_scanned_layers_count_as_unrolled():
+def test_scanned_layers_count_as_unrolled_and_remat_adds_nothing():
   for depth in (2, 3):
     assert flops.train_step(_config(depth, scan=True), VOCAB) == flops.train_step(_config(depth, scan=False), VOCAB)
+  remat = _config(2, scan=True)
+  remat.model.vision.remat = remat.model.text.remat = "full"
+  assert flops.train_step(remat, VOCAB) == flops.train_step(_config(2, scan=True), VOCAB)
 
 
 def test_one_more_layer_adds_its_hand_counted_flops():
