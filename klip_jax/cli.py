@@ -221,6 +221,8 @@ def _captions_diff(args) -> None:
 
 
 def _bench(args, config) -> None:
+  if args.compare_hf:  # PyTorch shares the GPU with jax there: jax takes memory as it needs it
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from klip_jax import io
   from klip_jax.bench import suite
   from klip_jax.errors import ConfigError

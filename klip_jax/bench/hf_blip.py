@@ -10,12 +10,17 @@ count equals klip_jax's for the same config (tests/bench checks it), so the timi
 the same work. `step` is BLIP's pretraining step without momentum: one vision pass, ITC, ITM on
 the positive and one hard-negative pair each way (drawn from the similarity softmax, as BLIP
 does), the image-grounded decoder loss on the masked keyword positions, AdamW with clipping.
+
+Where jax runs on a GPU, the PyTorch side runs on CUDA too (`device`), under bf16 autocast when
+the config computes in bf16 (as ours does), and every timed call waits for its GPU work.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -31,8 +36,36 @@ def _tie_decoder(encoder, decoder) -> None:
   decoder.cls.predictions.decoder.weight = encoder.embeddings.word_embeddings.weight
 
 
+def device():
+  """Where PyTorch runs: CUDA when jax runs on a GPU (like for like), else the CPU."""
+  torch, _, _ = hf.require()
+  return torch.device("cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu")
+
+
+def _autocast(module):
+  """bf16 autocast on the module's device when the config computes in bf16, else nothing."""
+  torch, _, _ = hf.require()
+  if not module.bf16:
+    return contextlib.nullcontext()
+  return torch.autocast(module.device.type, dtype=torch.bfloat16)
+
+
+def _wait(module) -> None:
+  """Block until the module's device has finished its queued work (timings end here)."""
+  torch, _, _ = hf.require()
+  if module.device.type == "cuda":
+    torch.cuda.synchronize(module.device)
+
+
+def _images(module, images: np.ndarray):
+  """NHWC numpy images -> NCHW tensor on the module's device."""
+  torch, _, _ = hf.require()
+  return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(module.device)
+
+
 def build(model: ml_collections.ConfigDict, vocab_size: int, tokens: TokenIds) -> Any:
-  """A `BlipPretraining` (torch.nn.Module) with the sizes of klip_jax's `config.model`."""
+  """A `BlipPretraining` (torch.nn.Module) with the sizes of klip_jax's `config.model`, on
+  `device()`."""
   torch, transformers, _ = hf.require()
   from transformers.models.blip import modeling_blip_text
 
@@ -51,8 +84,9 @@ def build(model: ml_collections.ConfigDict, vocab_size: int, tokens: TokenIds) -
       self.text_proj = torch.nn.Linear(model.text.width, model.embed_dim)
       self.itm_head = torch.nn.Linear(model.text.width, 2)
       self.temp = torch.nn.Parameter(torch.tensor(float(model.temp_init)))
+      self.device, self.bf16 = device(), model.dtype == "bfloat16"
 
-  return BlipPretraining()
+  return BlipPretraining().to(device())
 
 
 # HF model prefixes of the export's state dicts -> this module's attribute names.
@@ -96,51 +130,55 @@ def make_step(module, config: ml_collections.ConfigDict, tokens: TokenIds, seed:
   no_decay = [p for n, p in module.named_parameters() if p.ndim <= 1]
   opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr, betas=(optim.b1, optim.b2))
-  generator = torch.Generator().manual_seed(seed)
+  dev = module.device
+  generator = torch.Generator(device=dev).manual_seed(seed)
   lo, hi = config.model.temp_range
   mask_prob, random_prob = config.loss.mask_prob, config.loss.random_prob
 
   def step(batch: dict) -> float:
-    image = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
-    ids = torch.from_numpy(batch["text_ids"]).long()
-    keywords = torch.from_numpy(batch["keyword_mask"]).bool()
+    image = _images(module, batch["image"])
+    ids = torch.from_numpy(batch["text_ids"]).long().to(dev)
+    keywords = torch.from_numpy(batch["keyword_mask"]).bool().to(dev)
     attention = (ids != tokens.pad).long()
     b = ids.shape[0]
-    image_embeds = module.vision(pixel_values=image).last_hidden_state
-    image_feat = f.normalize(module.vision_proj(image_embeds[:, 0]), dim=-1)
-    text_hidden = module.text(input_ids=ids, attention_mask=attention, is_decoder=False).last_hidden_state
-    text_feat = f.normalize(module.text_proj(text_hidden[:, 0]), dim=-1)
-    sim_i2t = image_feat @ text_feat.t() / module.temp
-    sim_t2i = sim_i2t.t()
-    target = torch.arange(b)
-    loss_itc = (f.cross_entropy(sim_i2t, target) + f.cross_entropy(sim_t2i, target)) / 2
+    with _autocast(module):  # the loss in bf16 where the config computes in bf16, as ours does
+      image_embeds = module.vision(pixel_values=image).last_hidden_state
+      image_feat = f.normalize(module.vision_proj(image_embeds[:, 0]), dim=-1)
+      text_hidden = module.text(input_ids=ids, attention_mask=attention, is_decoder=False).last_hidden_state
+      text_feat = f.normalize(module.text_proj(text_hidden[:, 0]), dim=-1)
+      sim_i2t = image_feat @ text_feat.t() / module.temp
+      sim_t2i = sim_i2t.t()
+      target = torch.arange(b, device=dev)
+      loss_itc = (f.cross_entropy(sim_i2t, target) + f.cross_entropy(sim_t2i, target)) / 2
 
-    with torch.no_grad():
-      eye = torch.eye(b, dtype=torch.bool)
-      neg_text = torch.multinomial(f.softmax(sim_i2t.masked_fill(eye, -torch.inf), 1), 1, generator=generator)[:, 0]
-      neg_image = torch.multinomial(f.softmax(sim_t2i.masked_fill(eye, -torch.inf), 1), 1, generator=generator)[:, 0]
-    enc_ids = ids.clone()
-    enc_ids[:, 0] = tokens.enc
-    pair_ids = torch.cat([enc_ids, enc_ids, enc_ids[neg_text]])
-    pair_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
-    pair_hidden = module.text(input_ids=pair_ids, attention_mask=(pair_ids != tokens.pad).long(),
-                              encoder_hidden_states=pair_images, is_decoder=False).last_hidden_state
-    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)])
-    loss_itm = f.cross_entropy(module.itm_head(pair_hidden[:, 0]), labels)
+      with torch.no_grad():
+        eye = torch.eye(b, dtype=torch.bool, device=dev)
+        neg_text = torch.multinomial(f.softmax(sim_i2t.masked_fill(eye, -torch.inf), 1), 1, generator=generator)[:, 0]
+        neg_image = torch.multinomial(f.softmax(sim_t2i.masked_fill(eye, -torch.inf), 1), 1, generator=generator)[:, 0]
+      enc_ids = ids.clone()
+      enc_ids[:, 0] = tokens.enc
+      pair_ids = torch.cat([enc_ids, enc_ids, enc_ids[neg_text]])
+      pair_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
+      pair_hidden = module.text(input_ids=pair_ids, attention_mask=(pair_ids != tokens.pad).long(),
+                                encoder_hidden_states=pair_images, is_decoder=False).last_hidden_state
+      labels = torch.cat([torch.ones(b, dtype=torch.long, device=dev),
+                          torch.zeros(2 * b, dtype=torch.long, device=dev)])
+      loss_itm = f.cross_entropy(module.itm_head(pair_hidden[:, 0]), labels)
 
-    # Keyword reconstruction: BERT's 80/10/10 corruption at the keyword positions.
-    selected = keywords & attention.bool()
-    selected[:, 0] = False
-    draw = torch.rand(ids.shape, generator=generator)
-    dec_in = torch.where(selected & (draw < mask_prob), tokens.mask, ids)
-    random_ids = torch.randint(tokens.separator + 1, tokens.vocab_size, ids.shape, generator=generator)
-    dec_in = torch.where(selected & (draw >= mask_prob) & (draw < mask_prob + random_prob), random_ids, dec_in)
-    dec_in[:, 0] = tokens.dec
-    logits = module.decoder(input_ids=dec_in, attention_mask=attention, encoder_hidden_states=image_embeds,
-                            return_dict=True).logits
-    loss_rec = f.cross_entropy(logits[selected], ids[selected]) if selected.any() else logits.sum() * 0
+      # Keyword reconstruction: BERT's 80/10/10 corruption at the keyword positions.
+      selected = keywords & attention.bool()
+      selected[:, 0] = False
+      draw = torch.rand(ids.shape, generator=generator, device=dev)
+      dec_in = torch.where(selected & (draw < mask_prob), tokens.mask, ids)
+      random_ids = torch.randint(tokens.separator + 1, tokens.vocab_size, ids.shape, generator=generator,
+                                 device=dev)
+      dec_in = torch.where(selected & (draw >= mask_prob) & (draw < mask_prob + random_prob), random_ids, dec_in)
+      dec_in[:, 0] = tokens.dec
+      logits = module.decoder(input_ids=dec_in, attention_mask=attention, encoder_hidden_states=image_embeds,
+                              return_dict=True).logits
+      loss_rec = f.cross_entropy(logits[selected], ids[selected]) if selected.any() else logits.sum() * 0
 
-    loss = config.loss.itc * loss_itc + config.loss.itm * loss_itm + config.loss.recon * loss_rec
+      loss = config.loss.itc * loss_itc + config.loss.itm * loss_itm + config.loss.recon * loss_rec
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(module.parameters(), optim.grad_clip)
@@ -154,12 +192,14 @@ def make_step(module, config: ml_collections.ConfigDict, tokens: TokenIds, seed:
 
 def vision_forward_backward(module):
   """The kernel baseline: the vision tower's forward + backward alone, -> fn(images)."""
-  torch, _, _ = hf.require()
 
   def run(images: np.ndarray) -> None:
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    x = _images(module, images)
     module.vision.zero_grad(set_to_none=True)
-    module.vision(pixel_values=x).last_hidden_state.square().mean().backward()
+    with _autocast(module):
+      loss = module.vision(pixel_values=x).last_hidden_state.float().square().mean()
+    loss.backward()
+    _wait(module)
 
   return run
 
@@ -169,8 +209,9 @@ def vision_forward(module):
   torch, _, _ = hf.require()
 
   def run(images: np.ndarray) -> None:
-    with torch.no_grad():
-      module.vision(pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+    with torch.no_grad(), _autocast(module):
+      module.vision(pixel_values=_images(module, images))
+    _wait(module)
 
   return run
 
@@ -182,13 +223,13 @@ def captioner(module, tokens: TokenIds, max_len: int, beam_size: int):
   generator = transformers.BlipForConditionalGeneration(module.config)
   generator.vision_model = module.vision
   generator.text_decoder = module.decoder
-  generator.eval()
+  generator.to(module.device).eval()
 
   def run(images: np.ndarray):
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    with torch.no_grad():
-      return generator.generate(pixel_values=x, max_length=max_len, min_length=max_len, num_beams=beam_size,
-                                do_sample=False)
+    with torch.no_grad(), _autocast(module):
+      ids = generator.generate(pixel_values=_images(module, images), max_length=max_len, min_length=max_len,
+                               num_beams=beam_size, do_sample=False)
+    return ids.cpu()
 
   return run
 
@@ -223,10 +264,10 @@ def relabeller(module, tokens: TokenIds, *, max_clauses: int, max_fill: int):
     ids, keywords, clause_ids = batch["text_ids"], batch["keyword_mask"], batch["clause_ids"]
     b, length = ids.shape
     all_ids, valid = variants(ids, clause_ids)
-    all_ids = torch.from_numpy(all_ids.reshape(b * (max_clauses + 1), length)).long()
+    all_ids = torch.from_numpy(all_ids.reshape(b * (max_clauses + 1), length)).long().to(module.device)
     attention = (all_ids != tokens.pad).long()
-    image = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
-    with torch.no_grad():
+    image = _images(module, batch["image"])
+    with torch.no_grad(), _autocast(module):
       image_embeds = module.vision(pixel_values=image).last_hidden_state
       image_feat = f.normalize(module.vision_proj(image_embeds[:, 0]), dim=-1)
       text = module.text(input_ids=all_ids, attention_mask=attention, is_decoder=False).last_hidden_state
@@ -240,9 +281,9 @@ def relabeller(module, tokens: TokenIds, *, max_clauses: int, max_fill: int):
       itm = f.softmax(module.itm_head(hidden[:, 0]), dim=-1)[:, 1].view(b, max_clauses + 1)
       itc_gain, itm_gain = itc[:, 1:] - itc[:, :1], itm[:, 1:] - itm[:, :1]
       score = torch.where(torch.minimum(itc_gain, itm_gain) > 0, 1.0 + itc_gain, -torch.inf)
-      score = score.masked_fill(~torch.from_numpy(valid), -torch.inf)
+      score = score.masked_fill(~torch.from_numpy(valid).to(module.device), -torch.inf)
       best = score.argmax(1)
-      flagged = torch.where(torch.isfinite(score.gather(1, best[:, None])[:, 0]), best, -1).numpy()
+      flagged = torch.where(torch.isfinite(score.gather(1, best[:, None])[:, 0]), best, -1).cpu().numpy()
 
       # Proofreading: greedy, the decoder re-run over the caption for every token it writes.
       corrected = ids.copy()
@@ -251,16 +292,16 @@ def relabeller(module, tokens: TokenIds, *, max_clauses: int, max_fill: int):
         span = (keywords[rows] > 0) & (clause_ids[rows] == flagged[rows, None])
         start = span.argmax(1)
         after = ids[rows, np.minimum(start + span.sum(1), length - 1)]
-        work = torch.from_numpy(ids[rows]).long()
+        work = torch.from_numpy(ids[rows]).long().to(module.device)
         work[:, 0] = tokens.dec
-        image_rows = image_embeds[torch.from_numpy(rows)]
+        image_rows = image_embeds[torch.from_numpy(rows).to(module.device)]
         written = [[] for _ in rows]
         done = np.zeros(len(rows), bool)
         for j in range(max_fill):
           logits = module.decoder(input_ids=work, attention_mask=(work != tokens.pad).long(),
                                   encoder_hidden_states=image_rows, return_dict=True).logits
           position = np.minimum(start - 1 + j, length - 1)
-          scores = logits[np.arange(len(rows)), position].numpy()
+          scores = logits[torch.arange(len(rows)), torch.from_numpy(position)].float().cpu().numpy()
           # Never a special token; a stop token ends the keyword, but not as its first token.
           for i in range(len(rows)):
             stops = [after[i], tokens.separator, tokens.sep]
