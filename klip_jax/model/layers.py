@@ -56,6 +56,15 @@ def layer_norm(features: int, eps: float, *, dtype: Dtype, param_dtype: Dtype,
       rngs=rngs)
 
 
+def _softmax_attention(q, k, v, mask: jax.Array | None, *, kv_layout: str) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim)) v with float32 scores; q [B, T, heads, head_dim], k and v
+  laid out as `kv_layout` ("bsnd" or heads-first "bnsd"); -> [B, T, heads, head_dim]."""
+  logits = jnp.einsum(f"btnd,{kv_layout}->bnts", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jnp.einsum(f"bnts,{kv_layout}->btnd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+
 class Attention(nnx.Module):
   """Multi-head attention, self or cross, with fused (ViT/BLIP vision) or split (BERT) q/k/v.
 
@@ -104,19 +113,23 @@ class Attention(nnx.Module):
     return self._split(self.key(context)), self._split(self.value(context))
 
   def attend(self, q, k, v, mask: jax.Array | None) -> jax.Array:
-    """mask: bool, broadcastable to [batch, heads, q_len, kv_len]; True = may attend."""
+    """mask: bool, broadcastable to [batch, heads, q_len, kv_len]; True = may attend.
+
+    bf16 on the CPU takes the written-out products: XLA:CPU (jaxlib 0.10) cannot compile the
+    backward of jax.nn.dot_product_attention's bf16 dots ("UNIMPLEMENTED: Dot with multiple
+    contracting dimensions"), which made every bf16 config's train step fail there."""
     q = constrain(q, ("batch", "length", "act_heads", None))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if q.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+      out = _softmax_attention(q, k, v, mask, kv_layout="bsnd")
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     return self.out(out.reshape(*out.shape[:-2], -1))
 
   def attend_cached(self, q, k, v, mask: jax.Array | None) -> jax.Array:
     """Attention of a few new queries q [B, T, heads, head_dim] over cached keys/values kept
     heads-first, [B, heads, S, head_dim]: the layout the score and value products read, so a
     decoding step does not transpose the whole cache (which dominated greedy decoding)."""
-    logits = jnp.einsum("btnd,bnsd->bnts", q, k).astype(jnp.float32) * self.head_dim ** -0.5
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    out = jnp.einsum("bnts,bnsd->btnd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+    out = _softmax_attention(q, k, v, mask, kv_layout="bnsd")
     return self.out(out.reshape(*out.shape[:-2], -1))
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None,

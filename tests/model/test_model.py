@@ -1,5 +1,10 @@
 """KLIP model: mode shapes, causality, unimodal independence, logical axis names."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,3 +190,50 @@ def test_gelu_is_pytorchs_and_its_gradient_too(approximate):
   np.testing.assert_allclose(np.asarray(act(jnp.asarray(x))), want.detach().numpy(), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(grad), t.grad.numpy(), rtol=1e-5, atol=1e-5)
   assert act(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def _numpy_attention(q, k, v, mask):
+  """softmax(q k^T / sqrt(d)) v per head, in float64; q/k/v [B, T, heads, d], mask [B, 1, T, S]."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(mask, logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bnts,bsnd->btnd", weights, v)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_is_masked_softmax_attention(dtype):
+  from klip_jax.model import layers
+
+  config = config_lib.load("configs/tiny.py")
+  mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 5, 32)), dtype)
+  mask = jnp.asarray(rng.random((2, 1, 5, 5)) < 0.7).at[..., 0].set(True)  # every row attends somewhere
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    layer = layers.Attention(32, 4, fused_qkv=True, std=0.2, dtype=dtype, param_dtype=jnp.float32,
+                             rngs=nnx.Rngs(params=0))
+    q, k, v = (np.asarray(t, np.float64) for t in layer.project(x))
+    got = np.asarray(layer(x, mask=mask), np.float64)
+  heads = _numpy_attention(q, k, v, np.asarray(mask)).reshape(2, 5, 32)
+  expected = heads @ np.asarray(layer.out.kernel.value, np.float64) + np.asarray(layer.out.bias.value, np.float64)
+  tolerance = 1e-5 if dtype == jnp.float32 else 5e-2
+  np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.slow
+def test_a_bf16_train_step_runs_under_klips_xla_flags(tmp_path):
+  """With klip's XLA:CPU flags (YNNPACK's dot fusions off, klip_jax/xla_flags.py) and XLA's
+  passes on, XLA:CPU could not compile the backward of jax.nn.dot_product_attention's bf16 dots
+  ("UNIMPLEMENTED: Dot with multiple contracting dimensions"): a bf16 config (base.py) failed on
+  the CPU."""
+  # One device, klip's own flags and XLA's passes, as a user's `klip` process has them.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
+  env.pop("XLA_FLAGS", None)
+  out = tmp_path / "bench.json"
+  run = subprocess.run([sys.executable, "-m", "klip_jax.cli", "bench", "train", "--config", "configs/tiny.py",
+                        "--config.model.dtype=bfloat16", "--rounds", "1", "--json", str(out)],
+                       env=env, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert json.loads(out.read_text())["train"]["klip_jax"]["images_per_s"] > 0
