@@ -33,7 +33,6 @@ from klip_jax.bench import peak as peak_lib
 from klip_jax.errors import ConfigError
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import relabel as relabel_lib
-from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
 GIB = 2.0**30
@@ -230,10 +229,6 @@ def relabel_batch(config) -> int:
   return config.train.batch_size if config.scio.mode == "online" else config.scio.relabel_batch_size
 
 
-def _abstract(shapes: dict, sharding) -> dict:
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
-
-
 def _compile(step: str, batch: int, jitted, *args) -> StepReport:
   report = StepReport(step, batch)
   start = time.perf_counter()
@@ -253,19 +248,11 @@ def _compile(step: str, batch: int, jitted, *args) -> StepReport:
   return report
 
 
-def _abstract_state(config, vocab_size: int, mesh):
-  """(graph, optimizer, schedule, state shardings, train state as sharded ShapeDtypeStructs)."""
-  tx, schedule = state_lib.make_optimizer(config.optim, config.train.steps)
-  graph, abstract, shardings = state_lib.abstract_state(config, vocab_size, tx, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return graph, tx, schedule, shardings, state
-
-
 def compile_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sharding.Mesh,
                   steps=("train", "relabel")) -> list[StepReport]:
   """The train step (and the relabel step) lowered for abstract inputs sharded on `mesh` and
   compiled; nothing is allocated, so any mesh of real or described devices works."""
-  graph, tx, schedule, shardings, state = _abstract_state(config, vocab_size, mesh)
+  graph, tx, schedule, shardings, state = inputs.abstract_state(config, vocab_size, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=mesh_lib.replicated(mesh))
   tokens = inputs.token_ids(vocab_size)
@@ -274,13 +261,12 @@ def compile_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.
     if "train" in steps:
       b = config.train.batch_size
       train = step_lib.make_train_step(config, graph, tx, schedule, tokens, shardings, mesh)
-      report = _compile("train_step", b, train, state, _abstract(inputs.batch_shapes(config), batch_sharding), rng)
-      reports.append(report)
+      reports.append(_compile("train_step", b, train, state, inputs.abstract_batch(config, batch_sharding), rng))
     if "relabel" in steps:
       b = relabel_batch(config)
       relabel = relabel_lib.make_relabel_step(config, graph, tokens, shardings.params, mesh)
       report = _compile("relabel_step", b, relabel, state.params,
-                        _abstract(inputs.batch_shapes(config, b), batch_sharding), rng)
+                        inputs.abstract_batch(config, batch_sharding, b), rng)
       report.resident = chip_bytes(state) - chip_bytes(state.params)  # optimizer, momentum, queues
       reports.append(report)
   # Counted on the host's CPU, outside the slice's mesh (flops.py).
@@ -393,7 +379,7 @@ def search(config: ml_collections.ConfigDict, report: Report, tries: int, device
   failing = {s.step for s in report.steps if not fits(s.total, hbm)}
 
   def state_bytes(c, shape) -> int:  # the train state's bytes per chip, from shapes alone
-    return chip_bytes(_abstract_state(c, c.data.vocab_size, mesh_lib.make_mesh(shape, devices))[-1])
+    return chip_bytes(inputs.abstract_state(c, c.data.vocab_size, mesh_lib.make_mesh(shape, devices))[-1])
 
   options = alternatives(config, report.mesh)
   if state_bytes(config, report.mesh) > hbm * GIB / 2:

@@ -23,7 +23,6 @@ import ml_collections
 from klip_jax.bench import inputs
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import relabel as relabel_lib
-from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
 
 
@@ -42,6 +41,9 @@ _COUNTS: dict[tuple, float] = {}
 
 
 def _count(config: ml_collections.ConfigDict, vocab_size: int, step: str, batch_size: int) -> float:
+  config = config.copy_and_resolve_references()
+  for tower in (config.model.vision, config.model.text):
+    tower.update(scan_layers=False, remat="none")  # the same arithmetic: one count for every layout
   key = (config.to_json_best_effort(sort_keys=True), vocab_size, step, batch_size)
   if key not in _COUNTS:
     _COUNTS[key] = _lowered_flops(config, vocab_size, step, batch_size)
@@ -49,17 +51,10 @@ def _count(config: ml_collections.ConfigDict, vocab_size: int, step: str, batch_
 
 
 def _lowered_flops(config: ml_collections.ConfigDict, vocab_size: int, step: str, batch_size: int) -> float:
-  config = config.copy_and_resolve_references()
-  for tower in (config.model.vision, config.model.text):
-    tower.update(scan_layers=False, remat="none")  # jax writes remat's recomputation into the lowering
   mesh = mesh_lib.make_mesh((1, 1, 1), devices=jax.devices("cpu")[:1], dcn_shape=(1, 1, 1))
   tokens = inputs.token_ids(vocab_size)
-  tx, schedule = state_lib.make_optimizer(config.optim, config.train.steps)
-  graph, abstract, shardings = state_lib.abstract_state(config, vocab_size, tx, mesh)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-           for k, (shape, dtype) in inputs.batch_shapes(config, batch_size).items()}
+  graph, tx, schedule, shardings, state = inputs.abstract_state(config, vocab_size, mesh)
+  batch = inputs.abstract_batch(config, mesh_lib.batch_sharding(mesh), batch_size)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=mesh_lib.replicated(mesh))
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     if step == "train":

@@ -86,7 +86,8 @@ def build(model: ml_collections.ConfigDict, vocab_size: int, tokens: TokenIds) -
       self.temp = torch.nn.Parameter(torch.tensor(float(model.temp_init)))
       self.device, self.bf16 = device(), model.dtype == "bfloat16"
 
-  return BlipPretraining().to(device())
+  module = BlipPretraining()
+  return module.to(module.device)
 
 
 # HF model prefixes of the export's state dicts -> this module's attribute names.

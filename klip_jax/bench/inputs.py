@@ -4,6 +4,7 @@ structure SCIO reads, so relabelling does its real work), so no dataset is neede
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -25,6 +26,21 @@ def batch_shapes(config: ml_collections.ConfigDict, batch_size: int | None = Non
   return {"image": ((b, size, size, 1), jnp.float32), "text_ids": ((b, length), jnp.int32),
           "keyword_mask": ((b, length), jnp.int32), "clause_ids": ((b, length), jnp.int32),
           "clause_fields": ((b, config.scio.max_clauses), jnp.int32)}
+
+
+def abstract_batch(config: ml_collections.ConfigDict, sharding, batch_size: int | None = None) -> dict:
+  """`batch_shapes` as ShapeDtypeStructs with `sharding`: what lowering a step needs."""
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+          for k, (shape, dtype) in batch_shapes(config, batch_size).items()}
+
+
+def abstract_state(config: ml_collections.ConfigDict, vocab_size: int, mesh):
+  """(graph, optimizer, schedule, state shardings, train state as sharded ShapeDtypeStructs):
+  a model's state without allocating it, for lowering and compiling its steps."""
+  tx, schedule = state_lib.make_optimizer(config.optim, config.train.steps)
+  graph, abstract, shardings = state_lib.abstract_state(config, vocab_size, tx, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return graph, tx, schedule, shardings, state
 
 
 def random_batch(config: ml_collections.ConfigDict, vocab_size: int, seed: int = 0,

@@ -256,7 +256,8 @@ def fake_compile(monkeypatch):
     return aot.Report(name, topology, "TPU v5 lite", mesh_shape, remat, [train, *relabel])
 
   monkeypatch.setattr(aot, "compile_report", compile_report)
-  monkeypatch.setattr(aot, "_abstract_state", lambda config, vocab, mesh: (None,) * 4 + (tuple(mesh.shape.values()),))
+  monkeypatch.setattr(aot.inputs, "abstract_state",
+                      lambda config, vocab, mesh: (None,) * 4 + (tuple(mesh.shape.values()),))
   monkeypatch.setattr(aot, "chip_bytes", lambda shape: state_gib.get(shape, 1) * GIB)
   return calls, state_gib
 
