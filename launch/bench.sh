@@ -3,7 +3,8 @@
 # cuda) in a fresh virtual environment, then times the train step, caption generation and
 # SCIO relabelling of CONFIG and prints images/s, FLOPs per step and MFU against the chip's
 # datasheet bf16 peak. Usage: launch/bench.sh EXTRA [CONFIG] [OUT.json] [klip bench options...]
-# (launch/bench_tpu.sh and launch/bench_gpu.sh call it).
+# (launch/bench_tpu.sh and launch/bench_gpu.sh call it). With --compare-hf among the options,
+# HF's BLIP in PyTorch is timed beside it (the export extra brings torch and transformers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRA="$1"
@@ -13,6 +14,8 @@ shift $(( $# < 3 ? $# : 3 ))
 python3 -m venv .bench-venv
 source .bench-venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e ".[${EXTRA}]"
+EXTRAS="$EXTRA"
+if [[ " $* " == *" --compare-hf "* ]]; then EXTRAS="$EXTRA,export"; fi
+python -m pip install -q -e ".[${EXTRAS}]"
 python -c "import jax; print(jax.devices())"
 klip bench train caption relabel --config "$CONFIG" --json "$OUT" "$@"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # klip bench on one NVIDIA GPU host (A100/H100/H200), jax's CUDA 12 build.
-# Usage: launch/bench_gpu.sh [CONFIG] [OUT.json]
+# Usage: launch/bench_gpu.sh [CONFIG] [OUT.json] [klip bench options, e.g. --compare-hf]
 # The train step runs 64 images per GPU: base.py's global batch of 256 on one GPU asks 280 GiB
 # (an H200 holds 141; measured 2026-12-04).
 set -euo pipefail
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 GPUS=$(nvidia-smi -L | wc -l)
 exec "$(dirname "$0")/bench.sh" cuda "${1:-configs/base.py}" "${2:-bench_cuda.json}" \
-  "--config.train.batch_size=$((64 * GPUS))"
+  "--config.train.batch_size=$((64 * GPUS))" "${@:3}"
