@@ -1,5 +1,5 @@
 """The README's main job on a CPU laptop: tiny KLIP, SCIO A -> B -> C on the embedded world
-with 20% of caption clauses corrupted, then the benchmark; about ten minutes on 2 CPU cores.
+with 20% of caption clauses corrupted, then the benchmark; 8-12 minutes on 2 CPU cores.
 
 SCIO runs with the extensions that let it act at this scale (each a switch, each off in the
 paper's method; `klip ablate scio` compares them): half the ITM negatives drawn at random
@@ -54,7 +54,8 @@ def get_config(arg=None):
                 # corrupted ones. A margin of 2 nats kept 12 clean clauses of 135 unchanged and cost 1
                 # restored keyword of 453 (3 nats cost 42).
                 skip_fields="target.count,target.feature,target.location,target.region", keep_margin=2.0)
-  # 1800 steps, 7.9 minutes in all on 2 cores (1200 steps: 6.1): the screening signal keeps
+  # 1800 steps, 7.9 minutes in all on 2 Xeon cores, 11.4 on 2 AMD EPYC cores (1200 steps: 6.1,
+  # Xeon): the screening signal keeps
   # improving with training (seed 0, train captions, flag bar 0.5: precision 0.689 -> 0.716 at
   # recall 0.628 -> 0.638; the landform fields' AUC rose the same way from 720 to 1200 steps, the
   # target fields' did not: count 0.58, category ~0.80 from 720 to 1440 steps).
