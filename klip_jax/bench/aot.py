@@ -254,7 +254,7 @@ def compile_steps(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.
   compiled; nothing is allocated, so any mesh of real or described devices works."""
   graph, tx, schedule, shardings, state = inputs.abstract_state(config, vocab_size, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=mesh_lib.replicated(mesh))
+  rng = inputs.abstract_rng(mesh)
   tokens = inputs.token_ids(vocab_size)
   reports = []
   with mesh_lib.logical_context(mesh, config.mesh.rules):

@@ -55,7 +55,7 @@ def _lowered_flops(config: ml_collections.ConfigDict, vocab_size: int, step: str
   tokens = inputs.token_ids(vocab_size)
   graph, tx, schedule, shardings, state = inputs.abstract_state(config, vocab_size, mesh)
   batch = inputs.abstract_batch(config, mesh_lib.batch_sharding(mesh), batch_size)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=mesh_lib.replicated(mesh))
+  rng = inputs.abstract_rng(mesh)
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     if step == "train":
       lowered = step_lib.make_train_step(config, graph, tx, schedule, tokens, shardings, mesh).lower(state, batch, rng)

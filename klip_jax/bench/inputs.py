@@ -34,6 +34,11 @@ def abstract_batch(config: ml_collections.ConfigDict, sharding, batch_size: int 
           for k, (shape, dtype) in batch_shapes(config, batch_size).items()}
 
 
+def abstract_rng(mesh) -> jax.ShapeDtypeStruct:
+  """A step's random key as a replicated ShapeDtypeStruct on `mesh`."""
+  return jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=mesh_lib.replicated(mesh))
+
+
 def abstract_state(config: ml_collections.ConfigDict, vocab_size: int, mesh):
   """(graph, optimizer, schedule, state shardings, train state as sharded ShapeDtypeStructs):
   a model's state without allocating it, for lowering and compiling its steps."""
