@@ -51,11 +51,13 @@ def default_config() -> ml_collections.ConfigDict:
       temp_init=0.07,
       temp_range=(0.001, 0.5),
       share_decoder=True,  # decoder shares all but self-attention with the encoder (BLIP)
+      # attention: "xla" (XLA's products and softmax, any backend), "cudnn" (cuDNN's fused
+      # attention: NVIDIA GPUs, bfloat16 only) or "auto" (cuDNN where it runs, else XLA).
       vision=dict(image_size=224, patch_size=16, width=768, depth=12, heads=12, mlp_dim=3072,
                   ln_eps=1e-5, approximate_gelu=False, fused_qkv=True, remat="none",
-                  scan_layers=False, init_std=0.02),
+                  scan_layers=False, init_std=0.02, attention="auto"),
       text=dict(width=768, depth=12, heads=12, mlp_dim=3072, max_len=512, ln_eps=1e-12,
-                approximate_gelu=False, remat="none", scan_layers=False, init_std=0.02),
+                approximate_gelu=False, remat="none", scan_layers=False, init_std=0.02, attention="auto"),
   ))
   c.momentum = ml_collections.ConfigDict(dict(
       enabled=True, decay=0.995, queue_size=57600, alpha=0.4, alpha_warmup_steps=1000))
@@ -184,6 +186,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"{v.image_size} is not a multiple of patch_size {v.patch_size}.")
   _require(v.width % v.heads == 0, "model.vision.heads", f"width {v.width} is not divisible by {v.heads} heads.")
   _require(t.width % t.heads == 0, "model.text.heads", f"width {t.width} is not divisible by {t.heads} heads.")
+  for name, tower in (("vision", v), ("text", t)):
+    _require(tower.attention in ("auto", "xla", "cudnn"), f"model.{name}.attention",
+             f"use 'auto', 'xla' or 'cudnn' (NVIDIA GPUs), got {tower.attention!r}.")
+    _require(tower.attention != "cudnn" or c.model.dtype == "bfloat16", f"model.{name}.attention",
+             "cuDNN's fused attention runs in bfloat16 only: set model.dtype=bfloat16 or use 'xla'.")
   _require(c.data.max_len <= t.max_len, "data.max_len",
            f"{c.data.max_len} tokens exceed model.text.max_len={t.max_len} position embeddings.")
   lo, hi = c.model.temp_range

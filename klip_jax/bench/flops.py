@@ -8,6 +8,8 @@ or compiled), with choices that make it the model's arithmetic on every backend 
   likewise), and unrolling changes no arithmetic;
 - no remat: jax writes remat's recomputation into the lowered program (tiny.py with full remat:
   7.3 GFLOP against 5.6), and MFU counts the model's FLOPs, not the recomputed ones;
+- XLA's attention: cuDNN's fused attention is a custom call that the cost analysis cannot see
+  into, and the CPU lowering has no cuDNN;
 - one CPU device holding the global batch: the CPU lowering always carries a cost analysis (on
   an H200, jax 0.11's CUDA lowering returned no FLOPs count), and it is the whole step's, before
   any partitioning (MFU counts no replicated work).
@@ -43,7 +45,7 @@ _COUNTS: dict[tuple, float] = {}
 def _count(config: ml_collections.ConfigDict, vocab_size: int, step: str, batch_size: int) -> float:
   config = config.copy_and_resolve_references()
   for tower in (config.model.vision, config.model.text):
-    tower.update(scan_layers=False, remat="none")  # the same arithmetic: one count for every layout
+    tower.update(scan_layers=False, remat="none", attention="xla")  # the same arithmetic: one count for all
   key = (config.to_json_best_effort(sort_keys=True), vocab_size, step, batch_size)
   if key not in _COUNTS:
     _COUNTS[key] = _lowered_flops(config, vocab_size, step, batch_size)

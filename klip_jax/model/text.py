@@ -28,7 +28,7 @@ class SubLayer(nnx.Module):
   def __init__(self, cfg, *, kv_width=None, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attn = layers.Attention(cfg.width, cfg.heads, kv_width=kv_width, fused_qkv=False,
-                                 std=cfg.init_std, **kw)
+                                 std=cfg.init_std, implementation=cfg.attention, **kw)
     self.norm = layers.layer_norm(cfg.width, cfg.ln_eps, **kw)
 
   def __call__(self, x, context=None, mask=None, *, context_index=None, first_only=False):
@@ -169,9 +169,7 @@ class TextTransformer(nnx.Module):
     if ids.shape[1] > self.max_len:
       raise ValueError(f"{ids.shape[1]} tokens exceed the model's max_len {self.max_len}")
     decoder = mode == "decoder"
-    mask = pad_mask[:, None, None, :]
-    if decoder:
-      mask = mask & jnp.tril(jnp.ones((ids.shape[1], ids.shape[1]), bool))[None, None]
+    mask = layers.TextMask(pad_mask, causal=decoder)
     image = None if mode == "text" else image
     x = layers.constrain(self.embed(ids), ("batch", "length", "act_embed"))
     apply = lambda layer, y, m, img, index: layer(y, m, img, decoder, index)
@@ -185,7 +183,7 @@ class TextTransformer(nnx.Module):
 
   def prefill(self, ids: jax.Array, pad_mask: jax.Array, image: jax.Array):
     """Decoder pass over [DEC] + ids -> (hidden [B, L, D], per-layer KV cache)."""
-    mask = pad_mask[:, None, None, :] & jnp.tril(jnp.ones((ids.shape[1],) * 2, bool))[None, None]
+    mask = layers.TextMask(pad_mask, causal=True)
     x = self.embed(ids)
     return layers.run_stack_cached(self.layers, x, lambda layer, y, _, m, img: layer.prefill(y, m, img),
                                    self.scan, None, mask, image)

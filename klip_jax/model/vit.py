@@ -20,7 +20,8 @@ class VisionBlock(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = layers.layer_norm(cfg.width, cfg.ln_eps, **kw)
-    self.attn = layers.Attention(cfg.width, cfg.heads, fused_qkv=cfg.fused_qkv, std=cfg.init_std, **kw)
+    self.attn = layers.Attention(cfg.width, cfg.heads, fused_qkv=cfg.fused_qkv, std=cfg.init_std,
+                                 implementation=cfg.attention, **kw)
     self.norm2 = layers.layer_norm(cfg.width, cfg.ln_eps, **kw)
     self.mlp = layers.Mlp(cfg.width, cfg.mlp_dim, approximate_gelu=cfg.approximate_gelu,
                           std=cfg.init_std, **kw)

@@ -33,6 +33,15 @@ def test_scanned_layers_count_as_unrolled_and_remat_adds_nothing():
   assert flops.train_step(remat, VOCAB) == flops.train_step(_config(2, scan=True), VOCAB)
 
 
+def test_cudnn_attention_counts_as_xlas():
+  """cuDNN's fused attention is a custom call the cost analysis cannot see into (and the CPU
+  lowering has no cuDNN): a cuDNN config is counted with XLA's attention, the same arithmetic."""
+  c = _config(2, scan=True)
+  cudnn = _config(2, scan=True)
+  cudnn.model.vision.attention = cudnn.model.text.attention = "cudnn"
+  assert flops.train_step(cudnn, VOCAB) == flops.train_step(c, VOCAB)
+
+
 def test_one_more_layer_adds_its_hand_counted_flops():
   c = _config(2, scan=True)
   assert c.momentum.enabled  # the momentum encoder's forward pass is the fourth

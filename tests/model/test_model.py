@@ -202,24 +202,111 @@ def _numpy_attention(q, k, v, mask):
   return np.einsum("bnts,bsnd->btnd", weights, v)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attention_is_masked_softmax_attention(dtype):
+def _attention_against_numpy(dtype, causal, tolerance):
+  """Our attention over two rows of 5 tokens (the second padded after 3) against numpy's, with
+  the mask written out by hand. An odd length: the cuDNN path pads it to 6."""
   from klip_jax.model import layers
 
   config = config_lib.load("configs/tiny.py")
   mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((2, 5, 32)), dtype)
-  mask = jnp.asarray(rng.random((2, 1, 5, 5)) < 0.7).at[..., 0].set(True)  # every row attends somewhere
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 32)), dtype)
+  valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
+  keep = valid[:, None, None, :] & (np.tri(5, dtype=bool) if causal else np.ones((5, 5), bool))
   with mesh_lib.logical_context(mesh, config.mesh.rules):
     layer = layers.Attention(32, 4, fused_qkv=True, std=0.2, dtype=dtype, param_dtype=jnp.float32,
                              rngs=nnx.Rngs(params=0))
     q, k, v = (np.asarray(t, np.float64) for t in layer.project(x))
-    got = np.asarray(layer(x, mask=mask), np.float64)
-  heads = _numpy_attention(q, k, v, np.asarray(mask)).reshape(2, 5, 32)
+    got = np.asarray(layer(x, mask=layers.TextMask(jnp.asarray(valid), causal=causal)), np.float64)
+  heads = _numpy_attention(q, k, v, keep).reshape(2, 5, 32)
   expected = heads @ np.asarray(layer.out.kernel.value, np.float64) + np.asarray(layer.out.bias.value, np.float64)
-  tolerance = 1e-5 if dtype == jnp.float32 else 5e-2
   np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_is_masked_softmax_attention(dtype, causal):
+  _attention_against_numpy(dtype, causal, 1e-5 if dtype == jnp.float32 else 5e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_attention_is_given_the_same_mask(monkeypatch, causal):
+  """The "cudnn" path hands cuDNN the mask as key counts and a causal flag. cuDNN itself needs
+  an NVIDIA GPU, so jax's XLA implementation of the same call (it reads the same arguments)
+  stands in for it here: what reaches it must be the mask numpy is given."""
+  from klip_jax.model import layers
+
+  calls, jax_attention = [], jax.nn.dot_product_attention
+
+  def xla_in_place_of_cudnn(q, k, v, **kwargs):
+    calls.append(dict(kwargs))
+    assert kwargs.pop("implementation") == "cudnn" and "mask" not in kwargs
+    return jax_attention(q, k, v, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(layers.jax.nn, "dot_product_attention", xla_in_place_of_cudnn)
+  real_attention = layers.Attention.__init__
+
+  def cudnn_attention(self, *args, **kwargs):
+    real_attention(self, *args, **{**kwargs, "implementation": "cudnn"})
+
+  monkeypatch.setattr(layers.Attention, "__init__", cudnn_attention)
+  _attention_against_numpy(jnp.float32, causal, 1e-5)
+  assert calls and calls[0]["is_causal"] == causal
+  np.testing.assert_array_equal(calls[0]["key_value_seq_lengths"], [5, 3])
+
+
+def test_cudnn_attention_pads_odd_lengths_without_a_mask(monkeypatch):
+  """A ViT's 1 + 14 x 14 tokens: cuDNN is given an even length, and the padding key is left out."""
+  from klip_jax.model import layers
+
+  seen, jax_attention = [], jax.nn.dot_product_attention
+
+  def xla_in_place_of_cudnn(q, k, v, **kwargs):
+    seen.append((q.shape[1], k.shape[1], np.asarray(kwargs["key_value_seq_lengths"])))
+    return jax_attention(q, k, v, **{**kwargs, "implementation": "xla"})
+
+  monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(layers.jax.nn, "dot_product_attention", xla_in_place_of_cudnn)
+  q, k, v = jnp.asarray(np.random.default_rng(1).standard_normal((3, 2, 5, 2, 8)), jnp.float32)
+  np.testing.assert_allclose(layers._cudnn_attention(q, k, v, None), _numpy_attention(q, k, v, True),
+                             rtol=1e-5, atol=1e-5)
+  (t, s, lengths), = seen
+  assert (t, s) == (6, 6)
+  np.testing.assert_array_equal(lengths, [5, 5])
+
+
+@pytest.mark.parametrize("attention, dtype, match", [
+    ("flash", "bfloat16", "model.text.attention: use 'auto', 'xla' or 'cudnn'"),
+    ("cudnn", "float32", "model.text.attention: cuDNN's fused attention runs in bfloat16 only"),
+])
+def test_attention_config_is_validated(attention, dtype, match):
+  from klip_jax.errors import ConfigError
+
+  c = config_lib.load("configs/tiny.py",
+                      [f"--config.model.text.attention={attention}", f"--config.model.dtype={dtype}"])
+  with pytest.raises(ConfigError, match=match):
+    config_lib.validate(c)
+
+
+def test_auto_attention_is_cudnn_on_a_gpu_in_bfloat16_only(monkeypatch):
+  from klip_jax.model import layers
+
+  assert layers.resolve_attention("auto", jnp.bfloat16) == "xla"  # this CPU
+  monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+  assert layers.resolve_attention("auto", jnp.bfloat16) == "cudnn"
+  assert layers.resolve_attention("auto", jnp.float32) == "xla"
+  assert layers.resolve_attention("xla", jnp.bfloat16) == "xla"
+
+
+def test_cudnn_attention_refuses_a_cpu():
+  from klip_jax.model import layers
+
+  config = config_lib.load("configs/tiny.py")
+  with mesh_lib.logical_context(mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]), config.mesh.rules):
+    layer = layers.Attention(32, 4, fused_qkv=True, std=0.2, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                             rngs=nnx.Rngs(params=0), implementation="cudnn")
+    with pytest.raises(ValueError, match="NVIDIA GPUs only.*'xla'"):
+      layer(jnp.ones((1, 4, 32), jnp.bfloat16))
 
 
 @pytest.mark.slow
