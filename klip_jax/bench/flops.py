@@ -10,6 +10,11 @@ or compiled), with choices that make it the model's arithmetic on every backend 
   7.3 GFLOP against 5.6), and MFU counts the model's FLOPs, not the recomputed ones;
 - XLA's attention: cuDNN's fused attention is a custom call that the cost analysis cannot see
   into, and the CPU lowering has no cuDNN;
+- the reconstruction loss's vocabulary projection at every position: the step projects only
+  the scored positions unless a caption scores more than half of its own
+  (`losses.reconstruction_at_selected`, a conditional), and XLA's cost analysis counts a
+  conditional's costlier branch. The usual branch does less: configs/demo.py's step, 8.48 GFLOP
+  counted, does 7.85 (vocabulary 1000); at base.py's widths the projection is under 1% of the step;
 - one CPU device holding the global batch: the CPU lowering always carries a cost analysis (on
   an H200, jax 0.11's CUDA lowering returned no FLOPs count), and it is the whole step's, before
   any partitioning (MFU counts no replicated work).

@@ -75,8 +75,14 @@ class KLIP(nnx.Module):
   def decoder_tower(self) -> TextTransformer:
     return self.text if self.decoder is None else self.decoder
 
+  def decoder_hidden(self, ids: jax.Array, pad_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:
+    """Image-grounded causal decoder ([DEC] first) -> hidden states [B, L, width]."""
+    return self.decoder_tower()(ids, pad_mask, "decoder", image_tokens)
+
+  def vocab_logits(self, hidden: jax.Array) -> jax.Array:
+    """Decoder hidden states [..., width] -> next-token logits [..., V] in fp32."""
+    return self.decoder_tower().logits(hidden).astype(jnp.float32)
+
   def decoder_logits(self, ids: jax.Array, pad_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:
     """Image-grounded causal decoder ([DEC] first) -> next-token logits [B, L, V] in fp32."""
-    tower = self.decoder_tower()
-    hidden = tower(ids, pad_mask, "decoder", image_tokens)
-    return tower.logits(hidden).astype(jnp.float32)
+    return self.vocab_logits(self.decoder_hidden(ids, pad_mask, image_tokens))

@@ -8,6 +8,8 @@ makes ITC negatives and ITM hard negatives global, as in BLIP's all-gather.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -134,6 +136,21 @@ def corrupt(rng: jax.Array, ids: jax.Array, selected: jax.Array, *, mask_id: int
   return jnp.where(selected & (u >= mask_prob) & (u < mask_prob + random_prob), random_ids, out)
 
 
+def _scored(logits: jax.Array, targets: jax.Array, weight: jax.Array):
+  """(summed NLL, hits, count) of `targets` under `logits` [..., V] at the weighted positions.
+  A hit is a target whose logit is the largest: one max, which log-softmax takes anyway,
+  instead of an argmax's second pass over the vocabulary."""
+  logits = logits.astype(jnp.float32)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  log_norm = jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1)) + top
+  target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum((log_norm - target) * weight), jnp.sum((target >= top) * weight), jnp.sum(weight)
+
+
+def _mean(nll_sum: jax.Array, hits: jax.Array, count: jax.Array):
+  return nll_sum / jnp.maximum(count, 1.0), hits / jnp.maximum(count, 1.0), count
+
+
 def reconstruction(logits: jax.Array, targets: jax.Array, selected: jax.Array):
   """Causal reconstruction loss counted only at the selected positions.
 
@@ -141,10 +158,29 @@ def reconstruction(logits: jax.Array, targets: jax.Array, selected: jax.Array):
   logits[:, t - 1]. Returns (mean loss over selected positions, accuracy, count).
   """
   logits, targets, selected = logits[:, :-1], targets[:, 1:], selected[:, 1:]
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-  weight = selected.astype(jnp.float32)
-  count = jnp.sum(weight)
-  loss = jnp.sum(nll * weight) / jnp.maximum(count, 1.0)
-  accuracy = jnp.sum((logits.argmax(-1) == targets) * weight) / jnp.maximum(count, 1.0)
-  return loss, accuracy, count
+  return _mean(*_scored(logits, targets, selected.astype(jnp.float32)))
+
+
+def reconstruction_at_selected(hidden: jax.Array, to_logits: Callable[[jax.Array], jax.Array],
+                               targets: jax.Array, selected: jax.Array):
+  """`reconstruction` of the decoder's hidden states [B, L, D], with the vocabulary projection
+  `to_logits` run only where a position is scored.
+
+  At small widths the projection to the vocabulary is the step's largest product (tiny.py: 1000
+  words against a width of 64), yet the loss reads a third of the positions (the keywords and
+  their ends). Each row's selected positions are gathered, in order, into the first half of its
+  length; when a row selects more than half, the batch takes the full projection instead
+  (lax.cond), so the loss is the same either way. configs/demo.py's captions select 32 of 95
+  positions on average and 45 at most."""
+  hidden, targets, selected = hidden[:, :-1], targets[:, 1:], selected[:, 1:]
+  half = (targets.shape[1] + 1) // 2
+
+  def gathered():
+    rows = jnp.argsort(~selected, axis=1, stable=True)[:, :half]  # the selected positions first
+    pick = lambda x: jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
+    return _scored(to_logits(pick(hidden)), pick(targets), pick(selected).astype(jnp.float32))
+
+  def full():
+    return _scored(to_logits(hidden), targets, selected.astype(jnp.float32))
+
+  return _mean(*jax.lax.cond(jnp.all(selected.sum(axis=1) <= half), gathered, full))

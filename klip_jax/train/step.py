@@ -106,8 +106,8 @@ def _losses(config, tokens: TokenIds, model, momentum_model, state: TrainState, 
                           vocab_size=tokens.vocab_size, mask_prob=config.loss.mask_prob,
                           random_prob=config.loss.random_prob,
                           special_ids=tokens.special()).at[:, 0].set(tokens.dec)
-  logits = model.decoder_logits(dec_in, rec_pad, image_tokens)
-  loss_rec, rec_acc, rec_count = losses.reconstruction(logits, rec_ids, selected)
+  hidden = model.decoder_hidden(dec_in, rec_pad, image_tokens)
+  loss_rec, rec_acc, rec_count = losses.reconstruction_at_selected(hidden, model.vocab_logits, rec_ids, selected)
 
   w = config.loss
   total = w.itc * loss_itc + w.itm * loss_itm + w.recon * loss_rec

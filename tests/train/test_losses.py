@@ -143,6 +143,40 @@ def test_reconstruction_counts_only_selected_positions_with_causal_shift():
       losses.reconstruction(jnp.asarray(other), jnp.asarray(targets), jnp.asarray(selected))[0], loss)
 
 
+@pytest.mark.parametrize("crowded_row", [False, True])
+def test_reconstruction_at_selected_positions_is_the_full_loss(crowded_row):
+  """The vocabulary projection run only at the selected positions gives numpy's loss over the
+  full logits, and the same gradients as projecting every position: with each row selecting at
+  most half its positions (gathered) and with one row selecting more (the full projection)."""
+  rng = np.random.default_rng(6)
+  hidden = rng.standard_normal((3, 9, 4)).astype(np.float32)
+  weights = rng.standard_normal((4, 13)).astype(np.float32)
+  targets = rng.integers(0, 13, (3, 9))
+  selected = rng.random((3, 9)) < 0.4
+  selected[:, 1:] &= np.cumsum(selected[:, 1:], axis=1) <= 4  # at most half of the 8 scored positions
+  selected[2, 1:] = crowded_row  # a row of 8 selected positions, or none
+  project = lambda h: h @ jnp.asarray(weights)
+
+  loss, acc, count = losses.reconstruction_at_selected(jnp.asarray(hidden), project, jnp.asarray(targets),
+                                                       jnp.asarray(selected))
+  logits = hidden @ weights
+  lp = _log_softmax(logits)
+  picks = [(b, t) for b in range(3) for t in range(1, 9) if selected[b, t]]
+  np.testing.assert_allclose(loss, -np.mean([lp[b, t - 1, targets[b, t]] for b, t in picks]), rtol=1e-5)
+  np.testing.assert_allclose(acc, np.mean([logits[b, t - 1].argmax() == targets[b, t] for b, t in picks]))
+  assert int(count) == len(picks)
+
+  def at_selected(h, w):
+    return losses.reconstruction_at_selected(h, lambda x: x @ w, jnp.asarray(targets), jnp.asarray(selected))[0]
+
+  def everywhere(h, w):
+    return losses.reconstruction(h @ w, jnp.asarray(targets), jnp.asarray(selected))[0]
+
+  for got, want in zip(jax.grad(at_selected, (0, 1))(jnp.asarray(hidden), jnp.asarray(weights)),
+                       jax.grad(everywhere, (0, 1))(jnp.asarray(hidden), jnp.asarray(weights))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_random_replacements_never_draw_a_special_token():
   special = (0, 2, 3, 4, 5, 6, 7, 19)  # [PAD], [DEC], [SEP], [CLS], [ENC], [MASK], "$", and one past them
   ids = jnp.full((400, 100), 30, jnp.int32)
