@@ -54,7 +54,7 @@ def get_config(arg=None):
                 # corrupted ones. A margin of 2 nats kept 12 clean clauses of 135 unchanged and cost 1
                 # restored keyword of 453 (3 nats cost 42).
                 skip_fields="target.count,target.feature,target.location,target.region", keep_margin=2.0)
-  # 1800 steps, 9.6-10.0 minutes in all on 2 AMD EPYC cores (11.4 before the train step scored only
+  # 1800 steps, 8.8-10.0 minutes in all on 2 AMD EPYC cores (11.4 before the train step scored only
   # the keyword positions and the in-training evaluation was dropped; 7.9 then on 2 Xeon cores;
   # 1200 steps: 6.1, Xeon): the screening signal keeps improving with training (seed 0, train captions, flag bar
   # 0.5: precision 0.689 -> 0.716 at recall 0.628 -> 0.638; the landform fields' AUC rose the same
