@@ -54,12 +54,12 @@ def get_config(arg=None):
                 # corrupted ones. A margin of 2 nats kept 12 clean clauses of 135 unchanged and cost 1
                 # restored keyword of 453 (3 nats cost 42).
                 skip_fields="target.count,target.feature,target.location,target.region", keep_margin=2.0)
-  # 1800 steps, 8.8-10.0 minutes in all on 2 AMD EPYC cores (11.4 before the train step scored only
-  # the keyword positions and the in-training evaluation was dropped; 7.9 then on 2 Xeon cores;
-  # 1200 steps: 6.1, Xeon): the screening signal keeps improving with training (seed 0, train captions, flag bar
-  # 0.5: precision 0.689 -> 0.716 at recall 0.628 -> 0.638; the landform fields' AUC rose the same
-  # way from 720 to 1200 steps, the target fields' did not: count 0.58, category ~0.80 from 720
-  # to 1440 steps).
+  # 1800 steps, 8.8-10.0 minutes in all on 2 AMD EPYC cores (11.4 before the train step scored
+  # only the keyword positions and the in-training evaluation was dropped; 7.9 then on 2 Xeon
+  # cores; 1200 steps: 6.1, Xeon): the screening signal keeps improving with training (seed 0,
+  # train captions, flag bar 0.5: precision 0.689 -> 0.716 at recall 0.628 -> 0.638; the landform
+  # fields' AUC rose the same way from 720 to 1200 steps, the target fields' did not: count 0.58,
+  # category ~0.80 from 720 to 1440 steps).
   c.train.update(steps=1800, batch_size=32, log_every=24, ckpt_every=300)
   # The benchmark's tasks that show what SCIO is for (all 16: --config.eval.tasks=all). No
   # evaluation during training (every=0): on the val split at steps 900 and 1800 it took ~25 s

@@ -138,8 +138,9 @@ def corrupt(rng: jax.Array, ids: jax.Array, selected: jax.Array, *, mask_id: int
 
 def _scored(logits: jax.Array, targets: jax.Array, weight: jax.Array):
   """(summed NLL, hits, count) of `targets` under `logits` [..., V] at the weighted positions.
-  A hit is a target whose logit is the largest: one max, which log-softmax takes anyway,
-  instead of an argmax's second pass over the vocabulary."""
+  A hit is a target whose logit is the largest: one max, shared with the log-normaliser,
+  instead of an argmax's second pass over the vocabulary (jax.nn.logsumexp takes a max of its
+  own: with it demo.py's step ran 0.96x and 0.99x as fast in two paired runs)."""
   logits = logits.astype(jnp.float32)
   top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
   log_norm = jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1)) + top

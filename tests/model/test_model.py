@@ -228,22 +228,30 @@ def test_attention_is_masked_softmax_attention(dtype, causal):
   _attention_against_numpy(dtype, causal, 1e-5 if dtype == jnp.float32 else 5e-2)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_cudnn_attention_is_given_the_same_mask(monkeypatch, causal):
-  """The "cudnn" path hands cuDNN the mask as key counts and a causal flag. cuDNN itself needs
-  an NVIDIA GPU, so jax's XLA implementation of the same call (it reads the same arguments)
-  stands in for it here: what reaches it must be the mask numpy is given."""
+def _xla_in_place_of_cudnn(monkeypatch) -> list:
+  """cuDNN needs an NVIDIA GPU, so jax's XLA implementation of the same call (it reads the same
+  arguments) stands in for it: the backend reads "gpu", and each call's (q, k, kwargs) is kept."""
   from klip_jax.model import layers
 
   calls, jax_attention = [], jax.nn.dot_product_attention
 
-  def xla_in_place_of_cudnn(q, k, v, **kwargs):
-    calls.append(dict(kwargs))
+  def attention(q, k, v, **kwargs):
+    calls.append((q, k, dict(kwargs)))
     assert kwargs.pop("implementation") == "cudnn" and "mask" not in kwargs
     return jax_attention(q, k, v, implementation="xla", **kwargs)
 
   monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(layers.jax.nn, "dot_product_attention", xla_in_place_of_cudnn)
+  monkeypatch.setattr(layers.jax.nn, "dot_product_attention", attention)
+  return calls
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_attention_is_given_the_same_mask(monkeypatch, causal):
+  """The "cudnn" path hands cuDNN the mask as key counts and a causal flag: what reaches it must
+  be the mask numpy is given."""
+  from klip_jax.model import layers
+
+  calls = _xla_in_place_of_cudnn(monkeypatch)
   real_attention = layers.Attention.__init__
 
   def cudnn_attention(self, *args, **kwargs):
@@ -251,28 +259,21 @@ def test_cudnn_attention_is_given_the_same_mask(monkeypatch, causal):
 
   monkeypatch.setattr(layers.Attention, "__init__", cudnn_attention)
   _attention_against_numpy(jnp.float32, causal, 1e-5)
-  assert calls and calls[0]["is_causal"] == causal
-  np.testing.assert_array_equal(calls[0]["key_value_seq_lengths"], [5, 3])
+  assert calls and calls[0][2]["is_causal"] == causal
+  np.testing.assert_array_equal(calls[0][2]["key_value_seq_lengths"], [5, 3])
 
 
 def test_cudnn_attention_pads_odd_lengths_without_a_mask(monkeypatch):
   """A ViT's 1 + 14 x 14 tokens: cuDNN is given an even length, and the padding key is left out."""
   from klip_jax.model import layers
 
-  seen, jax_attention = [], jax.nn.dot_product_attention
-
-  def xla_in_place_of_cudnn(q, k, v, **kwargs):
-    seen.append((q.shape[1], k.shape[1], np.asarray(kwargs["key_value_seq_lengths"])))
-    return jax_attention(q, k, v, **{**kwargs, "implementation": "xla"})
-
-  monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(layers.jax.nn, "dot_product_attention", xla_in_place_of_cudnn)
+  calls = _xla_in_place_of_cudnn(monkeypatch)
   q, k, v = jnp.asarray(np.random.default_rng(1).standard_normal((3, 2, 5, 2, 8)), jnp.float32)
   np.testing.assert_allclose(layers._cudnn_attention(q, k, v, None), _numpy_attention(q, k, v, True),
                              rtol=1e-5, atol=1e-5)
-  (t, s, lengths), = seen
-  assert (t, s) == (6, 6)
-  np.testing.assert_array_equal(lengths, [5, 5])
+  (padded_q, padded_k, kwargs), = calls
+  assert (padded_q.shape[1], padded_k.shape[1]) == (6, 6)
+  np.testing.assert_array_equal(kwargs["key_value_seq_lengths"], [5, 5])
 
 
 @pytest.mark.parametrize("attention, dtype, match", [
