@@ -378,13 +378,18 @@ def rewrite_flags(model, image_tokens, cache, ids, keyword_mask, clause_ids, fla
   (of `ids`, from the screening pass) serves the first, and the decoder runs again over the
   caption as rewritten for each next one -> (ids, keyword_mask, clause_ids, bool [B, L] the
   new keywords' tokens)."""
-  out = (ids, keyword_mask, clause_ids)
   none = jnp.iinfo(jnp.int32).max  # sorts after every clause
   in_order = jnp.sort(jnp.where(flagged >= 0, flagged, none), axis=1)
-  for m, clause in enumerate(jnp.where(in_order == none, -1, in_order).T):
-    if m:
-      _, cache = decode.prefill_caption(model, image_tokens, out[0], out[0] != tokens.pad, dec_id=tokens.dec)
-    out = rewrite(model, cache, *out, clause, fields, scio=scio, tokens=tokens, candidates=candidates)
+  clauses = jnp.where(in_order == none, -1, in_order).T  # [M, B]
+  out = rewrite(model, cache, ids, keyword_mask, clause_ids, clauses[0], fields, scio=scio, tokens=tokens,
+                candidates=candidates)
+
+  def rewrite_next(out, clause):
+    _, cache = decode.prefill_caption(model, image_tokens, out[0], out[0] != tokens.pad, dec_id=tokens.dec)
+    return rewrite(model, cache, *out, clause, fields, scio=scio, tokens=tokens, candidates=candidates), None
+
+  if len(clauses) > 1:  # a loop, not unrolled: XLA compiles one rewrite for the second flag onwards
+    out, _ = jax.lax.scan(rewrite_next, out, clauses[1:])
   return (*out, keyword_span(out[1], out[2], flagged))
 
 
