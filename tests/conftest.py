@@ -6,7 +6,9 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests import xla  # jax-free: these flags are set before anything imports jax
+
+os.environ.setdefault("XLA_FLAGS", xla.host_devices_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   # Tests compile the same tiny programs many times over (each `klip` subprocess, each stage,
@@ -20,7 +22,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # Most tests run a program a few times and compile it once, so XLA's optimizing passes cost them
 # more than they save: without them a 6-step online SCIO run (configs/tiny.py:48px, 8 devices)
 # took 53 s instead of 82 s, compiling its train step in 11.5 s instead of 22.8 s. Every `klip`
-# command a user runs keeps them; so do the tests that run hundreds of steps (`tests.xla`).
+# command a user runs keeps them; so do the tests that run hundreds of steps (`tests.xla`). They
+# also compile with tests.xla.COMPILE_FAST_FLAGS.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pytest

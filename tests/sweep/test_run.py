@@ -24,6 +24,7 @@ from klip_jax.jobs import sweep
 from klip_jax.model import size
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import state as state_lib
+from tests import xla
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MICRO = os.path.join(ROOT, "configs", "sweeps", "micro.py")
@@ -270,9 +271,7 @@ def test_rerun_skips_done_retries_failed_reruns_changed_and_lets_preemption_thro
 
 
 def _env():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  return env
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla.host_devices_flags(1)}
 
 
 def _sweep(workdir):

@@ -24,13 +24,12 @@ from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import checkpoint, loop
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
+from tests import xla
 from tests.xla import optimized_xla
 
 
 def _env():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  return env
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla.host_devices_flags(1)}
 
 
 def _klip(*args):
