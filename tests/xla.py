@@ -9,15 +9,20 @@ _FLAG = "jax_disable_most_optimizations"
 
 # XLA:CPU's older loop emitters instead of its MLIR fusion emitters: configs/tiny.py's train
 # step (8 devices, passes off) compiled in 6.3 s instead of 8.8 s (three runs each, the same
-# every time), a `klip pretrain` test ran in 51 s instead of 55 s. They run the step ~4% slower
-# (`klip bench train --config configs/demo.py`: 141 vs 148 images/s), so `klip` itself keeps
-# XLA's default; the tests that start `klip` processes pass these flags on.
+# every time), a `klip pretrain` test ran in 51 s instead of 55 s. Their programs run slower
+# (`klip bench train --config configs/demo.py`: 141 vs 148 images/s on an AMD EPYC; configs/small.py's
+# vision forward + backward 1.76 s vs 1.53 s on a Xeon), so `klip` itself keeps XLA's default, and
+# so does the 400-step overfit run (77 s instead of 89 s); the other `klip` processes tests start
+# get these flags.
 COMPILE_FAST_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 
 def host_devices_flags(devices: int) -> str:
-  """XLA_FLAGS for a test process of `devices` CPU devices that compiles as the tests do."""
-  return f"--xla_force_host_platform_device_count={devices} {COMPILE_FAST_FLAGS}"
+  """XLA_FLAGS for a test process of `devices` CPU devices that compiles as the tests do: with
+  `COMPILE_FAST_FLAGS`, but inside `optimized_xla`, whose runs are long enough that the fusion
+  emitters' faster programs pay for their compile time."""
+  fast = "" if os.environ.get(_FLAG.upper()) == "0" else f" {COMPILE_FAST_FLAGS}"
+  return f"--xla_force_host_platform_device_count={devices}{fast}"
 
 
 @contextlib.contextmanager
