@@ -19,10 +19,16 @@ COMPILE_FAST_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 
 def host_devices_flags(devices: int) -> str:
   """XLA_FLAGS for a test process of `devices` CPU devices that compiles as the tests do: with
-  `COMPILE_FAST_FLAGS`, but inside `optimized_xla`, whose runs are long enough that the fusion
-  emitters' faster programs pay for their compile time."""
+  `COMPILE_FAST_FLAGS`, except inside `optimized_xla`, whose runs are long enough that the
+  fusion emitters' faster programs pay for their compile time."""
   fast = "" if os.environ.get(_FLAG.upper()) == "0" else f" {COMPILE_FAST_FLAGS}"
   return f"--xla_force_host_platform_device_count={devices}{fast}"
+
+
+def klip_env(devices: int) -> dict[str, str]:
+  """The environment of a `klip` process a test starts: on `devices` CPU devices, compiling as
+  the tests do (read when called: inside `optimized_xla`, with XLA's passes)."""
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": host_devices_flags(devices)}
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests import xla
+from tests.xla import klip_env
 
 # klip commands run as 1 and as 2 processes; one such run at a time (one pytest-xdist worker):
 # two at once on two cores starve jax.distributed's heartbeats (100 s) and the service aborts.
@@ -36,7 +36,7 @@ def _klip(args: list[str], processes: int, devices: int, sigterm_when=None) -> l
   """Run `klip ARGS` as `processes` processes of `devices` CPU devices each; fail with their
   stderr when any process fails, else return each one's stderr. `sigterm_when()` true sends
   SIGTERM to the last process alone (a preemption notice reaches one host of a pod first)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla.host_devices_flags(devices)}
+  env = klip_env(devices)
   command = [sys.executable, "-m", "klip_jax.cli", *args]
   if processes > 1:
     port = _free_port()

@@ -24,7 +24,7 @@ from klip_jax.jobs import sweep
 from klip_jax.model import size
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import state as state_lib
-from tests import xla
+from tests.xla import klip_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MICRO = os.path.join(ROOT, "configs", "sweeps", "micro.py")
@@ -270,10 +270,6 @@ def test_rerun_skips_done_retries_failed_reruns_changed_and_lets_preemption_thro
   assert len(open(os.path.join(workdir, "sweep.jsonl")).readlines()) == 7
 
 
-def _env():
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla.host_devices_flags(1)}
-
-
 def _sweep(workdir):
   return [sys.executable, "-m", "klip_jax.cli", "sweep", "run", "--config", MICRO + ":test", "--workdir", workdir]
 
@@ -285,7 +281,7 @@ def test_killed_sweep_resumes_without_retraining_and_records_a_failed_point(tmp_
   log untouched), records the failure with its error and finishes the last point."""
   workdir = str(tmp_path / "sweep")
   lines = os.path.join(workdir, "sweep.jsonl")
-  run = subprocess.Popen(_sweep(workdir), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  run = subprocess.Popen(_sweep(workdir), env=klip_env(1), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   while run.poll() is None and not (os.path.exists(lines) and '"status": "done"' in open(lines).read()):
     time.sleep(0.05)
   run.send_signal(signal.SIGKILL)
@@ -295,7 +291,7 @@ def test_killed_sweep_resumes_without_retraining_and_records_a_failed_point(tmp_
   before = {name: os.stat(os.path.join(first, name)).st_mtime_ns for name in ("metrics.jsonl", "config.json")}
   checkpoints = sorted(os.listdir(os.path.join(first, "checkpoints")))
 
-  out = subprocess.run(_sweep(workdir), env=_env(), capture_output=True, text=True, check=True).stdout
+  out = subprocess.run(_sweep(workdir), env=klip_env(1), capture_output=True, text=True, check=True).stdout
   assert "m0_d32_s6" in out and "skipped (done)" in out.split("m0_d32_s6")[1].splitlines()[0]
   assert {name: os.stat(os.path.join(first, name)).st_mtime_ns for name in before} == before
   assert sorted(os.listdir(os.path.join(first, "checkpoints"))) == checkpoints

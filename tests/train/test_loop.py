@@ -24,16 +24,11 @@ from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import checkpoint, loop
 from klip_jax.train import state as state_lib
 from klip_jax.train import step as step_lib
-from tests import xla
-from tests.xla import optimized_xla
-
-
-def _env():
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla.host_devices_flags(1)}
+from tests.xla import klip_env, optimized_xla
 
 
 def _klip(*args):
-  subprocess.run([sys.executable, "-m", "klip_jax.cli", *args], check=True, env=_env(),
+  subprocess.run([sys.executable, "-m", "klip_jax.cli", *args], check=True, env=klip_env(1),
                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -47,7 +42,7 @@ def _checkpoint(workdir, step):
 
 def _train_until(args, metrics: str, lines: int, sig: int) -> subprocess.Popen:
   """Start `klip ARGS`, send it `sig` once `metrics` has `lines` lines; returns the process."""
-  run = subprocess.Popen([sys.executable, "-m", "klip_jax.cli", *args], env=_env(), stdout=subprocess.DEVNULL,
+  run = subprocess.Popen([sys.executable, "-m", "klip_jax.cli", *args], env=klip_env(1), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
   while run.poll() is None and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= lines):
     time.sleep(0.01)
