@@ -219,9 +219,14 @@ def relabel_split(relabel, params, data: RunData, split: str, mesh, batch_size: 
   entries = []
   with tqdm(total=limit or len(source), desc=f"relabel {split}", unit="caption", disable=not progress) as bar:
     for batch in pipeline.build(options, data.codec):
+      # The last batch's padding rows (copies of example 0) get no clauses: no variant of theirs
+      # is valid, so they flag nothing and stay out of the batch statistics that screening
+      # standardises by (scio.field_calibration, the relative rule), which would otherwise
+      # change the real captions' flags.
+      clause_ids = np.where(batch["valid"][:, None], batch["clause_ids"], -1)
       # index and valid travel as global arrays too, so they line up with the result's rows.
-      inputs = pipeline.global_batch({**model_inputs(batch), "index": batch["index"].astype(np.int32),
-                                      "valid": batch["valid"]}, mesh)
+      inputs = pipeline.global_batch({**model_inputs(batch), "clause_ids": clause_ids,
+                                      "index": batch["index"].astype(np.int32), "valid": batch["valid"]}, mesh)
       result = relabel(params, model_inputs(inputs), jax.random.key(0))
       result, index, valid = hosts.fetch((result, inputs["index"], inputs["valid"]))
       new = entries_from_result(data.codec, result, index, valid, source)

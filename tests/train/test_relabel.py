@@ -323,6 +323,23 @@ def test_entry_flags_read_listed_flags_and_the_single_flag_of_older_rounds():
 
 
 @pytest.mark.slow  # a parity / end-to-end run: the full suite's tier
+def test_the_last_batchs_padding_leaves_its_captions_flags_as_a_batch_of_them_alone(tiny_data, tiny_tokenizer):
+  """The val split's 12 captions in batches of 8 end in 4 captions and 4 padding rows: with
+  screening standardised by the batch's field statistics, those 4 get the flags and scores
+  they get in a batch of their own (batches of 4: no padding)."""
+  config, codec, mesh, *_, graph, state, shardings, _ = _setup(tiny_data, tiny_tokenizer)
+  config.scio.update(rule="decoder", field_calibration=True, threshold=0.0, max_flags=2)
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    fn = relabel.make_relabel_step(config, graph, TokenIds.from_codec(codec), shardings.params, mesh, proofread=False)
+    padded, alone = (scio.relabel_split(fn, state.params, RunData(tiny_data, codec), "val", mesh, b, progress=False)
+                     for b in (8, 4))
+  assert len(padded) == len(alone) == 12
+  for a, b in zip(padded[8:], alone[8:]):
+    assert a["id"] == b["id"] and a["flagged"] == b["flagged"]
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-4)
+  assert any(e["flagged"] for e in alone[8:])
+
+
 def test_relabel_on_the_eight_device_mesh_equals_one_device(tiny_data, tiny_tokenizer):
   config, codec, mesh1, tx, _schedule, graph, state, shardings, batch = _setup(tiny_data, tiny_tokenizer)
   tokens = TokenIds.from_codec(codec)
