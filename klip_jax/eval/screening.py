@@ -36,7 +36,8 @@ def clause_table(entries: Sequence[dict]) -> dict:
   `surprise` the decoder's -log p of the clause's keyword (NaN for entries written before
   screening recorded it), `flagged` (1 where the entry flagged clause k) and `field`
   ("scene_type.field", "" when the entry does not say its scene type). Clauses past the tables'
-  width (max_clauses) have no variant and are left out like those of one-clause captions."""
+  width (max_clauses) have no variant and are left out like those of one-clause captions, and so
+  are clauses the relabel step found no tokens of (a caption cut at data.max_len: NaN `score`)."""
   columns = {name: [] for name in ("caption", "clause", "corrupted", "itc_gain", "itm_gain", "surprise",
                                    "rule", "flagged", "field")}
   for index, entry in enumerate(entries):
@@ -45,14 +46,18 @@ def clause_table(entries: Sequence[dict]) -> dict:
     if count < 2:
       continue
     clauses = np.arange(count)
-    columns["caption"].append(np.full(count, index))
+    if "score" in entry:
+      clauses = clauses[~np.isnan(np.asarray(entry["score"], np.float64)[:count])]
+    if not len(clauses):
+      continue
+    columns["caption"].append(np.full(len(clauses), index))
     columns["clause"].append(clauses)
     columns["corrupted"].append(np.asarray([str(k) in entry["truth"] for k in clauses], bool))
-    columns["itc_gain"].append(itc[1:count + 1] - itc[0])
-    columns["itm_gain"].append(itm[1:count + 1] - itm[0])
-    columns["surprise"].append(np.asarray(entry["surprise"], np.float64)[:count] if "surprise" in entry
-                               else np.full(count, np.nan))
-    columns["rule"].append(np.asarray(entry["score"], np.float64)[:count] if "score" in entry
+    columns["itc_gain"].append(itc[1 + clauses] - itc[0])
+    columns["itm_gain"].append(itm[1 + clauses] - itm[0])
+    columns["surprise"].append(np.asarray(entry["surprise"], np.float64)[clauses] if "surprise" in entry
+                               else np.full(len(clauses), np.nan))
+    columns["rule"].append(np.asarray(entry["score"], np.float64)[clauses] if "score" in entry
                            else np.minimum(columns["itc_gain"][-1], columns["itm_gain"][-1]))
     columns["flagged"].append(np.isin(clauses, pipeline.flagged_clauses(entry)).astype(np.int64))
     names = knowledge.FIELDS.get(entry.get("scene_type", ""), ())

@@ -151,3 +151,18 @@ def test_the_decoder_signal_is_the_entries_keyword_surprise_and_absent_from_olde
   # Overlays written before screening recorded the decoder's surprise: no decoder AUC, the rest as before.
   out = screening.evaluate(ENTRIES)
   assert "auc_decoder" not in out and out["auc_itc"] == approx(11 / 12)
+
+
+def test_a_clause_cut_off_by_the_tokenizer_is_left_out_of_every_signal():
+  # data.max_len cut caption A inside clause 2: the relabel step found no tokens of it and
+  # recorded NaN for its score and surprise. The table holds A0, A1, B0, B1, whose rule scores
+  # are -1 (corrupted), 2 | 0, 3 (corrupted): B1 beats both clean ones, A0 neither -> 2/4.
+  cut = [dict(ENTRIES[0], score=[-1.0, 2.0, math.nan, BIG], surprise=[3.0, 1.0, math.nan, BIG]),
+         dict(ENTRIES[1], score=[0.0, 3.0, BIG, BIG], surprise=[3.0, 2.0, BIG, BIG])]
+  table = screening.clause_table(cut)
+  np.testing.assert_array_equal(table["clause"], [0, 1, 0, 1])
+  np.testing.assert_array_equal(table["itc_gain"], [0.25, -0.25, -0.125, 0.125])
+  out = screening.evaluate(cut)
+  assert out["clauses"] == 4 and out["auc_rule"] == approx(2 / 4)
+  # Surprise: corrupted A0 3.0 and B1 2.0 against clean A1 1.0, B0 3.0: A0 wins 1, ties 1; B1 wins 1 -> 2.5/4.
+  assert out["auc_decoder"] == approx(2.5 / 4)
