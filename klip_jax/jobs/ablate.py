@@ -143,18 +143,24 @@ def _values(results: list[dict], task: str, metric: str) -> list:
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict:
-  """{arm: [results.json of each seed]} -> {"task/metric": {arm: {mean, lo, hi, n}, "chance"}}."""
+  """{arm: [results.json of each seed]} -> {"task/metric": {arm: {mean, lo, hi, n, chance}, "chance"}}.
+  Each arm's chance level is the mean of its seeds' (None where they report none); the row's
+  `chance` is the level all arms share, None where they differ: screening recall's chance is as
+  many clauses as the arm flagged, picked at random, and an arm that flags up to 4 clauses a
+  caption has a higher one than the paper's rule, which flags 1."""
   table = {}
   for task, metric in METRICS:
     row = {}
+    chance_key = CHANCE.get((task, metric))
     for arm, results in runs.items():
       values = _values(results, task, metric)
       m, lo, hi = mean_ci(values)
-      row[arm] = {"mean": m, "lo": lo, "hi": hi, "n": sum(v is not None for v in values)}
-    chance_key = CHANCE.get((task, metric))
-    chances = [r["tasks"].get(task, {}).get(chance_key) for rs in runs.values() for r in rs] if chance_key else []
-    chances = [c for c in chances if c is not None]
-    row["chance"] = float(np.mean(chances)) if chances else None
+      chances = [c for c in _values(results, task, chance_key) if c is not None] if chance_key else []
+      row[arm] = {"mean": m, "lo": lo, "hi": hi, "n": sum(v is not None for v in values),
+                  "chance": float(np.mean(chances)) if chances else None}
+    levels = {row[arm]["chance"] for arm in runs} - {None}
+    shared = len(levels) == 1 or (len(levels) > 1 and np.ptp(list(levels)) <= 1e-9)
+    row["chance"] = min(levels) if shared else None
     table[f"{task}/{metric}"] = row
   return table
 
@@ -180,9 +186,9 @@ def markdown(table: dict, arms: list[str], seeds: int, paired: dict | None = Non
   lines = [f"# SCIO ablation: {seeds} seed(s), mean [95% CI]", "", head,
            "|" + "---|" * (len(arms) + 2)]
   for name, row in table.items():
-    chance = "" if row["chance"] is None else f"{row['chance']:.3f}"
-    cells = [f"{row[a]['mean']:.3f} [{row[a]['lo']:.3f}, {row[a]['hi']:.3f}]" if np.isfinite(row[a]["mean"])
-             else "n/a" for a in arms]
+    per_arm = row["chance"] is None and any(row[a]["chance"] is not None for a in arms)
+    chance = "per arm" if per_arm else "" if row["chance"] is None else f"{row['chance']:.3f}"
+    cells = [_cell(row[a], per_arm) for a in arms]
     lines.append(f"| {name} | {chance} | " + " | ".join(cells) + " |")
   if paired and len(arms) > 1:
     lines += ["", f"## Difference from {ARMS.get(arms[0], arms[0])}, paired by seed: mean [95% CI]", "",
@@ -191,6 +197,14 @@ def markdown(table: dict, arms: list[str], seeds: int, paired: dict | None = Non
     for name, row in paired.items():
       lines.append(f"| {name} | " + " | ".join(_difference_cell(row[a]) for a in arms[1:]) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _cell(value: dict, with_chance: bool) -> str:
+  """'0.646 [0.627, 0.666]', with '(chance 0.184)' after it where the arms' chance levels differ."""
+  if not np.isfinite(value["mean"]):
+    return "n/a"
+  text = f"{value['mean']:.3f} [{value['lo']:.3f}, {value['hi']:.3f}]"
+  return text + (f" (chance {value['chance']:.3f})" if with_chance and value["chance"] is not None else "")
 
 
 def _difference_cell(d: dict) -> str:
@@ -212,9 +226,10 @@ def plot(table: dict, arms: list[str], path: io.PathLike) -> None:
     hi = np.asarray([table[n][arm]["hi"] for n in names])
     ax.barh(y + i * height, np.nan_to_num(means), height, xerr=np.nan_to_num([means - lo, hi - means]),
             label=ARMS.get(arm, arm), capsize=2)
-  chance = [table[n]["chance"] for n in names]
-  ax.scatter([c if c is not None else np.nan for c in chance], y + 0.4 - height / 2, marker="|", s=200,
-             color="black", label="chance", zorder=3)
+  for i, arm in enumerate(arms):  # each arm's chance level on its own bar
+    chance = [table[n][arm]["chance"] for n in names]
+    ax.scatter([c if c is not None else np.nan for c in chance], y + i * height, marker="|", s=60,
+               color="black", label="chance" if i == 0 else None, zorder=3)
   ax.set_yticks(y + 0.4 - height / 2, names)
   ax.invert_yaxis()
   ax.set_xlabel("mean over seeds, 95% CI")

@@ -51,6 +51,20 @@ def test_summary_table_reports_every_arm_with_its_chance_level():
   assert "| retrieval/r_mean | 0.040 | 0.250 [" in text and "n/a" in text
 
 
+def test_a_chance_level_that_differs_between_arms_is_given_per_arm():
+  # Recall's chance is as many clauses as the arm flagged, picked at random: 1 flag a caption
+  # (paper) against up to 4 (extended). A mean over arms (0.115) would be nobody's chance.
+  result = lambda recall, chance: {"tasks": {"scio_repair": {"screening_recall": recall,
+                                                             "chance_screening_recall": chance}}}
+  runs = {"paper": [result(0.10, 0.04), result(0.11, 0.06)], "extended": [result(0.60, 0.18), result(0.62, 0.18)]}
+  row = ablate.summarise(runs)["scio_repair/screening_recall"]
+  assert row["chance"] is None
+  assert row["paper"]["chance"] == pytest.approx(0.05) and row["extended"]["chance"] == pytest.approx(0.18)
+  line = next(l for l in ablate.markdown(ablate.summarise(runs), list(runs), 2).splitlines() if "recall" in l)
+  assert line.startswith("| scio_repair/screening_recall | per arm | 0.105 [")
+  assert "(chance 0.050)" in line and "(chance 0.180)" in line
+
+
 def test_paired_differences_cancel_what_a_seed_shares():
   result = lambda r: {"tasks": {"retrieval": {"r_mean": r}}}
   # Seeds spread 0.1-0.3 in both arms; the arm is better by 0.02, 0.03, 0.04 on the same seeds.
