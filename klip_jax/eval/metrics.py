@@ -141,12 +141,13 @@ def answer_ranking(scores: np.ndarray, answers: np.ndarray, train_answers: np.nd
   """VQA accuracy of ranking candidate answers: `scores` [N, C] per candidate, `answers` [N]
   the index of the true candidate (-1: not among the candidates, always wrong).
 
-  Baselines: always the training split's most frequent answer, and a uniform guess.
+  Baselines: always the training split's most frequent answer, and a uniform guess among the
+  candidates (right with probability 1/C on the questions whose answer is a candidate).
   """
   answers = np.asarray(answers)
   known = np.asarray(train_answers)[np.asarray(train_answers) >= 0]
   common = majority_label(known) if known.size else -1
   return {"accuracy": float(np.mean(scores.argmax(axis=1) == answers)),
           "chance_accuracy": float(np.mean((answers == common) & (answers >= 0))),
-          "chance_uniform": 1.0 / scores.shape[1],
+          "chance_uniform": float(np.mean(answers >= 0)) / scores.shape[1],
           "num_questions": len(answers), "num_candidates": int(scores.shape[1])}

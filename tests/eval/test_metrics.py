@@ -321,7 +321,7 @@ def test_answer_ranking_hand_example():
   out = metrics.answer_ranking(scores, answers, train)
   assert out["accuracy"] == approx(2 / 4)
   assert out["chance_accuracy"] == approx(1 / 4)  # only question 2's answer is 2
-  assert out["chance_uniform"] == approx(1 / 3)
+  assert out["chance_uniform"] == approx(3 / 4 * 1 / 3)  # 1 in 3 on the 3 answerable questions
   assert out["num_questions"] == 4 and out["num_candidates"] == 3
 
 
@@ -330,7 +330,7 @@ def test_answer_ranking_unknown_answers_never_correct():
   out = metrics.answer_ranking(scores, np.array([-1, -1, -1]), np.array([0, 1, 1]))
   assert out["accuracy"] == 0.0
   assert out["chance_accuracy"] == 0.0  # majority 1 never the answer
-  assert out["chance_uniform"] == 0.5
+  assert out["chance_uniform"] == 0.0  # no guess can be right
 
 
 def test_answer_ranking_chance_without_known_train_answers():

@@ -177,7 +177,7 @@ def test_evaluate_count_fake_favours_truth(codec):
   assert out["num_questions"] == 4 and out["num_candidates"] == 3
   assert out["accuracy"] == pytest.approx(3 / 4)
   assert out["chance_accuracy"] == pytest.approx(1 / 4)  # always "1": right for chip 3 only
-  assert out["chance_uniform"] == pytest.approx(1 / 3)
+  assert out["chance_uniform"] == pytest.approx(3 / 4 * 1 / 3)  # chip 4's "4" is no candidate
   assert out["question"] == vqa.QUESTIONS["vqa_count"].text
   assert runner.rows == 4 * 3 * 3  # questions x candidates x templates
 
@@ -200,7 +200,7 @@ def test_evaluate_limits_questions_and_candidates(codec):
   out, _ = _evaluate(codec, "vqa_count", train, test, favour, max_candidates=2)
   # Candidates "1", "2": the truths "3" and "4" are not among them -> 2 of 4 right.
   assert out["num_candidates"] == 2 and out["accuracy"] == pytest.approx(2 / 4)
-  assert out["chance_uniform"] == 0.5
+  assert out["chance_uniform"] == pytest.approx(2 / 4 * 1 / 2)
 
 
 def test_evaluate_region_question_uses_the_cell(codec):
