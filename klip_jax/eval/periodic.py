@@ -14,8 +14,10 @@ import logging
 import ml_collections
 from flax import nnx
 
+from klip_jax.data import builder
 from klip_jax.data.prepare import RunData
 from klip_jax.data.tokenizer import TokenIds
+from klip_jax.errors import DatasetError
 from klip_jax.eval import registry
 from klip_jax.eval.runner import ModelRunner
 from klip_jax.parallel import mesh as mesh_lib
@@ -30,6 +32,13 @@ def make_hook(config: ml_collections.ConfigDict, data: RunData, *, progress: boo
   tasks = registry.cheap_tasks(config.eval.tasks)
   if (config.eval.every <= 0 and not config.eval.at_steps) or not tasks:
     return None
+  try:  # now, not at the first evaluation: the loop evaluates a step before checkpointing it
+    builder.open_split(data.data_dir, SPLIT)
+  except DatasetError as error:
+    raise DatasetError(f"{error} The in-training evaluation (eval.every={config.eval.every}, eval.at_steps="
+                       f"{tuple(config.eval.at_steps)}) reads the {SPLIT} split: give some of the dataset's "
+                       f"examples split \"{SPLIT}\" (a manifest line's \"split\"), or train without it: "
+                       "--config.eval.every=0 and no eval.at_steps.") from None
   mesh = mesh_lib.from_config(config.mesh)
   examples = registry.Examples(config, data, SPLIT, config.eval.periodic_examples)
   runners: list[ModelRunner] = []  # made at the first evaluation, its compiled calls reused after
