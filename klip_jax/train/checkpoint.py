@@ -4,6 +4,7 @@
   WORKDIR/init_params/          parameters a fresh run starts from (`klip import-hf`)
   WORKDIR/caption_finetune/     params/ (a checkpoint's parameters after the caption fine-tune,
                                 `klip finetune caption`) and finetune.json (what it was made from)
+  WORKDIR/tokenizer_fingerprint.json  the tokenizer the checkpoints were trained with (sha256, pieces)
 Restoring reads arrays straight into the shardings of the current mesh, so a checkpoint
 written on one mesh, or by another number of processes, resumes on another. Nothing here reads
 or builds data. A gs:// workdir is handed to orbax as it is (orbax writes buckets itself: arrays
@@ -13,6 +14,7 @@ through tensorstore, metadata through etils.epath); only local paths are made ab
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import grain
@@ -146,6 +148,33 @@ def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int, me
   state = restore_state(checkpoints, step, abstract, shardings)
   checkpoints.close()
   return graph, state
+
+
+def tokenizer_fingerprint(codec) -> dict:
+  """What identifies a tokenizer (`data.tokenizer.TextCodec`): its pieces' count and its model's sha256."""
+  return {"pieces": int(codec.vocab_size), "sha256": hashlib.sha256(codec.sp.serialized_model_proto()).hexdigest()}
+
+
+def record_tokenizer(workdir: str, codec) -> None:
+  """Record the tokenizer a workdir's checkpoints are trained with (`check_tokenizer` reads it)."""
+  io.write_json(io.path(workdir) / "tokenizer_fingerprint.json", tokenizer_fingerprint(codec))
+
+
+def check_tokenizer(workdir: str, codec) -> None:
+  """Refuse to continue a workdir's checkpoints with another tokenizer than they were trained
+  with: with another piece count the restore fails deep inside orbax on the embedding's shape;
+  with the same count it would go on silently, every token id meaning another piece. Workdirs
+  from before the record are not checked."""
+  path = io.path(workdir) / "tokenizer_fingerprint.json"
+  if not path.exists():
+    return
+  saved, now = io.read_json(path), tokenizer_fingerprint(codec)
+  if saved != now:
+    raise ConfigError(
+        f"{workdir}'s checkpoints were trained with another tokenizer ({saved['pieces']} pieces, sha256 "
+        f"{saved['sha256'][:12]}...) than data.tokenizer gives now ({now['pieces']} pieces, sha256 "
+        f"{now['sha256'][:12]}...). Point --config.data.tokenizer at the run's own tokenizer (empty: "
+        f"WORKDIR/tokenizer.model), or use a new --workdir.")
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -67,9 +67,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
   checkpoints = checkpoint.manager(workdir, c)
   start = checkpoints.latest_step() or 0
   imported = not start and io.path(checkpoint.init_params_path(workdir)).is_dir()
+  if start:
+    checkpoint.check_tokenizer(workdir, data.codec)
   if start or imported:
     checkpoint.check_resumable(c, workdir)
-  io.write_text(io.path(workdir) / "config.json", c.to_json_best_effort(indent=2))
   stage = scio.stage_of(start, c.scio) if scio_on else "A"
   iterator = iter(scio.stage_pipeline(c, data, workdir, stage))
   if start:
@@ -77,6 +78,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
     log.info("resumed from step %d", start)
   else:
     state = _initial_state(c, data, tx, mesh, workdir, abstract, shardings, imported)
+  # Written once the state is in hand: a resume that fails leaves the run's records as they were.
+  io.write_text(io.path(workdir) / "config.json", c.to_json_best_effort(indent=2))
+  checkpoint.record_tokenizer(workdir, data.codec)
   tokens = TokenIds.from_codec(data.codec)
   writer = MetricsWriter(workdir, start)
   base_rng = jax.random.key(c.seed)
