@@ -3,8 +3,10 @@ when something restores a checkpoint.
 
 `config.data.data_dir` names a dataset (the embedded world from `klip data synth`, or real
 chips from `klip data ingest`); empty means the embedded world synthesised from
-`config.data.synth` into WORKDIR/data. `config.data.tokenizer` names a sentencepiece model;
-empty means WORKDIR/tokenizer.model, trained on the train split's captions.
+`config.data.synth` into WORKDIR/data. `config.data.tokenizer` names a sentencepiece model the
+user trained (`klip data tokenizer`), which must exist: a mistyped path is an error, never a
+fresh tokenizer trained there. Empty means WORKDIR/tokenizer.model, trained on the train
+split's captions if absent.
 
 The workdir and the tokenizer may be on gs://; the dataset may not (ArrayRecord shards are
 local files, `builder.require_local`), so a gs:// workdir needs a local config.data.data_dir.
@@ -18,16 +20,22 @@ import ml_collections
 
 from klip_jax import io
 from klip_jax.data import builder, records, tokenizer, world
-from klip_jax.errors import ConfigError, DatasetError
+from klip_jax.errors import ConfigError, DatasetError, TokenizerError
 from klip_jax.parallel import hosts
 
 
 @dataclasses.dataclass(frozen=True)
 class RunData:
-  """Where a run's examples are and how its text is encoded."""
+  """Where a run's examples are and how its text is encoded.
+
+  `tokenizer` is the .model file the codec was read from, resolved from the config the way
+  `ensure` and `locate` resolve it, so jobs that hand the run's tokenizer on to further runs
+  (`klip ablate`'s arms) pass the same file rather than resolving it again; "" where a codec was
+  made in memory (tests)."""
 
   data_dir: str
   codec: tokenizer.TextCodec
+  tokenizer: str = ""
 
 
 def synth_settings(synth: ml_collections.ConfigDict) -> builder.SynthSettings:
@@ -47,6 +55,16 @@ def train_tokenizer(data_dir: str, vocab_size: int, out: str) -> tokenizer.TextC
   return tokenizer.TextCodec(out, max_len=8)
 
 
+def check_tokenizer(setting: str) -> None:
+  """Refuse a `config.data.tokenizer` that names no file, before any work: a tokenizer the user
+  named is one they trained, so training a new one at a mistyped path would hide the typo behind a
+  run with another vocabulary."""
+  if setting and not io.exists(setting):
+    raise TokenizerError(f"--config.data.tokenizer={setting}: no such file. Give the .model file you "
+                         f"trained with `{tokenizer.MAKE_ONE}`, or leave the setting empty to train "
+                         "one into WORKDIR/tokenizer.model.")
+
+
 def _paths(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
   if not config.data.data_dir and io.is_remote(workdir):
     raise DatasetError(f"the workdir {workdir} is on an object store, so the dataset cannot go into "
@@ -58,16 +76,18 @@ def _paths(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
 
 
 def ensure(config: ml_collections.ConfigDict, workdir: str) -> RunData:
-  """The run's data, synthesising the embedded world and training the tokenizer if absent
-  (process 0 makes them; the other processes wait, then read them)."""
+  """The run's data, synthesising the embedded world and training the workdir's tokenizer if
+  absent (process 0 makes them; the other processes wait, then read them). A tokenizer named in
+  the config is only read (`check_tokenizer`)."""
   data_dir, tok_path = _paths(config, workdir)
+  check_tokenizer(config.data.tokenizer)  # every process, so all of them stop, none waits in sync
   if hosts.is_writer():
     if not config.data.data_dir:
       builder.build(data_dir, synth_settings(config.data.synth))
-    if not io.exists(tok_path):
+    if not config.data.tokenizer and not io.exists(tok_path):
       train_tokenizer(data_dir, config.data.vocab_size, tok_path)
   hosts.sync("run data")
-  return RunData(data_dir, tokenizer.TextCodec(tok_path, config.data.max_len))
+  return RunData(data_dir, tokenizer.TextCodec(tok_path, config.data.max_len), tok_path)
 
 
 def check_chip_size(config: ml_collections.ConfigDict, data_dir: str) -> None:
@@ -94,4 +114,4 @@ def locate(config: ml_collections.ConfigDict, workdir: str) -> RunData:
   if not io.exists(tok_path):
     raise DatasetError(f"no tokenizer at {tok_path} for {workdir}; point --config.data.tokenizer at "
                        "the run's tokenizer.model, or train in this workdir first.")
-  return RunData(data_dir, tokenizer.TextCodec(tok_path, config.data.max_len))
+  return RunData(data_dir, tokenizer.TextCodec(tok_path, config.data.max_len), tok_path)

@@ -29,6 +29,8 @@ _ASCII_SPACE = np.array([chr(i).isspace() for i in range(128)])  # code point ->
 
 PAD, UNK, DEC, SEP = "[PAD]", "[UNK]", "[DEC]", "[SEP]"
 CLS, ENC, MASK = "[CLS]", "[ENC]", "[MASK]"
+# How a user makes a tokenizer, for the messages that ask for one (`klip data tokenizer`, cli.py).
+MAKE_ONE = "klip data tokenizer --data DIR --vocab-size V --out FILE"
 
 
 def train_sentencepiece(captions: Iterable[str], vocab_size: int, out_path: str | os.PathLike) -> None:
@@ -69,20 +71,34 @@ class TextCodec:
   """Fixed-length encoding with keyword masks and clause ids. Picklable (for grain workers)."""
 
   def __init__(self, model: str | os.PathLike | bytes, max_len: int):
+    source = "the tokenizer bytes given"
     if isinstance(model, (str, os.PathLike)):
       # Read as bytes (sentencepiece loads a model_proto), so the model may be on gs:// too.
+      source = os.fspath(model)
       if not io.exists(model):
-        raise TokenizerError(f"no tokenizer at {model}; train one with: klip data tokenizer "
-                             "--data DIR --vocab-size V --out FILE")
+        raise TokenizerError(f"no tokenizer at {model}; train one with: {MAKE_ONE}")
+      if io.path(model).is_dir():  # else a raw IsADirectoryError from the read
+        raise TokenizerError(f"{model} is a directory, not a sentencepiece .model file; point at the "
+                             f".model file itself, or train one with: {MAKE_ONE}")
       model = io.read_bytes(model)
     if max_len < 3:
       raise TokenizerError(f"max_len={max_len}: need room for [CLS], one piece and [SEP].")
     self._proto = model
     self.max_len = max_len
-    self._load()
+    self._load(source)
 
-  def _load(self) -> None:
-    self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
+  def _load(self, source: str = "the tokenizer") -> None:
+    # sentencepiece reports a file that is not a model as a bare RuntimeError from its protobuf
+    # parser, and takes an empty one for a model with no pieces; both are the user's file.
+    try:
+      self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    except RuntimeError:  # its message is the parser's source line, nothing a user can act on
+      raise TokenizerError(f"{source} is not a sentencepiece .model file (sentencepiece cannot parse it); "
+                           f"give the .model file `klip data tokenizer` wrote, or train one with: "
+                           f"{MAKE_ONE}") from None
+    if not self.sp.get_piece_size():
+      raise TokenizerError(f"{source} is not a sentencepiece .model file (it holds no pieces); give the "
+                           f".model file `klip data tokenizer` wrote, or train one with: {MAKE_ONE}")
     for piece in (PAD, UNK, DEC, SEP, CLS, ENC, MASK, SEPARATOR):
       if self.sp.piece_to_id(piece) == self.sp.unk_id() and piece != UNK:
         raise TokenizerError(f"the tokenizer lacks the piece {piece}; retrain it with klip data tokenizer.")

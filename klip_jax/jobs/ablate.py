@@ -248,15 +248,14 @@ def ablate(config: ml_collections.ConfigDict, workdir: str, *, seeds: int, arms:
     arm_config(config, arm, 0, "", "")  # an unknown arm fails before any work
   if seeds < 1:
     raise ConfigError(f"--seeds {seeds}: give at least 1 (3 or more for a confidence interval).")
-  data = prepare.ensure(config, workdir)
-  tokenizer = str(io.path(workdir) / "tokenizer.model")
+  data = prepare.ensure(config, workdir)  # every arm reads this data and this tokenizer, none makes its own
   runs: dict[str, list[dict]] = {arm: [] for arm in arms}
   for seed in range(seeds):
     for arm in arms:
       run_dir = str(io.path(workdir) / arm / f"seed_{seed}")
       results_path = io.path(run_dir) / "eval" / "results.json"
       if not results_path.exists():
-        c = arm_config(config, arm, seed, data.data_dir, tokenizer)
+        c = arm_config(config, arm, seed, data.data_dir, data.tokenizer)
         train_job.train(c, run_dir, progress=progress)
         suite.run(c, run_dir, progress=progress)
       runs[arm].append(io.read_json(results_path))

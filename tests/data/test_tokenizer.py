@@ -79,6 +79,20 @@ def test_bad_inputs_raise_tokenizer_errors(tmp_path):
   assert not (tmp_path / "c.model").exists()
 
 
+def test_a_directory_or_a_file_that_is_no_sentencepiece_model_is_a_tokenizer_error(tmp_path):
+  # --config.data.tokenizer at a folder gave a raw IsADirectoryError; at any other file, a raw
+  # RuntimeError from sentencepiece's protobuf parser (or, for an empty file, a codec of 0 pieces).
+  (tmp_path / "folder").mkdir()
+  with pytest.raises(TokenizerError, match=r"folder is a directory, not a sentencepiece \.model file; .*"
+                                           "klip data tokenizer --data DIR"):
+    tokenizer.TextCodec(tmp_path / "folder", 16)
+  for name, content in (("garbage.model", b"garbage\n"), ("empty.model", b"")):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(TokenizerError, match=rf"{name} is not a sentencepiece \.model file .*"
+                                             "klip data tokenizer --data DIR"):
+      tokenizer.TextCodec(str(tmp_path / name), 16)
+
+
 def test_non_ascii_keyword_offsets(codec):
   caption, spans = knowledge.verbalise("target", EXAMPLE_KEYWORDS["target"], [1] * 8)
   encoded = codec.encode(caption, spans)

@@ -91,3 +91,27 @@ def test_each_extension_arm_turns_back_exactly_its_own_switch():
     assert all(c[p] == ablate.PAPER[p] for p in paths)
   plus = flat(ablate.arm_config(config, "extended+clause_negatives", 0, "/d", "/t.model"))
   assert {p for p in ablate.PAPER if plus[p] != flat(extended)[p]} == {"data.clause_negatives"}
+
+
+class _Stop(Exception):
+  pass
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_every_arm_trains_with_the_tokenizer_the_run_data_read(named, tiny_data, tiny_tokenizer, tmp_path,
+                                                               monkeypatch):
+  # The arms used WORKDIR/tokenizer.model whatever config.data.tokenizer said, so with a named
+  # tokenizer each arm trained a tokenizer of its own instead of reading the user's.
+  config = config_lib.load("configs/demo.py")
+  config.data.update(data_dir=tiny_data, tokenizer=tiny_tokenizer if named else "")
+  seen = []
+
+  def train(c, run_dir, progress=True):
+    seen.append(c.data.tokenizer)
+    raise _Stop
+
+  monkeypatch.setattr(ablate.train_job, "train", train)
+  with pytest.raises(_Stop):
+    ablate.ablate(config, str(tmp_path), seeds=1, arms=["stage_a"], progress=False)
+  assert seen == [tiny_tokenizer if named else str(tmp_path / "tokenizer.model")]
+  assert (tmp_path / "tokenizer.model").exists() != named  # trained only when none was named
