@@ -256,9 +256,10 @@ def _world(workdir: str, sweep: ml_collections.ConfigDict, p: Point) -> str:
 
 
 def _tokenizer(workdir: str, sweep: ml_collections.ConfigDict, first_world: str) -> str:
-  """The tokenizer every point uses: the base's, or one trained on the first point's world."""
+  """The tokenizer every point uses: the base's (which must exist), or one trained on the first
+  point's world."""
   path = sweep.base.data.tokenizer or str(io.path(workdir) / "tokenizer.model")
-  if not io.exists(path):
+  if not sweep.base.data.tokenizer and not io.exists(path):
     prepare.train_tokenizer(first_world, sweep.base.data.vocab_size, path)
   return path
 
@@ -294,6 +295,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: list[str] | Non
         progress: bool = True, out=sys.stdout) -> dict[str, dict]:
   """Train and record every point not yet done; returns the last line of each selected point."""
   named = _select(points(sweep), only)
+  prepare.check_tokenizer(sweep.base.data.tokenizer)  # before a world is built
   _use_compilation_cache(workdir)
   recorded = read_lines(workdir)
   tokenizer_path = _tokenizer(workdir, sweep, _world(workdir, sweep, next(iter(named.values()))))

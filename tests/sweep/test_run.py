@@ -17,7 +17,7 @@ from klip_jax import config as config_lib
 from klip_jax.data import pipeline
 from klip_jax.data.records import true_text
 from klip_jax.data.tokenizer import TextCodec
-from klip_jax.errors import ConfigError, Preempted
+from klip_jax.errors import ConfigError, Preempted, TokenizerError
 from klip_jax.eval import heldout
 from klip_jax.eval.truth import load_split
 from klip_jax.jobs import sweep
@@ -206,6 +206,14 @@ def test_sweep_fields_are_validated_before_any_work(field, value, match):
   c[section][name] = value
   with pytest.raises(ConfigError, match=match):
     config_lib.validate(c)
+
+
+def test_a_named_tokenizer_that_does_not_exist_stops_the_sweep_before_any_work(tmp_path):
+  s = _micro()
+  s.base.data.tokenizer = str(tmp_path / "typo" / "tokenizr.model")
+  with pytest.raises(TokenizerError, match="tokenizr.model: no such file"):
+    sweep.run(s, str(tmp_path / "sweep"), progress=False, out=io.StringIO())
+  assert not os.path.exists(tmp_path / "typo") and not os.path.exists(tmp_path / "sweep")  # no tokenizer, no world
 
 
 def test_heldout_batches_are_whole_batches_of_true_captions(tiny_data, tiny_tokenizer):
