@@ -178,11 +178,17 @@ def dataset_path(data_dir: str | os.PathLike) -> epath.Path:
 def build(data_dir: str | os.PathLike, settings: RecordSource, rebuild: bool = False) -> epath.Path:
   """Write a dataset into `data_dir` (reuses an identical finished build unless `rebuild`)."""
   require_local(data_dir)
+  _require_folder(data_dir)
   settings.validate()
   path = dataset_path(data_dir)
   wanted = _jsonable(settings.as_metadata())
   if (path / "dataset_info.json").exists():
-    existing = _open_builder(data_dir).info.metadata.get("settings")
+    try:
+      existing = _open_builder(data_dir).info.metadata.get("settings")
+    except DatasetError:  # a damaged dataset: what `rebuild` is for
+      if not rebuild:
+        raise
+      existing = None
     if existing == wanted and not rebuild:
       return path
     if not rebuild:
@@ -205,6 +211,18 @@ def build(data_dir: str | os.PathLike, settings: RecordSource, rebuild: bool = F
     if staging.exists():
       staging.rmtree()
   return path
+
+
+def _require_folder(data_dir: str | os.PathLike) -> None:
+  """Refuse a data_dir that is a file, or lies under one, before a build reads any chip (the
+  first folder it made would fail with a raw NotADirectoryError)."""
+  path = os.path.abspath(os.fspath(data_dir))
+  while not os.path.lexists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    where = "" if path == os.path.abspath(os.fspath(data_dir)) else f" (it lies under the file {path})"
+    raise DatasetError(f"the dataset folder {os.fspath(data_dir)} is not a folder{where}; --out must be a folder "
+                       "(new or existing): give another path.")
 
 
 class _LocalBucket(tfds_shuffle._Bucket):
@@ -324,7 +342,24 @@ def _open_builder(data_dir) -> tfds.core.DatasetBuilder:
     raise DatasetError(
         f"no finished klip dataset at {data_dir} (expected {path}). Create one with: klip data synth "
         f"--out {data_dir} (the synthetic world) or klip data ingest --manifest M --out {data_dir} (your chips)")
-  return tfds.builder_from_directory(os.fspath(path))
+  try:
+    return tfds.builder_from_directory(os.fspath(path))
+  except Exception as e:  # protobuf ParseError, JSONDecodeError, ValueError of an empty or damaged file
+    problem = " ".join(str(e).split())[:200] or type(e).__name__
+    raise DatasetError(f"the dataset at {data_dir} cannot be opened: its dataset_info.json, features.json or "
+                       f"metadata.json in {path} is empty or damaged ({type(e).__name__}: {problem}); rebuild "
+                       f"it: {_rebuild_command(path, data_dir)}") from None
+
+
+def _rebuild_command(path: epath.Path, data_dir) -> str:
+  """The command that rebuilds a damaged dataset: from the settings in its metadata.json when
+  that file still reads, else both commands (which one built it is unknown)."""
+  try:
+    settings = json.loads((path / "metadata.json").read_text())["settings"]
+  except Exception:  # the metadata is damaged too
+    return (f"klip data ingest --manifest M --out {data_dir} --rebuild (ingested chips), or "
+            f"{command(None, data_dir, '--rebuild')}")
+  return command(settings, data_dir, "--rebuild")
 
 
 class _NamedShards:

@@ -31,7 +31,10 @@ is refused.
 Keyword rule (the span masked by keyword reconstruction and rewritten by SCIO; short key
 phrases as in the paper, so that reconstruction asks for the fact, not for the whole text):
   1. an explicit `keywords` entry (a {field: phrase} map or a list in field order) wins; it
-     must occur in the value (case-insensitively);
+     must occur in the value (case-insensitively), as whole words where it can (not "port"
+     inside "airport", nor "2" inside "12"; only a keyword that is nowhere a whole word is
+     taken inside a word, at its first occurrence), and as a whole word once: a keyword that
+     occurs twice is refused (give a longer phrase that occurs once);
   2. Count and Size of target scenes: the first number in the value ("12", "180", "3.5" or a
      number word such as "three");
   3. otherwise the value's head phrase: the words after the first verb cue ("is", "are",
@@ -233,19 +236,46 @@ def parse(entry: dict, where: str) -> FieldRecord:
   values = tuple(_clean(items[n], n, where) for n in expected)
   explicit = _explicit_keywords(entry, expected, where)
   for name, value, keyword in zip(expected, values, explicit):
-    if keyword is not None and (not isinstance(keyword, str) or _find(value, keyword) is None):
+    if keyword is None:
+      continue
+    spans = _find(value, keyword) if isinstance(keyword, str) else []
+    if not spans:
       raise FieldError(where, "keywords", f"keyword {keyword!r} of {display_name(name)} does not occur in its "
                        f"value {value!r}; copy it from the value, or leave it out to use the head-phrase rule.")
+    if len(spans) > 1:
+      raise FieldError(where, "keywords", f"keyword {keyword!r} of {display_name(name)} occurs {len(spans)} times "
+                       f"as a word in its value {value!r}, so which one is meant is unclear; give a longer keyword "
+                       "(with a neighbouring word) that occurs once.")
   image_id = entry.get("image_id", entry.get("id"))
   return FieldRecord(str(image_id) if image_id is not None else "", scene_type, values, tuple(explicit))
 
 
-def _find(value: str, keyword: str) -> tuple[int, int] | None:
+def word_spans(text: str, keyword: str, flags: int = 0) -> list[tuple[int, int]]:
+  """Spans of every whole-word occurrence of `keyword` in `text`: not inside a longer word or
+  number ("port" in "airport", "2" in "12" or "2.5"), so a keyword is not masked or rewritten in
+  the middle of another word. A keyword edge that is no word character needs no boundary."""
+  if not keyword:
+    return []
+  before = (r"(?<!\d[.,])" if keyword[0].isdigit() else "") + (r"(?<!\w)" if re.match(r"\w", keyword[0]) else "")
+  after = (r"(?!\w)" if re.match(r"\w", keyword[-1]) else "") + (r"(?![.,]\d)" if keyword[-1].isdigit() else "")
+  pattern = re.compile(before + "(?=" + re.escape(keyword) + after + ")", flags)  # a lookahead: overlaps count
+  return [(m.start(), m.start() + len(keyword)) for m in pattern.finditer(text)]
+
+
+def _find(value: str, keyword: str) -> list[tuple[int, int]]:
+  """Spans of an explicit keyword in its value: its whole-word occurrences (exact case, else
+  ignoring case); only when there is none, its first occurrence inside a word (exact case, else
+  ignoring case); [] when it does not occur. More than one span: ambiguous (parse refuses it)."""
   keyword = " ".join(keyword.split())
+  if not keyword:
+    return []
+  spans = word_spans(value, keyword) or word_spans(value, keyword, re.IGNORECASE)
+  if spans:
+    return spans
   at = value.find(keyword)
   if at < 0:
     at = value.lower().find(keyword.lower())
-  return None if at < 0 or not keyword else (at, at + len(keyword))
+  return [] if at < 0 else [(at, at + len(keyword))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,9 +342,9 @@ def number_value(text: str) -> str | None:
 def keyword_span(scene_type: str, field: str, value: str, explicit: str | None = None) -> tuple[int, int]:
   """Character span of the keyword in `value`: explicit, else a number, else the head phrase."""
   if explicit is not None:
-    span = _find(value, explicit)
-    if span is not None:
-      return span
+    spans = _find(value, explicit)
+    if spans:  # parse refuses a keyword that occurs more than once
+      return spans[0]
   if (scene_type, field) in _NUMERIC_FIELDS and (span := first_number(value)) is not None:
     return span
   return head_phrase(value)

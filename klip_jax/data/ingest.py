@@ -6,9 +6,9 @@ One JSON object per line (UTF-8); paths are relative to the manifest's folder:
     {"split": "train", "id": "gf3_000123", "image": "chips/gf3_000123.tif",
      "value": "amplitude",            # optional: amplitude | intensity | db | complex (raster.py)
      "band": 2,                        # which band of a multi-band file ([I, Q]: complex in two)
-     "nodata": 0,                      # optional: a fill value the file does not declare
+     "nodata": 0,                      # optional: a fill value the file does not declare (a number)
      "scene_type": "target", "caption": "clause one$clause two$...", "keywords": [8 strings],
-     "spans": [[start, end], ...],     # optional: else found in each clause
+     "spans": [[start, end], ...],     # optional: else found in each clause (whole words first)
      "geo": {"platform": "Gaofen-3", "band": "C", "polarization": "HH", "incidence_deg": 35.2,
              "looks": 1, "acquired": "2021-06-30", "city": "Shanghai", "country": "China"},
      "truth": {"boxes": [[x0, y0, x1, y1], ...], "box_classes": ["cargo ship", ...],
@@ -36,9 +36,14 @@ clause per field of its scene type.
 Every line is checked (JSON, UTF-8, split, unique id, readable image with valid pixels, size,
 text) before anything is written; a bad line raises a one-line RecordError naming the manifest
 line, the file and the fix, or with `skip_bad` is left out and reported in `skipped`. The
-manifest's and every image's sha256 go into the dataset's metadata: a rerun after an image
-changed on disk is refused with the command that rebuilds (builder.build). Manifests are
-parsed as JSON only; nothing in them is executed or unpickled.
+manifest's, every image's and every land-cover mask's sha256 go into the dataset's metadata: a
+rerun after an image or mask changed on disk is refused with the command that rebuilds
+(builder.build). Manifests are parsed as JSON only; nothing in them is executed or unpickled.
+
+Truth is optional: "boxes" are pixel coordinates (x0, y0, x1, y1) inside the image, with
+0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H (normalised boxes, every value in [0, 1], are
+refused: multiply by the image size); "landcover" is a single-band integer PNG of the chip's
+size holding terrain.LANDCOVER class ids (0 water .. 5 runway) or 255 where unknown.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-from klip_jax.data import fields, knowledge, raster, records, targets
+from klip_jax.data import fields, knowledge, raster, records, targets, terrain
 from klip_jax.data.builder import SPLITS, command
 from klip_jax.errors import DatasetError, RecordError
 
@@ -75,11 +80,16 @@ def read_image(entry: dict, folder: str, where: str) -> tuple[np.ndarray, dict]:
   """(amplitude [H, W], geo fields from the file) of a manifest line's image."""
   name = entry["image"]
   path = os.path.join(folder, name)
+  nodata = entry.get("nodata")
+  if nodata is not None and (isinstance(nodata, bool) or not isinstance(nodata, (int, float))):
+    # A string "0" would compare unequal to every pixel and mask nothing, without a word.
+    raise RecordError(f"{where}: field 'nodata' is {nodata!r} ({type(nodata).__name__}), not a number; give the "
+                      "fill value as a JSON number, e.g. \"nodata\": 0")
   if not os.path.isfile(path):
     raise RecordError(f"{where}: image {name} does not exist (looked for {path}); fix the path, "
                       "relative to the manifest's folder")
   try:
-    image = raster.read(path, entry.get("band"), entry.get("nodata"))
+    image = raster.read(path, entry.get("band"), nodata)
     amplitude = raster.to_amplitude(image, entry.get("value"))
   except RecordError as e:
     raise RecordError(f"{where}: image {name} {e}") from None
@@ -87,6 +97,27 @@ def read_image(entry: dict, folder: str, where: str) -> tuple[np.ndarray, dict]:
     raise RecordError(f"{where}: image {name} has only zero pixels (an empty chip or an undeclared "
                       "fill value); drop its line, or declare its \"nodata\"")
   return amplitude, image.geo
+
+
+def read_landcover(folder: str, name: str, where: str) -> np.ndarray:
+  """A truth.landcover mask as uint8 class ids: one band of integers in 0..255 (records.py
+  refuses values that are no class id); casting a uint16 mask would wrap 257 into class 1."""
+  path = os.path.join(folder, name)
+  if not os.path.isfile(path):
+    raise RecordError(f"{where}: truth.landcover {name} does not exist (looked for {path}); fix the path, "
+                      "relative to the manifest's folder")
+  with Image.open(path) as image:
+    mask = np.asarray(image)
+  if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+    raise RecordError(f"{where}: truth.landcover {name} is a {mask.dtype} image of shape {mask.shape}; save "
+                      "it as a single-band (grayscale) integer PNG of land-cover class ids")
+  if mask.size and (mask.min() < 0 or mask.max() > np.iinfo(np.uint8).max):
+    found = np.unique(mask)
+    bad = found[(found < 0) | (found > np.iinfo(np.uint8).max)]
+    raise RecordError(f"{where}: truth.landcover {name} holds values {bad[:10].tolist()}, which are no "
+                      f"land-cover class; use the class ids 0..{len(terrain.LANDCOVER) - 1} "
+                      f"({', '.join(terrain.LANDCOVER)}) or {records.UNKNOWN_LANDCOVER} for unknown pixels")
+  return mask.astype(np.uint8)
 
 
 def _check_size(shape: tuple[int, ...], expected: tuple[int, int] | None, origin: str, name: str, where: str):
@@ -115,9 +146,17 @@ def _text(entry: dict, where: str) -> dict:
 
 
 def _spans(caption: str, keywords: list[str], where: str) -> list[tuple[int, int]]:
+  """Each keyword's span in its clause: its one whole-word occurrence (not "port" inside
+  "airport", nor "2" inside "12"), else its first occurrence inside a word; a keyword that
+  occurs as a whole word more than once needs 'spans' to say which one is meant."""
   spans, offset = [], 0
   for i, (clause, keyword) in enumerate(zip(caption.split(knowledge.SEPARATOR), keywords)):
-    at = clause.find(keyword)
+    words = fields.word_spans(clause, keyword) if keyword else []
+    if len(words) > 1:
+      raise RecordError(f"{where}: keyword {i} {keyword!r} occurs {len(words)} times as a word in clause {i} "
+                        f"{clause!r}; give 'spans' ([start, end] of each keyword in the caption) to say which "
+                        "one is meant.")
+    at = words[0][0] if words else clause.find(keyword)
     if not keyword or at < 0:
       raise RecordError(f"{where}: keyword {i} {keyword!r} does not occur in clause {i} {clause!r}; "
                         "give 'spans' or fix the keyword.")
@@ -151,7 +190,7 @@ def manifest_record(entry: dict, folder: str, where: str, size: tuple[tuple[int,
     raise RecordError(f"{where}: unknown target class {e.args[0]!r}; use one of {sorted(_CLASS_INDEX)}.") from None
   landcover = None
   if "landcover" in truth:
-    landcover = np.asarray(Image.open(os.path.join(folder, truth["landcover"])), np.uint8)
+    landcover = read_landcover(folder, truth["landcover"], where)
   record = {"id": entry["id"], "image": image, "geo": geo, **text,
             "truth": records.truth_from_targets(image.shape, truth.get("boxes", []), classes, landcover)}
   try:
@@ -219,6 +258,7 @@ class ManifestSource:
       except RecordError as e:
         self._bad(number, e)
     self._hashes: dict[int, str] = {}
+    self._mask_hashes: dict[int, str] = {}  # of truth.landcover masks, by line
     self._size: tuple[tuple[int, int], str] | None = None
     self._group()
     if self._fields:
@@ -269,6 +309,8 @@ class ManifestSource:
       try:
         image = self._record(number, entry)["image"]
         self._hashes[number] = file_sha256(os.path.join(self._folder, entry["image"]))
+        if (mask := _mask_name(entry)) is not None:
+          self._mask_hashes[number] = file_sha256(os.path.join(self._folder, mask))
       except RecordError as e:
         self._bad(number, e)
         continue
@@ -293,15 +335,21 @@ class ManifestSource:
   def record(self, split: str, index: int) -> dict:
     number, entry = self._entries[split][index]
     record = self._record(number, entry)
-    if number in self._hashes and file_sha256(os.path.join(self._folder, entry["image"])) != self._hashes[number]:
-      raise RecordError(f"{self._where(number)}: image {entry['image']} changed while the dataset was "
-                        "being built; run the build again")
+    for kind, name, hashes in (("image", entry["image"], self._hashes),
+                               ("truth.landcover", _mask_name(entry), self._mask_hashes)):
+      if number in hashes and file_sha256(os.path.join(self._folder, name)) != hashes[number]:
+        raise RecordError(f"{self._where(number)}: {kind} {name} changed while the dataset was being built; "
+                          "run the build again")
     return record
 
   def as_metadata(self) -> dict:
     meta = {"manifest": os.path.abspath(self.manifest), "sha256": self._sha256,
             "num_examples": self.num_examples,
             "images": {str(number): [entry["image"], self._hashes.get(number)] for number, entry in self._lines}}
+    masks = {str(number): [_mask_name(entry), self._mask_hashes.get(number)] for number, entry in self._lines
+             if _mask_name(entry) is not None}
+    if masks:  # only then: a dataset without masks keeps the metadata it was built with
+      meta["masks"] = masks
     if self._fields:
       meta["records"] = {"path": os.path.abspath(self.records), "sha256": self._fields.sha256}
     return meta
@@ -315,10 +363,18 @@ class ManifestSource:
     if existing["manifest"] != os.path.abspath(self.manifest):
       return (f"{data_dir} holds a dataset built from another manifest ({existing['manifest']}); "
               f"choose another --out folder, or replace it: {fix}")
-    old = existing.get("images", {})
-    for number, (name, digest) in self.as_metadata()["images"].items():
-      if number in old and old[number][0] == name and old[number][1] != digest:
-        return (f"{self._where(int(number))}: image {name} changed on disk since the dataset at {data_dir} "
-                f"was built; rebuild it: {fix}")
+    meta = self.as_metadata()
+    for kind, key in (("image", "images"), ("truth.landcover", "masks")):
+      old = existing.get(key, {})
+      for number, (name, digest) in meta.get(key, {}).items():
+        if number in old and old[number][0] == name and old[number][1] != digest:
+          return (f"{self._where(int(number))}: {kind} {name} changed on disk since the dataset at {data_dir} "
+                  f"was built; rebuild it: {fix}")
     return (f"{self.manifest} changed since the dataset at {data_dir} was built from it (lines, "
-            f"images or skipped lines differ); rebuild it: {fix}")
+            f"images, land-cover masks or skipped lines differ); rebuild it: {fix}")
+
+
+def _mask_name(entry: dict) -> str | None:
+  """The truth.landcover mask a (validated) manifest line names, if any."""
+  truth = entry.get("truth")
+  return truth.get("landcover") if isinstance(truth, dict) else None

@@ -12,13 +12,15 @@ uint16 as PNG, float32 as .npy bytes (read back with allow_pickle=False); other 
     geo           lon, lat (WGS84 chip centre), epsg (0: a CRS without an EPSG code),
                   geotransform (6 floats), city, country, platform, band, polarization,
                   resolution_m, incidence_deg (NaN: unknown), looks, acquired (ISO date, or
-                  "unknown")
+                  "unknown"); epsg and looks are whole numbers
     scene_type    "landform" or "target"
     field_names   the eight HCoT field names of that scene type, in clause order
     keywords      the eight keywords as written in the caption (possibly wrong)
     caption       the clauses joined by "$"
     spans         int32 [8, 2] character span of each clause's keyword in the caption
-    truth         landcover uint8 [H, W], boxes float32 [N, 4] (x0, y0, x1, y1 pixels),
+    truth         landcover uint8 [H, W] (terrain.LANDCOVER class ids, UNKNOWN_LANDCOVER where
+                  unknown), boxes float32 [N, 4] (x0, y0, x1, y1 pixels, 0 <= x0 < x1 <= W and
+                  0 <= y0 < y1 <= H; a box with every value in [0, 1] looks normalised and is refused),
                   box_classes int32 [N], counts int32 [len(TARGET_CLASSES)], dominant int,
                   grid uint8 [3, 3], corrupted int32 [K] (clause indices whose keyword is
                   wrong), true_keywords [K] (their true values); used by evaluation and SCIO
@@ -62,8 +64,10 @@ def truth_from_targets(shape, boxes, box_classes, landcover=None) -> dict:
     grid[min(int(3 * cy / shape[0]), 2), min(int(3 * cx / shape[1]), 2)] = 1
   known = landcover is not None
   landcover = np.asarray(landcover, np.uint8) if known else np.full(shape, UNKNOWN_LANDCOVER, np.uint8)
-  dominant = int(np.bincount(landcover.ravel(), minlength=len(terrain.LANDCOVER))[:len(terrain.LANDCOVER)].argmax()) \
-      if known else UNKNOWN_CLASS
+  # Over the pixels of a known class only (a mask all UNKNOWN_LANDCOVER has no dominant class,
+  # not class 0); values that are no class id are refused by validate_record.
+  votes = np.bincount(landcover.ravel(), minlength=len(terrain.LANDCOVER))[:len(terrain.LANDCOVER)]
+  dominant = int(votes.argmax()) if known and votes.any() else UNKNOWN_CLASS
   return {"landcover": landcover, "boxes": boxes, "box_classes": box_classes,
           "counts": np.bincount(box_classes, minlength=len(targets.TARGET_CLASSES)).astype(np.int32),
           "dominant": dominant, "grid": grid, "corrupted": np.zeros(0, np.int32), "true_keywords": []}
@@ -134,7 +138,9 @@ def _array(record, path, record_id, dtype, ndim, shape=None) -> np.ndarray:
   return value
 
 
-def _number(record, path, record_id, lo=-math.inf, hi=math.inf, unknown_nan=False) -> float:
+def _number(record, path, record_id, lo=-math.inf, hi=math.inf, unknown_nan=False, integral=False) -> float:
+  """A finite number in [lo, hi] (NaN too with `unknown_nan`); `integral`: a whole number, since
+  the integer fields are stored as int64 and 2.7 would silently become 2."""
   value = _get(record, path, record_id)
   if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
     _fail(record_id, path, f"must be a number, got {type(value).__name__}.")
@@ -144,6 +150,9 @@ def _number(record, path, record_id, lo=-math.inf, hi=math.inf, unknown_nan=Fals
     _fail(record_id, path, f"must be finite, got {value}.")
   if not lo <= value <= hi:
     _fail(record_id, path, f"is {value}, outside the valid range [{lo}, {hi}].")
+  if integral and not float(value).is_integer():
+    _fail(record_id, path, f"is {value}; it must be a whole number (it is stored as an integer and would be "
+          f"truncated to {int(value)}): give the integer meant.")
   return float(value)
 
 
@@ -185,8 +194,8 @@ def validate_record(record: dict) -> None:
   _number(record, "geo.lat", rid, -90, 90)
   _number(record, "geo.resolution_m", rid, 1e-3, 1e4)
   _number(record, "geo.incidence_deg", rid, 0, 90, unknown_nan=True)
-  _number(record, "geo.epsg", rid, 0)
-  _number(record, "geo.looks", rid, 1)
+  _number(record, "geo.epsg", rid, 0, integral=True)
+  _number(record, "geo.looks", rid, 1, integral=True)
   for key in GEO_STRINGS:
     _string(record, f"geo.{key}", rid)
   try:
@@ -221,8 +230,9 @@ def validate_record(record: dict) -> None:
 
 
 def _validate_truth(record, rid, image_shape, num_clauses) -> None:
-  _array(record, "truth.landcover", rid, np.uint8, 2, image_shape)
+  _validate_landcover(_array(record, "truth.landcover", rid, np.uint8, 2, image_shape), rid)
   boxes = _array(record, "truth.boxes", rid, np.float32, 2, (None, 4))
+  _validate_boxes(boxes, rid, image_shape)
   _array(record, "truth.box_classes", rid, np.int32, 1, (len(boxes),))
   _array(record, "truth.counts", rid, np.int32, 1, (len(targets.TARGET_CLASSES),))
   _array(record, "truth.grid", rid, np.uint8, 2, (3, 3))
@@ -232,6 +242,34 @@ def _validate_truth(record, rid, image_shape, num_clauses) -> None:
     _fail(rid, "truth.corrupted", f"holds clause indices outside 0..{num_clauses - 1}.")
   if len(_get(record, "truth.true_keywords", rid)) != len(corrupted):
     _fail(rid, "truth.true_keywords", "must have one entry per corrupted clause.")
+
+
+def _validate_landcover(landcover: np.ndarray, rid) -> None:
+  """Every pixel a class id of terrain.LANDCOVER or UNKNOWN_LANDCOVER: any other value would be
+  counted as no class (and a mask of such values gave dominant class 0) without a word."""
+  valid = list(range(len(terrain.LANDCOVER))) + [UNKNOWN_LANDCOVER]
+  found = np.unique(landcover)
+  bad = found[~np.isin(found, valid)]
+  if bad.size:
+    ids = ", ".join(f"{i} {name}" for i, name in enumerate(terrain.LANDCOVER))
+    _fail(rid, "truth.landcover", f"holds values {bad.tolist()} (all values found: {found.tolist()}), which are "
+          f"no land-cover class; use the class ids {ids}, or {UNKNOWN_LANDCOVER} for unknown pixels.")
+
+
+def _validate_boxes(boxes: np.ndarray, rid, image_shape) -> None:
+  """Pixel boxes (x0, y0, x1, y1) inside the image with x0 < x1 and y0 < y1: truth_from_targets
+  clamps its 3x3 grid, so a normalised, negative, inverted or outside box would give wrong
+  truth without a word."""
+  height, width = image_shape
+  for i, box in enumerate(boxes.tolist()):
+    x0, y0, x1, y1 = box
+    shown = "(" + ", ".join(f"{v:g}" for v in box) + ")"  # float32 0.1 as 0.1, not 0.10000000149
+    if 0 <= min(box) and max(box) <= 1:
+      _fail(rid, "truth.boxes", f"row {i} = {shown} has every value in [0, 1], which looks normalised; boxes are "
+            f"pixel coordinates (x0, y0, x1, y1): multiply x by the width {width} and y by the height {height}.")
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+      _fail(rid, "truth.boxes", f"row {i} = {shown} is not a box inside the {width}x{height} image; boxes are "
+            f"pixel coordinates (x0, y0, x1, y1) with 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height}.")
 
 
 # ---------------------------------------------------------------------------------------------

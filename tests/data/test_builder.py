@@ -139,3 +139,30 @@ def test_a_build_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
   builder.build(tmp_path / "data", builder.SynthSettings({"train": 2}, seed=1, world=TINY_SETTINGS.world))
   assert len(builder.open_split(tmp_path / "data", "train")) == 2
   assert not list(scratch.iterdir())
+
+
+def test_a_damaged_dataset_is_named_and_rebuilt(tmp_path):
+  settings = builder.SynthSettings({"train": 2}, seed=1, world=TINY_SETTINGS.world)
+  builder.build(tmp_path, settings)
+  (tmp_path / "klip_sar" / "1.0.0" / "dataset_info.json").write_text("")
+  fix = f"rebuild it: klip data synth --out {tmp_path} --rebuild with the run's --config"
+  with pytest.raises(DatasetError, match=f"cannot be opened: .* is empty or damaged \\(ParseError: .*{fix}"):
+    builder.open_split(tmp_path, "train")
+  with pytest.raises(DatasetError, match=fix):
+    builder.build(tmp_path, settings)
+  (tmp_path / "klip_sar" / "1.0.0" / "metadata.json").write_text("{")  # the settings are lost too
+  with pytest.raises(DatasetError, match=f"rebuild it: klip data ingest --manifest M --out {tmp_path} --rebuild "
+                                         f"\\(ingested chips\\), or klip data synth --out {tmp_path} --rebuild"):
+    builder.open_split(tmp_path, "train")
+  builder.build(tmp_path, settings, rebuild=True)
+  assert len(builder.open_split(tmp_path, "train")) == 2
+  assert sorted(os.listdir(tmp_path / "klip_sar")) == ["1.0.0"]
+
+
+def test_a_data_dir_that_is_a_file_is_refused_before_any_chip_is_made(tmp_path, monkeypatch):
+  (tmp_path / "file").write_text("")
+  monkeypatch.setattr(builder, "synth_record", lambda *a: pytest.fail("a chip was made"))
+  with pytest.raises(DatasetError, match=f"the dataset folder {tmp_path / 'file'} is not a folder; --out must"):
+    builder.build(tmp_path / "file", builder.SynthSettings({"train": 2}, world=TINY_SETTINGS.world))
+  with pytest.raises(DatasetError, match=f"{tmp_path / 'file' / 'd'} is not a folder \\(it lies under the file "):
+    builder.build(tmp_path / "file" / "d", builder.SynthSettings({"train": 2}, world=TINY_SETTINGS.world))

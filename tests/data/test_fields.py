@@ -241,3 +241,27 @@ def test_bad_field_records_exit_2_naming_file_and_line(folder, tmp_path, capsys)
   assert _ingest(tmp_path, manifest, "--records", text) == 2
   assert f"{text}:2: image_id 'a' repeats {text}:1" in capsys.readouterr().err
   assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("field, value, keyword, span", [
+    ("functionality", "airport terminals beside a fishing port", "port", (35, 39)),  # not inside "airport"
+    ("functionality", "an airport and the Port", "port", (19, 23)),  # a whole word ignoring case beats "airport"
+    ("functionality", "an airport", "port", (6, 10)),  # no whole word: inside a word, as before
+    ("terrain", "12 ships near 2.5 km of quay, 2 tugs", "2", (30, 31)),  # not inside "12" or "2.5"
+], ids=["word", "word ignoring case", "inside a word", "number"])
+def test_explicit_keywords_are_found_as_whole_words(field, value, keyword, span):
+  assert fields.keyword_span("landform", field, value, keyword) == span
+  entry = {"image_id": "x", **LANDFORM, field.capitalize(): value, "keywords": {field: keyword}}
+  caption, keywords, spans = fields.verbalise(fields.parse(entry, "m.jsonl:1"), [0] * 8)
+  index = knowledge.FIELDS["landform"].index(field)
+  assert keywords[index] == value[span[0]:span[1]] and caption[slice(*spans[index])] == keywords[index]
+
+
+def test_an_explicit_keyword_that_occurs_twice_as_a_word_is_refused():
+  entry = {"image_id": "x", **LANDFORM, "Functionality": "a ferry port and a container port",
+           "keywords": {"Functionality": "port"}}
+  with pytest.raises(RecordError, match=r"m.jsonl:2: keyword 'port' of Functionality occurs 2 times as a word in "
+                                        r"its value 'a ferry port and a container port'.*give a longer keyword"):
+    fields.parse(entry, "m.jsonl:2")
+  entry["keywords"] = {"Functionality": "container port"}  # a longer keyword says which one
+  assert fields.verbalise(fields.parse(entry, "m.jsonl:2"), [0] * 8)[1][1] == "container port"

@@ -200,3 +200,12 @@ def test_descriptive_geo_fields_are_optional_with_stated_defaults(tmp_path):
       "city": "unknown", "country": "unknown", "acquired": "unknown", "platform": "unknown", "band": "unknown",
       "polarization": "unknown", "looks": 1}
   assert math.isnan(geo["incidence_deg"]) and geo["epsg"] == 4326
+
+
+def test_keyword_spans_are_found_as_whole_words():
+  """"port" is not found inside "airport", nor "2" inside "12" (spans computed by hand)."""
+  caption = "an airport beside a port$12 ships and 2 tugs$an airport"
+  assert ingest._spans(caption, ["port", "2", "port"], "m:1") == [(20, 24), (38, 39), (51, 55)]
+  with pytest.raises(RecordError, match=r"m:4: keyword 0 'port' occurs 2 times as a word in clause 0 "
+                                        r"'a port and a port'; give 'spans'"):
+    ingest._spans("a port and a port$x", ["port", "x"], "m:4")

@@ -262,3 +262,104 @@ def test_the_manifest_is_only_ever_parsed_as_json(folder):
 def test_fields_of_the_wrong_kind(folder, capsys):
   geotiffs.manifest(folder, _good(folder) + [geotiffs.entry(2, "chips/0.tif", geo=["Qingdao"])])
   _refused(folder, capsys, 3, "malformed line", "see klip_jax/data/ingest.py")
+
+
+@pytest.mark.parametrize("nodata", ["0", True])
+def test_nodata_that_is_not_a_number(folder, capsys, nodata):
+  """A string "0" compared unequal to every pixel and masked nothing."""
+  geotiffs.manifest(folder, _good(folder) + [geotiffs.entry(2, "chips/0.tif", nodata=nodata)])
+  _refused(folder, capsys, 3, f"field 'nodata' is {nodata!r} ({type(nodata).__name__}), not a number",
+           "give the fill value as a JSON number, e.g. \"nodata\": 0")
+
+
+@pytest.mark.parametrize("boxes, problem", [
+    ([[0.1, 0.1, 0.2, 0.3]], "row 0 = (0.1, 0.1, 0.2, 0.3) has every value in [0, 1], which looks normalised"),
+    ([[2, 3, 10, 6], [-20, -20, -5, -5]], "row 1 = (-20, -20, -5, -5) is not a box inside the 32x32 image"),
+    ([[500, 500, 600, 600]], "row 0 = (500, 500, 600, 600) is not a box inside the 32x32 image"),
+    ([[30, 30, 10, 10]], "row 0 = (30, 30, 10, 10) is not a box inside the 32x32 image"),
+], ids=["normalised", "negative", "outside", "inverted"])
+def test_boxes_that_are_not_pixel_boxes_in_the_image(folder, capsys, boxes, problem):
+  truth = {"boxes": boxes, "box_classes": ["cargo ship"] * len(boxes)}
+  geotiffs.manifest(folder, _good(folder) + [geotiffs.entry(2, "chips/0.tif", truth=truth)])
+  _refused(folder, capsys, 3, f"record 'chip2': field 'truth.boxes' {problem}", "pixel coordinates (x0, y0, x1, y1)")
+
+
+def _mask(folder, name, data):
+  from PIL import Image
+
+  (folder / "masks").mkdir(exist_ok=True)
+  Image.fromarray(data).save(folder / "masks" / name)
+  return f"masks/{name}"
+
+
+def test_landcover_values_that_are_no_class(folder, capsys):
+  mask = np.full((32, 32), 1, np.uint8)
+  mask[:2] = 9
+  truth = {"landcover": _mask(folder, "nine.png", mask)}
+  geotiffs.manifest(folder, _good(folder) + [geotiffs.entry(2, "chips/0.tif", truth=truth)])
+  _refused(folder, capsys, 3, "field 'truth.landcover' holds values [9] (all values found: [1, 9])",
+           "use the class ids 0 water, 1 vegetation, 2 bare, 3 urban, 4 road, 5 runway, or 255 for unknown")
+
+
+def test_a_16_bit_landcover_mask_is_not_wrapped_into_classes(folder, capsys):
+  mask = np.full((32, 32), 3, np.uint16)
+  mask[0, 0] = 257  # cast to uint8 this was class 1
+  truth = {"landcover": _mask(folder, "wide.png", mask)}
+  geotiffs.manifest(folder, _good(folder) + [geotiffs.entry(2, "chips/0.tif", truth=truth)])
+  _refused(folder, capsys, 3, "truth.landcover masks/wide.png holds values [257], which are no land-cover class",
+           "use the class ids 0..5")
+
+
+@pytest.mark.parametrize("field, value", [("looks", 2.7), ("epsg", 4326.9)])
+def test_integer_geo_fields_that_are_not_whole_numbers(folder, capsys, field, value):
+  line = geotiffs.entry(2, "chips/0.tif")
+  line["geo"][field] = value
+  geotiffs.manifest(folder, _good(folder) + [line])
+  _refused(folder, capsys, 3, f"field 'geo.{field}' is {value}; it must be a whole number",
+           f"truncated to {int(value)}): give the integer meant")
+
+
+def test_a_changed_landcover_mask_is_refused_then_rebuilt(folder, capsys):
+  from klip_jax.data import records
+
+  name = _mask(folder, "m.png", np.full((32, 32), 1, np.uint8))  # all vegetation
+  good = _good(folder)
+  good[1]["truth"] = {"landcover": name}
+  geotiffs.manifest(folder, good)
+  assert _ingest(folder, capsys)[0] == 0
+  assert _ingest(folder, capsys)[0] == 0  # unchanged: reused
+  _mask(folder, "m.png", np.full((32, 32), 3, np.uint8))  # the user fixes the mask: all urban
+  code, _, err = _ingest(folder, capsys)
+  assert code == 2 and err.count("\n") == 1
+  assert "manifest.jsonl:2: truth.landcover masks/m.png changed on disk since the dataset" in err
+  assert f"klip data ingest --manifest {folder / 'manifest.jsonl'} --out {folder / 'data'} --rebuild" in err
+  assert records.from_example(builder.open_split(folder / "data", "val")[0])["truth"]["dominant"] == 1
+  assert _ingest(folder, capsys, "--rebuild")[0] == 0
+  assert records.from_example(builder.open_split(folder / "data", "val")[0])["truth"]["dominant"] == 3
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b'{"name": 5}'], ids=["empty", "cut", "wrong field"])
+def test_a_damaged_dataset_info_is_named_with_the_rebuild_command(folder, capsys, content):
+  geotiffs.manifest(folder, _good(folder))
+  assert _ingest(folder, capsys)[0] == 0
+  info = folder / "data" / "klip_sar" / "1.0.0" / "dataset_info.json"
+  info.write_bytes(content)
+  fix = f"rebuild it: klip data ingest --manifest {folder / 'manifest.jsonl'} --out {folder / 'data'} --rebuild"
+  with pytest.raises(DatasetError, match=f"the dataset at {folder / 'data'} cannot be opened: .*dataset_info.json"
+                                         f".* is empty or damaged .*{fix}$"):
+    builder.open_split(folder / "data", "train")
+  code, _, err = _ingest(folder, capsys)  # without --rebuild: refused, naming the fix
+  assert code == 2 and err.count("\n") == 1 and fix in err
+  assert _ingest(folder, capsys, "--rebuild")[0] == 0
+  assert len(builder.open_split(folder / "data", "train")) == 1
+
+
+def test_out_that_is_a_file(folder, capsys):
+  geotiffs.manifest(folder, _good(folder))
+  (folder / "data").write_text("not a folder")
+  code, _, err = _ingest(folder, capsys)
+  assert code == 2 and err.count("\n") == 1
+  assert f"the dataset folder {folder / 'data'} is not a folder; --out must be a folder" in err
+  code = cli.main(["data", "ingest", "--manifest", str(folder / "manifest.jsonl"), "--out", str(folder / "data" / "x")])
+  err = capsys.readouterr().err
+  assert code == 2 and f"(it lies under the file {folder / 'data'}); --out must be a folder" in err

@@ -1,6 +1,7 @@
 """SAR rasters as users hold them -> amplitude: value types, detection, nodata, bands, any CRS."""
 
 import math
+import re
 
 import numpy as np
 import pyproj
@@ -116,3 +117,14 @@ def test_unreadable_files_say_so(tmp_path):
   (tmp_path / "junk.tif").write_bytes(b"this is not a tiff" * 10)
   with pytest.raises(RecordError, match="cannot be read"):
     raster.read(str(tmp_path / "junk.tif"))
+
+
+def test_nodata_must_be_a_number(tmp_path):
+  """A string "0" compares unequal to every pixel: it would have masked nothing."""
+  data = np.full((8, 8), 1000, np.uint16)
+  data[:, :2] = 0
+  path = geotiffs.write(tmp_path / "fill.tif", data)
+  assert raster.read(path, None, 0).valid.sum() == 48
+  for nodata in ("0", True, [0]):
+    with pytest.raises(RecordError, match=rf"has \"nodata\": {re.escape(repr(nodata))} \(.*\), not a number"):
+      raster.read(path, None, nodata)

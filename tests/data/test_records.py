@@ -103,3 +103,67 @@ def test_tfds_example_round_trip(record):
   assert np.array_equal(back["image"], record["image"])
   assert np.array_equal(back["truth"]["landcover"], record["truth"]["landcover"])
   assert back["caption"] == record["caption"]
+
+
+@pytest.mark.parametrize("box, problem", [
+    ([0.1, 0.1, 0.2, 0.3], r"row 0 = \(0\.1, 0\.1, 0\.2, 0\.3\) has every value in \[0, 1\], which looks "
+                           r"normalised.*pixel coordinates"),
+    ([-20, -20, -5, -5], r"row 0 = \(-20, -20, -5, -5\) is not a box inside the 48x48 image.*"
+                         r"pixel coordinates \(x0, y0, x1, y1\) with 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48"),
+    ([500, 500, 600, 600], r"row 0 = \(500, 500, 600, 600\) is not a box inside the 48x48 image"),
+    ([30, 30, 10, 10], r"row 0 = \(30, 30, 10, 10\) is not a box inside"),
+    ([10, 5, 12, 5], r"row 0 = \(10, 5, 12, 5\) is not a box inside"),  # empty: y0 == y1
+    ([40, 2, 48.5, 9], r"row 0 = \(40, 2, 48\.5, 9\) is not a box inside"),  # 0.5 px past the edge
+], ids=["normalised", "negative", "outside", "inverted", "empty", "past the edge"])
+def test_boxes_must_be_pixel_boxes_inside_the_image(record, box, problem):
+  """truth_from_targets clamps the 3x3 grid, so these boxes would have given wrong truth."""
+  assert record["image"].shape == (48, 48)
+  bad = copy.deepcopy(record)
+  boxes = [[2, 3, 10, 6], box]  # the first box is fine: the second is named as row 1
+  bad["truth"] = records.truth_from_targets((48, 48), boxes, [0, 0], record["truth"]["landcover"])
+  expected = f"record {record['id']!r}: field 'truth.boxes' " + problem.replace("row 0", "row 1")
+  with pytest.raises(RecordError, match=expected):
+    records.validate_record(bad)
+
+
+def test_pixel_boxes_up_to_the_image_edge_are_valid(record):
+  good = copy.deepcopy(record)
+  good["truth"] = records.truth_from_targets((48, 48), [[0, 0, 48, 48], [40.5, 1, 48, 2.5]], [0, 1])
+  records.validate_record(good)
+  # Centres (24, 24) and (44.25, 1.75): grid cells (1, 1) and (0, 2).
+  assert good["truth"]["grid"].tolist() == [[0, 0, 1], [0, 1, 0], [0, 0, 0]]
+
+
+def test_landcover_values_that_are_no_class_are_refused(record):
+  bad = copy.deepcopy(record)
+  mask = np.ones((48, 48), np.uint8)
+  mask[:4] = 7
+  mask[4:6] = 200
+  mask[6:8] = records.UNKNOWN_LANDCOVER
+  bad["truth"] = records.truth_from_targets((48, 48), [], [], mask)
+  with pytest.raises(RecordError, match=r"field 'truth.landcover' holds values \[7, 200\] \(all values found: "
+                                        r"\[1, 7, 200, 255\]\).*0 water, 1 vegetation, 2 bare, 3 urban, 4 road, "
+                                        r"5 runway, or 255 for unknown pixels"):
+    records.validate_record(bad)
+
+
+def test_landcover_dominant_counts_known_pixels_only(record):
+  mask = np.full((48, 48), records.UNKNOWN_LANDCOVER, np.uint8)
+  assert records.truth_from_targets((48, 48), [], [], mask)["dominant"] == records.UNKNOWN_CLASS
+  mask[:10] = 3  # 480 urban pixels, 1824 unknown
+  mask[10:12] = 0  # 96 water pixels
+  good = copy.deepcopy(record)
+  good["truth"] = records.truth_from_targets((48, 48), [], [], mask)
+  records.validate_record(good)
+  assert good["truth"]["dominant"] == 3
+
+
+@pytest.mark.parametrize("field, value", [("looks", 2.7), ("epsg", 4326.9)])
+def test_integer_geo_fields_must_be_whole_numbers(record, field, value):
+  bad = copy.deepcopy(record)
+  bad["geo"][field] = value
+  with pytest.raises(RecordError, match=f"field 'geo.{field}' is {value}; it must be a whole number .*truncated "
+                                        f"to {int(value)}"):
+    records.validate_record(bad)
+  bad["geo"][field] = float(int(value))  # 2.0 is the whole number 2
+  records.validate_record(bad)
