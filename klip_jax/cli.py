@@ -572,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
   except KlipError as e:
     print(f"klip: error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:  # a path that cannot be read or written: the user's to fix (klip_jax.errors)
+    print(f"klip: error: {e}; check that path (--workdir, --out, --config.data.*): a folder where one belongs, "
+          "writable, with free space.", file=sys.stderr)
+    return 2
   except Preempted as e:  # checkpointed at a step boundary: a clean exit, the rerun continues
     print(f"klip: {e}", file=sys.stderr)
     return 0

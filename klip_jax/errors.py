@@ -2,8 +2,9 @@
 
 Every problem caused by user input (a config, a data directory, a record, a path) raises a
 `KlipError` subclass whose message says what is wrong and how to fix it. The CLI prints such
-errors without a traceback and exits with status 2; anything else is a bug and keeps its
-traceback.
+errors without a traceback and exits with status 2, and so does an OSError (a path that cannot
+be read or written: a read-only folder, a full disk, a file where a folder belongs); anything
+else is a bug and keeps its traceback.
 """
 
 
@@ -25,6 +26,10 @@ class DatasetError(KlipError):
 
 class TokenizerError(KlipError):
   """A tokenizer cannot be trained or loaded."""
+
+
+class CheckpointError(KlipError):
+  """A checkpoint cannot be restored: damaged, or written for another config."""
 
 
 class ExportError(KlipError):

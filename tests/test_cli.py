@@ -88,6 +88,15 @@ def test_eval_without_a_run_is_a_clear_error(tmp_path, capsys):
   assert "need --config" in _error_line(capsys)
 
 
+def test_a_path_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, capsys, tiny_data):
+  (tmp_path / "notes.txt").write_text("mine")
+  out = str(tmp_path / "notes.txt" / "tok.model")  # under a file: the OS refuses the folder
+  assert cli.main(["data", "tokenizer", "--data", tiny_data, "--vocab-size", "300", "--out", out]) == 2
+  line = _error_line(capsys)
+  assert "notes.txt" in line and "a folder where one belongs" in line
+  assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_data_synth_reads_config_data_synth(tmp_path, capsys):
   out = tmp_path / "world"
   assert cli.main(["data", "synth", "--out", str(out), "--config", "configs/tiny.py",

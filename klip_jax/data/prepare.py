@@ -15,6 +15,8 @@ local files, `builder.require_local`), so a gs:// workdir needs a local config.d
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import ml_collections
 
@@ -115,3 +117,14 @@ def locate(config: ml_collections.ConfigDict, workdir: str) -> RunData:
     raise DatasetError(f"no tokenizer at {tok_path} for {workdir}; point --config.data.tokenizer at "
                        "the run's tokenizer.model, or train in this workdir first.")
   return RunData(data_dir, tokenizer.TextCodec(tok_path, config.data.max_len), tok_path)
+
+
+def fingerprint(data: RunData) -> dict:
+  """What identifies a run's data, wherever it lies: the tokenizer (its pieces' count and its
+  model's sha256) and the dataset (the sha256 of the settings it was built from: the embedded
+  world's, or an ingested manifest's with every image's and mask's sha256; the manifest's own
+  path left out, so a moved dataset is the same one)."""
+  settings = {k: v for k, v in builder.metadata(data.data_dir).get("settings", {}).items() if k != "manifest"}
+  return {"tokenizer": {"pieces": int(data.codec.vocab_size),
+                        "sha256": hashlib.sha256(data.codec.sp.serialized_model_proto()).hexdigest()},
+          "dataset": {"sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()}}

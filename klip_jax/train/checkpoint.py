@@ -4,7 +4,7 @@
   WORKDIR/init_params/          parameters a fresh run starts from (`klip import-hf`)
   WORKDIR/caption_finetune/     params/ (a checkpoint's parameters after the caption fine-tune,
                                 `klip finetune caption`) and finetune.json (what it was made from)
-  WORKDIR/tokenizer_fingerprint.json  the tokenizer the checkpoints were trained with (sha256, pieces)
+  WORKDIR/data_fingerprint.json  the tokenizer and dataset the checkpoints were trained on
 Restoring reads arrays straight into the shardings of the current mesh, so a checkpoint
 written on one mesh, or by another number of processes, resumes on another. Nothing here reads
 or builds data. A gs:// workdir is handed to orbax as it is (orbax writes buckets itself: arrays
@@ -14,7 +14,6 @@ through tensorstore, metadata through etils.epath); only local paths are made ab
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 
 import grain
@@ -24,12 +23,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from klip_jax import io
-from klip_jax.errors import ConfigError, DatasetError
+from klip_jax.errors import CheckpointError, ConfigError, DatasetError, KlipError
 from klip_jax.parallel import hosts
 from klip_jax.train import state as state_lib
 
 # Config sections a checkpoint's arrays depend on: changing them cannot resume.
 _STATE_SECTIONS = ("model", "momentum")
+# Settings outside those sections that shape the train state: gradient accumulation wraps the
+# optimizer state (optax.MultiSteps).
+_STATE_KEYS = ("optim.grad_accum",)
 
 
 class IteratorHandler(grain.checkpoint.CheckpointHandler):
@@ -87,7 +89,18 @@ def restore_state(checkpoints: ocp.CheckpointManager, step: int, abstract, shard
   items = {"state": ocp.args.StandardRestore(sharded_target(abstract, shardings))}
   if iterator is not None:
     items["data"] = IteratorRestore(iterator)
-  return checkpoints.restore(step, args=ocp.args.Composite(**items))["state"]
+  try:
+    return checkpoints.restore(step, args=ocp.args.Composite(**items))["state"]
+  except KlipError:
+    raise
+  except Exception as error:  # orbax and tensorstore raise bare Exceptions and ValueErrors for both
+    folder = io.path(checkpoints.directory) / str(step)
+    earlier = [s for s in sorted(checkpoints.all_steps()) if s < step]
+    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    raise CheckpointError(
+        f"checkpoint {folder} cannot be restored ({reason}). If the run's config is the one it was "
+        f"written with, the checkpoint is damaged: delete {folder} to resume from "
+        f"{f'step {earlier[-1]}' if earlier else 'the start'}, or start afresh with a new --workdir.") from error
 
 
 def init_params_path(workdir: str) -> str:
@@ -145,36 +158,60 @@ def restore(config: ml_collections.ConfigDict, workdir: str, vocab_size: int, me
   if step is None or step not in checkpoints.all_steps():
     raise DatasetError(f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints "
                        f"(have {sorted(checkpoints.all_steps())}); train first with klip train.")
+  check_resumable(config, workdir)  # another model's checkpoint: named here, not inside orbax
   state = restore_state(checkpoints, step, abstract, shardings)
   checkpoints.close()
   return graph, state
 
 
-def tokenizer_fingerprint(codec) -> dict:
-  """What identifies a tokenizer (`data.tokenizer.TextCodec`): its pieces' count and its model's sha256."""
-  return {"pieces": int(codec.vocab_size), "sha256": hashlib.sha256(codec.sp.serialized_model_proto()).hexdigest()}
+def record_data(workdir: str, fingerprint: dict) -> None:
+  """Record what a workdir's checkpoints are trained on (`data.prepare.fingerprint`)."""
+  io.write_json(io.path(workdir) / "data_fingerprint.json", fingerprint)
 
 
-def record_tokenizer(workdir: str, codec) -> None:
-  """Record the tokenizer a workdir's checkpoints are trained with (`check_tokenizer` reads it)."""
-  io.write_json(io.path(workdir) / "tokenizer_fingerprint.json", tokenizer_fingerprint(codec))
+# What each part of the fingerprint is set by, for the message that refuses a change.
+_DATA_SETTINGS = {"tokenizer": "--config.data.tokenizer (empty: WORKDIR/tokenizer.model)",
+                  "dataset": "--config.data.data_dir (empty: WORKDIR/data, built from data.synth)"}
 
 
-def check_tokenizer(workdir: str, codec) -> None:
-  """Refuse to continue a workdir's checkpoints with another tokenizer than they were trained
-  with: with another piece count the restore fails deep inside orbax on the embedding's shape;
-  with the same count it would go on silently, every token id meaning another piece. Workdirs
-  from before the record are not checked."""
-  path = io.path(workdir) / "tokenizer_fingerprint.json"
+def check_data(workdir: str, fingerprint: dict) -> None:
+  """Refuse to continue a workdir's checkpoints on other data than they were trained on. Another
+  tokenizer: with another piece count the restore fails deep inside orbax on the embedding's
+  shape, with the same count every token id would silently mean another piece. Another
+  dataset (a resume that dropped --config.data.data_dir trained on a fresh synthetic world
+  without a word). Workdirs from before the record are not checked."""
+  path = io.path(workdir) / "data_fingerprint.json"
   if not path.exists():
     return
-  saved, now = io.read_json(path), tokenizer_fingerprint(codec)
-  if saved != now:
-    raise ConfigError(
-        f"{workdir}'s checkpoints were trained with another tokenizer ({saved['pieces']} pieces, sha256 "
-        f"{saved['sha256'][:12]}...) than data.tokenizer gives now ({now['pieces']} pieces, sha256 "
-        f"{now['sha256'][:12]}...). Point --config.data.tokenizer at the run's own tokenizer (empty: "
-        f"WORKDIR/tokenizer.model), or use a new --workdir.")
+  saved = io.read_json(path)
+  changed = [part for part in _DATA_SETTINGS if saved.get(part) != fingerprint.get(part)]
+  if changed:
+    what = "; ".join(f"another {part} ({_describe(saved.get(part))} then, {_describe(fingerprint.get(part))} now), "
+                     f"set by {_DATA_SETTINGS[part]}" for part in changed)
+    raise ConfigError(f"{workdir}'s checkpoints were trained on other data: {what}. Give the run's own "
+                      "data and tokenizer, or use a new --workdir.")
+
+
+def _describe(part: dict | None) -> str:
+  if not part:
+    return "unrecorded"
+  return ", ".join(f"{k} {str(v)[:12] + '...' if k == 'sha256' else v}" for k, v in part.items())
+
+
+def _leaves(tree, prefix: str):
+  """("a.b.c", value) for every leaf of a nested dict, so a change is named down to its setting."""
+  if not isinstance(tree, dict):
+    yield prefix, tree
+    return
+  for key, value in tree.items():
+    yield from _leaves(value, f"{prefix}.{key}")
+
+
+def _get(tree: dict, dotted: str):
+  """tree["a"]["b"] for "a.b"; None where it has no such key (a config from before the setting)."""
+  for key in dotted.split("."):
+    tree = tree.get(key) if isinstance(tree, dict) else None
+  return tree
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -184,9 +221,10 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   saved = io.read_json(path)
   now = json.loads(config.to_json_best_effort())
-  changed = [f"{section}.{key}" for section in _STATE_SECTIONS
-             for key in sorted(set(saved.get(section, {})) | set(now.get(section, {})))
-             if saved.get(section, {}).get(key) != now.get(section, {}).get(key)]
+  before, after = ({name: value for section in _STATE_SECTIONS
+                    for name, value in _leaves(tree.get(section, {}), section)} for tree in (saved, now))
+  changed = [name for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
+  changed += [name for name in _STATE_KEYS if _get(saved, name) is not None and _get(saved, name) != _get(now, name)]
   if changed:
     raise ConfigError(f"{workdir} holds checkpoints of a different model: {', '.join(changed)} "
                       "changed since they were written. Use a new --workdir, or the old values.")

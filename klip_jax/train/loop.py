@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from klip_jax import compilations, io
 from klip_jax import config as config_lib
-from klip_jax.data import pipeline
+from klip_jax.data import pipeline, prepare
 from klip_jax.data.prepare import RunData
 from klip_jax.data.tokenizer import TokenIds
 from klip_jax.errors import Preempted
@@ -67,8 +67,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
   checkpoints = checkpoint.manager(workdir, c)
   start = checkpoints.latest_step() or 0
   imported = not start and io.path(checkpoint.init_params_path(workdir)).is_dir()
+  inputs = prepare.fingerprint(data)
   if start:
-    checkpoint.check_tokenizer(workdir, data.codec)
+    checkpoint.check_data(workdir, inputs)
   if start or imported:
     checkpoint.check_resumable(c, workdir)
   stage = scio.stage_of(start, c.scio) if scio_on else "A"
@@ -80,7 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
     state = _initial_state(c, data, tx, mesh, workdir, abstract, shardings, imported)
   # Written once the state is in hand: a resume that fails leaves the run's records as they were.
   io.write_text(io.path(workdir) / "config.json", c.to_json_best_effort(indent=2))
-  checkpoint.record_tokenizer(workdir, data.codec)
+  checkpoint.record_data(workdir, inputs)
   tokens = TokenIds.from_codec(data.codec)
   writer = MetricsWriter(workdir, start)
   base_rng = jax.random.key(c.seed)
