@@ -28,11 +28,14 @@ its checkpoint. WORKDIR/ablation.json, ablation.md and ablation.png hold the sum
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 import ml_collections
 import numpy as np
 from scipy import stats
 
+from klip_jax import config as config_lib
 from klip_jax import io
 from klip_jax.data import prepare
 from klip_jax.errors import ConfigError
@@ -240,6 +243,28 @@ def plot(table: dict, arms: list[str], path: io.PathLike) -> None:
   plt.close(fig)
 
 
+def _check_unchanged(config: ml_collections.ConfigDict, run_dir: str) -> None:
+  """Refuse to summarise a finished run's results as another config's: a rerun with changed
+  settings would otherwise report the old runs under the new settings without a word."""
+  saved = config_lib.load_saved(str(io.path(run_dir) / "config.json"))
+  before, after = (dict(_leaves(json.loads(c.to_json_best_effort()))) for c in (saved, config))
+  changed = [f"{name} ({before.get(name)!r} then, {after.get(name)!r} now)"
+             for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
+  if changed:
+    raise ConfigError(f"{run_dir} holds the results of another config: {'; '.join(changed[:8])}"
+                      f"{' ...' if len(changed) > 8 else ''}. Use a new --workdir for the new settings, or "
+                      f"delete {run_dir} to rerun it with them.")
+
+
+def _leaves(tree, prefix: str = ""):
+  """("a.b", value) for every leaf of a nested dict."""
+  if not isinstance(tree, dict):
+    yield prefix, tree
+    return
+  for key, value in tree.items():
+    yield from _leaves(value, f"{prefix}.{key}" if prefix else key)
+
+
 def ablate(config: ml_collections.ConfigDict, workdir: str, *, seeds: int, arms: list[str] | None = None,
            progress: bool = True) -> dict:
   """Train and evaluate every (arm, seed) not yet done, then write the summary."""
@@ -254,8 +279,10 @@ def ablate(config: ml_collections.ConfigDict, workdir: str, *, seeds: int, arms:
     for arm in arms:
       run_dir = str(io.path(workdir) / arm / f"seed_{seed}")
       results_path = io.path(run_dir) / "eval" / "results.json"
-      if not results_path.exists():
-        c = arm_config(config, arm, seed, data.data_dir, data.tokenizer)
+      c = arm_config(config, arm, seed, data.data_dir, data.tokenizer)
+      if results_path.exists():
+        _check_unchanged(c, run_dir)
+      else:
         train_job.train(c, run_dir, progress=progress)
         suite.run(c, run_dir, progress=progress)
       runs[arm].append(io.read_json(results_path))

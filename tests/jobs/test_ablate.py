@@ -1,6 +1,9 @@
 """The SCIO ablation's arms and its summary statistics (the runs themselves are the
 benchmark's job: `klip ablate scio`)."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -115,3 +118,32 @@ def test_every_arm_trains_with_the_tokenizer_the_run_data_read(named, tiny_data,
     ablate.ablate(config, str(tmp_path), seeds=1, arms=["stage_a"], progress=False)
   assert seen == [tiny_tokenizer if named else str(tmp_path / "tokenizer.model")]
   assert (tmp_path / "tokenizer.model").exists() != named  # trained only when none was named
+
+
+def test_a_rerun_with_changed_settings_refuses_the_old_results(tiny_data, tiny_tokenizer, tmp_path, monkeypatch):
+  # A finished run (config.json from training, eval/results.json) was summarised as the new
+  # settings' whatever changed: the rerun reported the old lr's results under the new lr.
+  config = config_lib.load("configs/demo.py")
+  config.data.update(data_dir=tiny_data, tokenizer=tiny_tokenizer)
+  trained = []
+
+  def train(c, run_dir, progress=True):
+    trained.append(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    open(os.path.join(run_dir, "config.json"), "w").write(c.to_json_best_effort(indent=2))
+
+  def evaluate(c, run_dir, progress=True):
+    os.makedirs(os.path.join(run_dir, "eval"))
+    json.dump({"tasks": {"retrieval": {"r_mean": 0.2, "chance_r_mean": 0.02}}},
+              open(os.path.join(run_dir, "eval", "results.json"), "w"))
+
+  monkeypatch.setattr(ablate.train_job, "train", train)
+  monkeypatch.setattr(ablate.suite, "run", evaluate)
+  ablate.ablate(config, str(tmp_path), seeds=1, arms=["stage_a"], progress=False)
+  ablate.ablate(config, str(tmp_path), seeds=1, arms=["stage_a"], progress=False)  # unchanged: reused
+  assert len(trained) == 1
+  config.optim.lr = 0.5
+  with pytest.raises(ConfigError, match=r"stage_a/seed_0 holds the results of another config: optim\.lr "
+                                        r"\(0\.002 then, 0\.5 now\).*delete"):
+    ablate.ablate(config, str(tmp_path), seeds=1, arms=["stage_a"], progress=False)
+  assert len(trained) == 1
