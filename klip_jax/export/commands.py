@@ -6,13 +6,15 @@ decoder, LM head; the caption fine-tune when the workdir has one of the exported
 with model.safetensors, config.json, the sentencepiece tokenizer.model and a README.md with the
 tokenisation recipe, captioning/ also with generation_config.json (our decoding rule), and
 OUT/README.md, the model card (export/card.py). Import initialises a workdir from HF BLIP weights:
-it writes WORKDIR/init_params, which `klip train` starts from when it has no checkpoint yet.
+it writes WORKDIR/init_params, which `klip train` starts from when it has no checkpoint yet, and
+takes an export's tokenizer.model as WORKDIR/tokenizer.model (the vocabulary its embeddings are of).
 Both write into a temporary folder and rename it into place, so a failure leaves nothing
 half-written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,13 +23,14 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import sentencepiece as spm
 from flax import nnx
 
 from klip_jax import config as config_lib
 from klip_jax import io
 from klip_jax.data import builder, prepare
-from klip_jax.data.tokenizer import TokenIds
-from klip_jax.errors import ExportError
+from klip_jax.data.tokenizer import TextCodec, TokenIds
+from klip_jax.errors import ExportError, TokenizerError
 from klip_jax.export import card, hf, processor
 from klip_jax.parallel import hosts
 from klip_jax.parallel import mesh as mesh_lib
@@ -39,6 +42,10 @@ log = logging.getLogger(__name__)
 _MODELS = {"retrieval": ("BlipForImageTextRetrieval", hf.retrieval_entries),
            "captioning": ("BlipForConditionalGeneration", hf.captioning_entries)}
 _EXPORT_NAMES = {*_MODELS, "README.md", *processor.TOP_LEVEL}  # what an export's top level holds
+# The key of each exported config.json that says where its weights came from; only an export
+# writes it, so it tells an earlier export (which --out may replace) from a user's folder.
+EXPORT_MARKER = "klip_jax"
+SP_MODEL = "tokenizer.model"  # the sentencepiece model an export writes into each model folder
 
 
 def _readme(name: str, config: ml_collections.ConfigDict, codec, tokens: TokenIds,
@@ -166,19 +173,45 @@ def _captioner(choice: str, workdir: str, step: int) -> dict:
                    f"CIDEr {m['greedy_cider']:.3f} on {m['num_images']} chips)")}
 
 
+def _is_earlier_export(target) -> bool:
+  """Whether `target` is a folder a klip export wrote: only export names at its top level and a
+  retrieval/config.json carrying EXPORT_MARKER. The names alone are not enough: a user's project
+  folder holding just its own README.md has them too."""
+  names = {p.name for p in target.iterdir()}
+  config = target / "retrieval" / "config.json"
+  if not names <= _EXPORT_NAMES or not config.is_file():
+    return False
+  try:
+    return EXPORT_MARKER in io.read_json(config)
+  except (ValueError, TypeError):  # not JSON, or JSON that is not an object: not ours
+    return False
+
+
+def _check_out(out: str, target) -> None:
+  """Refuse an --out the export would destroy: it replaces `target` whole, which is right only
+  for nothing, an empty folder or an earlier export."""
+  if not target.exists():
+    return
+  if not target.is_dir():
+    raise ExportError(f"--out {out} is a file, not a folder; choose a new or empty --out.")
+  if any(target.iterdir()) and not _is_earlier_export(target):
+    raise ExportError(f"--out {out} is not empty and is not an earlier export (which holds retrieval/config.json "
+                      f"with a {EXPORT_MARKER!r} entry), so exporting would delete what it holds; choose a new or "
+                      "empty --out, or remove its contents yourself.")
+
+
 def export_workdir(workdir: str, out: str, step: int | None = None,
                    config: ml_collections.ConfigDict | None = None, captioner: str = "auto") -> dict:
   """Export a workdir's checkpoint (default: the latest) as HF BLIP retrieval and captioning
   models under `out`, with a model card; returns what was written.
 
   `config` defaults to the run's workdir/config.json. `captioner` picks what captioning/ holds
-  (`_captioner`). `out` must be new, empty or an earlier export (it is replaced); it may be on
+  (`_captioner`). `out` must be new, empty or an earlier export (`_is_earlier_export`; it is replaced); it may be on
   gs:// (written locally, then uploaded: safetensors and save_pretrained write local files only).
   """
   _, transformers, safetensors = hf.require()
   target = io.resolve(out)
-  if target.exists() and not (target.is_dir() and {p.name for p in target.iterdir()} <= _EXPORT_NAMES):
-    raise ExportError(f"{out} exists, is not empty and is not an earlier export; choose a new or empty --out.")
+  _check_out(out, target)
   config = config_lib.load_saved(str(io.path(workdir) / "config.json")) if config is None else config
   data = prepare.locate(config, workdir)
   mesh = mesh_lib.from_config(config.mesh)
@@ -212,6 +245,7 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
       blip = hf.blip_config(config.model, data.codec.vocab_size, tokens, temperature)
       blip.architectures = [architecture]
       # Where the weights came from, for whoever loads the folder without its README.
+      # The key is EXPORT_MARKER: a later export recognises this one by it (`_is_earlier_export`).
       blip.klip_jax = {"step": written["step"], "temperature": temperature,
                        **({"captioner": chosen["source"]} if name == "captioning" else {})}
       blip.save_pretrained(folder)
@@ -263,6 +297,84 @@ def _read_checkpoint(folder: str) -> hf.Checkpoint:
   return hf.Checkpoint(folder, transformers.BlipConfig.from_pretrained(folder), _read_tensors(folder))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Vocabulary:
+  """The tokenizer an HF folder ships, which gives its word embeddings' rows their meaning:
+  its pieces in id order (None: the folder ships none), the file they were read from, and the
+  serialized sentencepiece model when the folder holds one (a klip export does)."""
+
+  source: str
+  pieces: tuple[str | None, ...] | None
+  model: bytes | None = None
+
+
+def _read_vocabulary(folder: str) -> _Vocabulary:
+  """The folder's tokenizer: klip's sentencepiece tokenizer.model first, else the pieces of a
+  transformers tokenizer.json or a BERT vocab.txt (a Salesforce BLIP checkpoint's)."""
+  path = os.path.join(folder, SP_MODEL)
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      model = f.read()
+    try:
+      sp = spm.SentencePieceProcessor(model_proto=model)
+    except RuntimeError:  # not a sentencepiece model: no pieces to compare, nothing to adopt
+      return _Vocabulary(path, None)
+    return _Vocabulary(path, tuple(sp.id_to_piece(i) for i in range(sp.get_piece_size())), model)
+  path = os.path.join(folder, "tokenizer.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      spec = json.load(f)
+    vocab = (spec.get("model") or {}).get("vocab") or {}
+    ids = dict(vocab.items()) if isinstance(vocab, dict) else {row[0]: i for i, row in enumerate(vocab)}
+    ids.update({t["content"]: t["id"] for t in spec.get("added_tokens", ())})
+    pieces = [None] * (max(ids.values(), default=-1) + 1)
+    for piece, i in ids.items():
+      pieces[i] = piece
+    return _Vocabulary(path, tuple(pieces))
+  path = os.path.join(folder, "vocab.txt")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      return _Vocabulary(path, tuple(line.rstrip("\n") for line in f))
+  return _Vocabulary(folder, None)
+
+
+def _vocab_mismatch(vocabulary: _Vocabulary, codec: TextCodec, tokenizer: str) -> str | None:
+  """Why the checkpoint's vocabulary tensors (word embeddings, LM-head bias) are not rows of
+  the run's tokenizer `codec` (read from `tokenizer`), or None when its pieces are the same
+  ones in the same order. Equal sizes prove nothing: two sentencepiece models trained on other
+  captions have the same piece count and give most ids another piece."""
+  ours = tuple(codec.sp.id_to_piece(i) for i in range(codec.vocab_size))
+  if vocabulary.pieces is None:
+    return (f"{vocabulary.source} ships no tokenizer ({SP_MODEL}, tokenizer.json or vocab.txt) that "
+            f"says which piece each of its embedding rows is, so they cannot be matched to {tokenizer}")
+  if vocabulary.pieces == ours:
+    return None
+  same = sum(a == b for a, b in zip(vocabulary.pieces, ours))
+  return (f"tokenizer differs: {vocabulary.source} has {len(vocabulary.pieces)} pieces, {tokenizer} "
+          f"{len(ours)}, and only {same} ids are the same piece in both")
+
+
+def _adopt_tokenizer(config: ml_collections.ConfigDict, workdir: str, vocabularies: list[_Vocabulary]) -> None:
+  """Make the sentencepiece model the HF folder ships (a klip export's) the run's tokenizer,
+  WORKDIR/tokenizer.model, so the imported word embeddings and LM head keep meaning the pieces
+  they were trained on instead of a fresh tokenizer's. A tokenizer the user named
+  (config.data.tokenizer) or the workdir already has is kept and compared instead
+  (`_vocab_mismatch`); so is the fresh one trained when the folder ships no klip tokenizer (a
+  Salesforce BLIP checkpoint's BERT vocabulary) or its folders ship different ones."""
+  target = io.path(workdir) / SP_MODEL
+  models = {v.model for v in vocabularies if v.model is not None}
+  if config.data.tokenizer or io.exists(target) or len(models) != 1:
+    return
+  model = models.pop()
+  try:
+    TextCodec(model, config.data.max_len)
+  except TokenizerError as e:  # a sentencepiece model without klip's special pieces
+    log.warning("not using %s as the run's tokenizer (%s); training one instead", vocabularies[0].source, e)
+    return
+  io.write_bytes(target, model)
+  log.info("the run's tokenizer is %s's sentencepiece model, copied to %s", vocabularies[0].source, target)
+
+
 def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Initialise `workdir` from HF BLIP weights: writes workdir/init_params (and config.json),
   which `klip train` starts from; returns what was and was not imported.
@@ -270,16 +382,27 @@ def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str) -> d
   `hf_dir` is one save_pretrained folder (retrieval or captioning) or a folder holding
   retrieval/ and captioning/ ones (as `export_workdir` writes); see hf.import_plan for which
   tensors come from where. A gs:// `hf_dir` is copied to a local folder first (transformers and
-  safetensors read local files only).
+  safetensors read local files only). The sentencepiece model a klip export ships becomes the
+  run's tokenizer (`_adopt_tokenizer`); the word embeddings and LM-head bias are imported only
+  when the folder's tokenizer has the run's tokenizer's pieces (`_vocab_mismatch`), since equal
+  row counts alone would give most token ids another piece's embedding.
   """
   hf.require()
+  path = checkpoint.init_params_path(workdir)
+  if io.exists(path):  # checked before any work: orbax would refuse only when saving, at the end
+    raise ExportError(f"{path} already exists: {workdir} was already initialised by klip import-hf. Import "
+                      f"into a new --workdir, or remove {path} to import again.")
   with io.local_copy(hf_dir) as local:
     folders = [str(local / n) for n in _MODELS if (local / n).is_dir()] or [str(local)]
     sources = [_read_checkpoint(folder) for folder in folders]
+    vocabularies = [_read_vocabulary(folder) for folder in folders]
   for source in sources:
     hf.check_compatible(config.model, source)
   config_lib.validate(config)
+  _adopt_tokenizer(config, workdir, vocabularies)
   data = prepare.ensure(config, workdir)  # the tokenizer fixes the vocabulary the run will use
+  for source, vocabulary in zip(sources, vocabularies):
+    source.vocab_mismatch = _vocab_mismatch(vocabulary, data.codec, data.tokenizer)
   mesh = mesh_lib.from_config(config.mesh)
   checkpoints = checkpoint.manager(workdir, config)
   steps = sorted(checkpoints.all_steps())
@@ -294,7 +417,6 @@ def import_hf(hf_dir: str, config: ml_collections.ConfigDict, workdir: str) -> d
   values = jax.tree.map(hosts.from_host, hf.unflatten(flat, fresh, config.model),
                         shardings.params.to_pure_dict())
   nnx.replace_by_pure_dict(state.params, values)
-  path = checkpoint.init_params_path(workdir)
   # Every process saves its shards to the same path; orbax writes a temporary folder and renames
   # it when all are done, so an interrupted import leaves no init_params behind.
   with ocp.StandardCheckpointer() as checkpointer:

@@ -96,11 +96,17 @@ def generation_config(max_len: int, tokens: TokenIds):
 
 @dataclasses.dataclass
 class Checkpoint:
-  """An HF BLIP checkpoint: where it came from, its BlipConfig and its state dict (numpy)."""
+  """An HF BLIP checkpoint: where it came from, its BlipConfig and its state dict (numpy).
+
+  `vocab_mismatch` says why its vocabulary tensors (word embeddings, LM-head bias) are not rows
+  of the run's tokenizer even where their row count matches (another tokenizer's pieces), so
+  `from_hf` leaves them out; None when its tokenizer is the run's (or was not checked).
+  """
 
   name: str
   config: Any
   tensors: Mapping[str, np.ndarray]
+  vocab_mismatch: str | None = None
 
   def has_prefix(self, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in self.tensors)
@@ -428,10 +434,10 @@ def from_hf(plan: Sequence[tuple[Checkpoint | None, Entry]],
       raise ConfigError(f"{source.name}: {entry.hf} has shape {x.shape}, which does not fit klip_jax's "
                         f"{', '.join(entry.jax)} {shapes}; check config.model against the checkpoint's "
                         "config.json.")
-    if values is None:
+    if values is None or (entry.kind == "vocab" and source.vocab_mismatch):
       for k in entry.jax:
-        report.not_imported[k] = (f"vocabulary differs: {source.name} has {x.shape[0]} tokens, the "
-                                  f"tokenizer {template[k].shape[0]}")
+        report.not_imported[k] = source.vocab_mismatch if values is not None else (
+            f"vocabulary differs: {source.name} has {x.shape[0]} tokens, the tokenizer {template[k].shape[0]}")
       continue
     flat.update(zip(entry.jax, values))
     report.imported.extend(entry.jax)

@@ -9,6 +9,7 @@ ONE layer per tower and a 300-token vocabulary. Max abs differences are logged a
 
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -16,9 +17,10 @@ import numpy as np
 import pytest
 
 from klip_jax import config as config_lib
+from klip_jax.data import prepare
 from klip_jax.data.tokenizer import TextCodec, TokenIds
 from klip_jax.errors import ConfigError, ExportError
-from klip_jax.export import commands, hf
+from klip_jax.export import commands, hf, processor
 from klip_jax.parallel import mesh as mesh_lib
 from klip_jax.train import checkpoint
 from klip_jax.train import state as state_lib
@@ -129,12 +131,29 @@ def test_export_workdir_loads_in_transformers_and_matches(tiny, tmp_path):
   _compare(tiny, vocab, params, models, "export tiny", tokens)
 
 
+def _save_hf(models, folder, tokenizer: str | None) -> None:
+  """`models` saved as an export lays them out, each folder with the sentencepiece model
+  `tokenizer` (a path; None: no tokenizer file, as a bare save_pretrained leaves)."""
+  for name, model in models.items():
+    model.save_pretrained(str(folder / name))
+    if tokenizer is not None:
+      shutil.copyfile(tokenizer, folder / name / commands.SP_MODEL)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tiny_data, tmp_path_factory) -> str:
+  """A sentencepiece model of the tiny tokenizer's size trained on other captions (the train
+  split's alone), so most ids are another piece: what a workdir trains for itself."""
+  path = str(tmp_path_factory.mktemp("other_tok") / "tok.model")
+  prepare.train_tokenizer(tiny_data, 1000, path)
+  return path
+
+
 def test_import_hf_initialises_a_workdir_that_matches(tiny, tmp_path):
   codec = TextCodec(tiny.data.tokenizer, tiny.data.max_len)
   tokens = TokenIds.from_codec(codec)
   models = _random_hf(tiny, codec.vocab_size, seed=4, shared_decoder=True)
-  for name, model in models.items():
-    model.save_pretrained(str(tmp_path / "hf" / name))
+  _save_hf(models, tmp_path / "hf", tiny.data.tokenizer)  # the run's tokenizer: embeddings imported
 
   result = commands.import_hf(str(tmp_path / "hf"), tiny, str(tmp_path / "run"))
 
@@ -158,6 +177,7 @@ def test_export_to_and_import_from_gcs(tiny, tmp_path, fake_gcs):
   parity.trained_workdir(tiny, workdir, seed=1, step=7)
   vocab = TextCodec(tiny.data.tokenizer, 8).vocab_size
   commands.export_workdir(workdir, str(tmp_path / "hf"))
+  commands.export_workdir(workdir, str(tmp_path / "hf"))  # an earlier export is replaced
   written = commands.export_workdir(workdir, "gs://bucket/hf")
   assert written["retrieval"]["path"] == "gs://bucket/hf/retrieval"
   local = {p.relative_to(tmp_path / "hf").as_posix(): p.read_bytes()
@@ -174,6 +194,75 @@ def test_export_to_and_import_from_gcs(tiny, tmp_path, fake_gcs):
   (n_gcs, skipped_gcs, gcs), (n_disk, skipped_disk, disk) = imported
   assert n_gcs == n_disk > 0 and skipped_gcs == skipped_disk
   jax.tree.map(np.testing.assert_array_equal, gcs, disk)
+
+
+def test_import_hf_takes_the_exported_tokenizer_and_refuses_a_second_import(tiny, tiny_tokenizer, other_tokenizer,
+                                                                           tmp_path):
+  """Without --config.data.tokenizer the run's tokenizer is the one the folder ships (its
+  embeddings' rows are that tokenizer's pieces), not one trained afresh on the run's data (here
+  `other_tokenizer`, of the same size). A second import into the workdir stops before any work."""
+  tiny.data.tokenizer = ""
+  models = _random_hf(tiny, TextCodec(tiny_tokenizer, 8).vocab_size, seed=11, shared_decoder=True)
+  _save_hf(models, tmp_path / "hf", tiny_tokenizer)
+  workdir = tmp_path / "run"
+
+  result = commands.import_hf(str(tmp_path / "hf"), tiny, str(workdir))
+
+  with open(tiny_tokenizer, "rb") as f:
+    assert (workdir / "tokenizer.model").read_bytes() == f.read()
+  assert result["not_imported"] == {"temp": "no BLIP counterpart"}  # word embeddings and LM head included
+  with open(other_tokenizer, "rb") as f:  # what the run would have trained: same size, other pieces
+    assert (workdir / "tokenizer.model").read_bytes() != f.read()
+  assert TextCodec(other_tokenizer, 8).vocab_size == TextCodec(tiny_tokenizer, 8).vocab_size
+
+  before = sorted(os.listdir(workdir))
+  with pytest.raises(ExportError, match=r"run/init_params already exists.*new --workdir, or remove .*init_params"):
+    commands.import_hf(str(tmp_path / "hf"), tiny, str(workdir))
+  assert sorted(os.listdir(workdir)) == before
+
+
+def test_import_hf_leaves_out_embeddings_of_another_tokenizer(tiny, other_tokenizer, tmp_path):
+  """A folder shipping another tokenizer of the same size keeps the fresh word embeddings and
+  LM-head bias (most ids are another piece there); the tokenizer the user named stays the run's."""
+  vocab = TextCodec(tiny.data.tokenizer, 8).vocab_size
+  models = _random_hf(tiny, vocab, seed=12, shared_decoder=True)
+  _save_hf(models, tmp_path / "hf", other_tokenizer)
+
+  result = commands.import_hf(str(tmp_path / "hf"), tiny, str(tmp_path / "run"))
+
+  skipped = {"text/word_embed/embedding", "text/lm_head/bias"}
+  assert set(result["not_imported"]) == skipped | {"temp"}
+  for k in skipped:
+    assert result["not_imported"][k].startswith("tokenizer differs: ")
+    assert tiny.data.tokenizer in result["not_imported"][k]
+  assert not os.path.exists(tmp_path / "run" / "tokenizer.model")
+  tx, _ = state_lib.make_optimizer(tiny.optim, tiny.train.steps)
+  _, abstract, shardings = state_lib.abstract_state(tiny, vocab, tx, mesh_lib.make_mesh(tiny.mesh.shape))
+  params = checkpoint.restore_params(result["init_params"], abstract.params, shardings.params)
+  embedding = np.asarray(jax.device_get(params.to_pure_dict())["text"]["word_embed"]["embedding"])
+  hf_embedding = models["retrieval"].text_encoder.embeddings.word_embeddings.weight.detach().numpy()
+  assert embedding.shape == hf_embedding.shape and not np.allclose(embedding, hf_embedding)
+
+
+def test_vocabulary_check_reads_each_kind_of_tokenizer(tiny_tokenizer, other_tokenizer, tmp_path):
+  """The pieces come from an export's tokenizer.model or tokenizer.json, or a BERT vocab.txt (a
+  Salesforce BLIP checkpoint's); a folder without any of them cannot vouch for its rows."""
+  codec = TextCodec(tiny_tokenizer, 8)
+  check = {}
+  for name, write in {
+      "sentencepiece": lambda f: shutil.copyfile(tiny_tokenizer, f / commands.SP_MODEL),
+      "other": lambda f: shutil.copyfile(other_tokenizer, f / commands.SP_MODEL),
+      "tokenizer.json": lambda f: processor.tokenizer(codec, 8).save_pretrained(str(f)),
+      "bert": lambda f: (f / "vocab.txt").write_text("[PAD]\n[unused0]\n[CLS]\nthe\n##s\n"),
+      "none": lambda f: None}.items():
+    (tmp_path / name).mkdir()
+    write(tmp_path / name)
+    vocabulary = commands._read_vocabulary(str(tmp_path / name))
+    check[name] = commands._vocab_mismatch(vocabulary, codec, "tok.model")
+  assert check["sentencepiece"] is None and check["tokenizer.json"] is None
+  assert check["other"].startswith("tokenizer differs: ") and "1000 pieces, tok.model 1000" in check["other"]
+  assert "has 5 pieces, tok.model 1000, and only 1 ids" in check["bert"]  # [PAD] is id 0 in both
+  assert "ships no tokenizer" in check["none"]
 
 
 def test_other_layouts_export_and_import(tiny):
@@ -256,3 +345,20 @@ def test_export_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
   with pytest.raises(ExportError, match="not an earlier export"):
     commands.export_workdir(str(tmp_path / "run"), str(tmp_path))
   assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_export_refuses_a_folder_of_export_names_it_did_not_write(tmp_path):
+  """A user's folder holding only names an export has (a README.md, a retrieval/ of their own)
+  is not an earlier export: it lacks the klip_jax entry exported config.json files carry."""
+  project = tmp_path / "project"
+  (project / "retrieval").mkdir(parents=True)
+  (project / "README.md").write_text("notes")
+  (project / "retrieval" / "config.json").write_text('{"model_type": "blip"}')
+  with pytest.raises(ExportError, match=r"project is not empty and is not an earlier export.*new or empty --out"):
+    commands.export_workdir(str(tmp_path / "run"), str(project))
+  assert (project / "README.md").read_text() == "notes"
+  (project / "retrieval" / "config.json").unlink()
+  (project / "retrieval").rmdir()
+  with pytest.raises(ExportError, match="not an earlier export"):
+    commands.export_workdir(str(tmp_path / "run"), str(project))
+  assert (project / "README.md").read_text() == "notes"
