@@ -315,21 +315,27 @@ def _split_words(keyword: str) -> list[str]:
   return (head.split(", ") if head else []) + [last]
 
 
-def flip_keyword(scene_type: str, field: str, keyword: str, axis: str) -> str:
-  """The keyword that describes the image flipped along `axis` ("vertical": rows reversed)."""
+def flip_keyword(scene_type: str, field: str, keyword: str, axis: str) -> str | None:
+  """The keyword that describes the image flipped along `axis` ("vertical": rows reversed);
+  None for a keyword of a field that names positions or directions (a target scene's location
+  and orientation, a landform's distribution) in words other than the templates' (real
+  captions' free text): nothing can say where it points after the flip."""
   cells = _FLIP_CELL[axis]
   if scene_type == "target" and field == "location":
     names = _split_words(keyword)
     if all(n in CELL_NAMES for n in names):
       return join_words(sorted((CELL_NAMES[cells[CELL_NAMES.index(n)]] for n in names),
                                key=CELL_NAMES.index))
-  elif scene_type == "target" and field == "feature":
+    return None
+  if scene_type == "target" and field == "feature":
     diagonal = {_ORIENTATION[2]: _ORIENTATION[3], _ORIENTATION[3]: _ORIENTATION[2]}
-    return diagonal.get(keyword, keyword)
-  elif scene_type == "landform" and field == "distribution":
+    return diagonal.get(keyword, keyword) if keyword in _ORIENTATION else None
+  if scene_type == "landform" and field == "distribution":
     head, sep, cell = keyword.rpartition(" mainly in the ")
     if sep and cell in CELL_NAMES:
       return f"{head}{sep}{CELL_NAMES[cells[CELL_NAMES.index(cell)]]}"
+    uniform = keyword.removeprefix("uniform ")
+    return keyword if uniform != keyword and uniform in COVER_NAMES else None  # "uniform water": no place
   return keyword
 
 

@@ -161,10 +161,14 @@ def normalise(amplitude: np.ndarray, db_mean: float, db_std: float) -> np.ndarra
 
 
 def flip(record: dict, axis: str) -> dict:
-  """Flip a record's image along `axis` and rewrite its caption to stay true."""
-  image = record["image"][::-1] if axis == "vertical" else record["image"][:, ::-1]
+  """Flip a record's image along `axis` and rewrite its caption to stay true; a record whose
+  positions are free text (`knowledge.flip_keyword` is None: real captions) is left unflipped,
+  since its caption would describe the image before the flip."""
   keywords = [knowledge.flip_keyword(record["scene_type"], name, keyword, axis)
               for name, keyword in zip(record["field_names"], record["keywords"])]
+  if None in keywords:
+    return record
+  image = record["image"][::-1] if axis == "vertical" else record["image"][:, ::-1]
   caption, spans = knowledge.replace_keywords(record["caption"], record["spans"], keywords)
   return {**record, "image": np.ascontiguousarray(image), "keywords": keywords,
           "caption": caption, "spans": np.asarray(spans, np.int32)}

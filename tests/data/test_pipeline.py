@@ -212,3 +212,22 @@ def test_clause_dropout_removes_one_clause_at_the_configured_rate(tiny_data, cod
   counts = [len(_clause_keywords(codec, ids)) for _ in range(4) for ids in next(batches)["text_ids"]]
   assert set(counts) <= {7, 8}
   assert abs(np.mean(np.asarray(counts) == 7) - 0.5) < 0.12  # 192 draws: 0.5 +- 3.5 sigma
+
+
+@pytest.mark.parametrize("location", ["top left corner", "upper-left", "the west side of the harbour"])
+def test_a_record_whose_positions_are_free_text_is_not_flipped(location):
+  # A real caption's location in its own words: flipping the image alone would make it false.
+  keywords = ["2", location, "north-south", "150", "cargo ships", "scattered across the scene", "qingdao, china",
+              "a coastal harbour"]
+  caption, spans = knowledge.verbalise("target", keywords, [0] * 8)
+  record = {"image": np.arange(16, dtype=np.uint16).reshape(4, 4), "scene_type": "target",
+            "field_names": list(knowledge.FIELDS["target"]), "keywords": keywords, "caption": caption,
+            "spans": np.asarray(spans, np.int32)}
+  for axis in ("vertical", "horizontal"):
+    assert pipeline.flip(record, axis) is record
+  templated = dict(record, keywords=keywords[:1] + ["upper left"] + keywords[2:])
+  templated["caption"], spans = knowledge.replace_keywords(caption, spans, templated["keywords"])
+  templated["spans"] = np.asarray(spans, np.int32)
+  flipped = pipeline.flip(templated, "horizontal")
+  assert flipped["keywords"][1] == "upper right"
+  np.testing.assert_array_equal(flipped["image"], templated["image"][:, ::-1])
