@@ -130,7 +130,7 @@ def _eval(args, config) -> None:
     config.eval.tasks = args.tasks
   results = suite.run(config, args.workdir, step=args.step, progress=_shows_progress())
   print(report.table(results, {}))
-  print(f"results, report and plots in {os.path.join(args.workdir, 'eval')}")
+  print(f"results, report and plots in {suite.results_folder(args.workdir, results['step'])}")
 
 
 def _ablate(args, config) -> None:
@@ -374,8 +374,12 @@ def _parser() -> argparse.ArgumentParser:
 
   ev = commands.add_parser("eval", help="the downstream benchmark: results.json, report.md, plots")
   ev.add_argument("--workdir", required=True)
-  ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  ev.add_argument("--tasks", default="", help="comma-separated subset (default: config.eval.tasks)")
+  ev.add_argument("--step", type=int, default=None,
+                  help="checkpoint step (default: the latest); a step other than the one W/eval/ holds, "
+                       "unless it is the latest, goes to W/eval/step_<S>/")
+  ev.add_argument("--tasks", default="",
+                  help="comma-separated subset (default: config.eval.tasks), merged into the step's results.json: "
+                       "each task run replaces only its own entry")
   _config_arg(ev, "", "default: the workdir's saved config.json")
   _distributed_args(ev)
   ev.set_defaults(run=_eval)

@@ -197,6 +197,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(0 < lo <= c.model.temp_init <= hi, "model.temp_init", f"must lie in temp_range {c.model.temp_range}.")
   _require(c.train.batch_size >= 2, "train.batch_size", "ITM hard negatives need at least 2 examples per batch.")
   _require(c.train.steps >= 1, "train.steps", "must be >= 1.")
+  _require(c.train.log_every >= 1, "train.log_every",
+           f"must be >= 1 (train steps between logged metrics), got {c.train.log_every}.")
+  _require(c.train.ckpt_every >= 1, "train.ckpt_every",
+           f"must be >= 1 (train steps between checkpoints; the last step is always saved), got {c.train.ckpt_every}.")
+  _require(c.train.keep >= 1, "train.keep", f"must be >= 1 (checkpoints kept, the latest first), got {c.train.keep}.")
   _require(c.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1.")
   _require(0 <= c.loss.mask_prob + c.loss.random_prob <= 1, "loss.mask_prob",
            "mask_prob + random_prob must lie in [0, 1].")
@@ -231,10 +236,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(c.eval.every >= 0, "eval.every", f"must be >= 0 (0: no in-training evaluation), got {c.eval.every}.")
   _require(all(isinstance(s, int) and 1 <= s <= c.train.steps for s in c.eval.at_steps), "eval.at_steps",
            f"{tuple(c.eval.at_steps)}: give train steps between 1 and train.steps ({c.train.steps}).")
+  if not c.data.data_dir:  # the world is synthesised: each split needs a chip (a given data_dir has its own sizes)
+    for split in ("train", "val", "test"):
+      n = c.data.synth[f"num_{split}"]
+      _require(n >= 1, f"data.synth.num_{split}", f"must be >= 1 (chips of the synthesised {split} split), got {n}.")
   _require(c.data.train_examples >= 0, "data.train_examples", "must be >= 0 (0: the whole train split).")
   _require(c.data.data_dir or c.data.train_examples <= c.data.synth.num_train, "data.train_examples",
            f"{c.data.train_examples} chips asked, but the synthesised world has data.synth.num_train="
-           f"{c.data.synth.num_train}; lower it or build a larger world.")
+           f"{c.data.synth.num_train}; lower data.train_examples (0: the whole split) or raise "
+           "data.synth.num_train.")
   _require("heldout_loss" not in c.eval.tasks or not 0 < c.eval.periodic_examples < c.train.batch_size,
            "eval.periodic_examples", f"{c.eval.periodic_examples} val examples are less than one batch "
            f"(train.batch_size={c.train.batch_size}), which the heldout_loss task needs.")
@@ -296,14 +306,49 @@ def skipped_fields(scio: ml_collections.ConfigDict) -> frozenset[str]:
   return frozenset(name.strip() for name in scio.skip_fields.split(",") if name.strip())
 
 
-def load_saved(path: str) -> ml_collections.ConfigDict:
-  """The config a run saved (WORKDIR/config.json), on top of today's defaults, so sections
-  added since the run was started take their default values."""
+def flat(settings: dict, prefix: str = "") -> dict:
+  """{"a.b.c": value} for every leaf of nested settings (a config's JSON): a difference between
+  two configs named down to the setting, as a --config.a.b.c override would name it."""
+  out = {}
+  for key, value in settings.items():
+    if isinstance(value, dict):
+      out.update(flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def read_saved(path: str) -> dict:
+  """The settings a run saved as config.json, as a dict. A file cut short (a full disk, a copy
+  interrupted) or edited into something else is a ConfigError naming the file and the way out,
+  instead of json's or a later attribute lookup's traceback."""
   from klip_jax import io  # here: io imports jax, which loading a config file does not need
 
   if not io.exists(path):
     raise ConfigError(f"no saved config at {path}; run klip train or klip pretrain in that workdir first.")
-  saved = io.read_json(path)
+  try:
+    saved = io.read_json(path)
+  except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+    saved, reason = None, f"{type(e).__name__}: {e}"
+  else:
+    reason = f"a JSON {type(saved).__name__}, not an object of config sections"
+  if not isinstance(saved, dict):
+    raise ConfigError(_unreadable(path, reason))
+  return saved
+
+
+def _unreadable(path: str, reason: str) -> str:
+  return (f"{path} is not a readable run config ({reason}). Restore that file from a copy of the run, or "
+          "give the config the run was started with: --config FILE plus the same --config.* overrides.")
+
+
+def load_saved(path: str) -> ml_collections.ConfigDict:
+  """The config a run saved (WORKDIR/config.json), on top of today's defaults, so sections
+  added since the run was started take their default values."""
+  saved = read_saved(path)
   config = default_config()
-  config.update(saved)
+  try:
+    config.update(saved)
+  except (TypeError, ValueError, AttributeError, KeyError) as e:  # e.g. {"train": 5}: a section that is no section
+    raise ConfigError(_unreadable(path, f"{type(e).__name__}: {e}")) from None
   return config

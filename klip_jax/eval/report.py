@@ -18,6 +18,7 @@ import numpy as np
 from klip_jax import config as config_lib
 from klip_jax import io
 from klip_jax.data import builder, knowledge, pipeline, targets, terrain
+from klip_jax.parallel import hosts
 from klip_jax.train import scio
 
 HEADLINES = {
@@ -132,15 +133,26 @@ def captions_diff(entries: list[dict], truth_recorded: bool, limit: int) -> list
 
 def write(folder: io.PathLike, results: dict, details: dict, test, i2t_scores, metrics_path: io.PathLike, scio_config,
           relabel_entries: list[dict] | None = None) -> None:
-  """report.md and the plots into `folder` (each written to a temp name, then renamed)."""
-  plots = []
+  """report.md and the plots into `folder` (each written to a temp name, then renamed).
+
+  `results` may merge several runs of one step (suite.merge): retrieval.png, which needs the
+  scores only a retrieval run has (`i2t_scores`), is kept from the run that made it while the
+  results still hold that run's retrieval entry; a plot nothing in `results` backs any more is
+  removed, so no file describes a replaced entry."""
+  plots, folder = [], io.path(folder)
+  retrieval = results["tasks"].get("retrieval", {"skipped": 1.0})
   if i2t_scores is not None:
     plots.append(_save(folder, "retrieval.png", _retrieval_grid(test, i2t_scores)))
+  elif "skipped" not in retrieval and (folder / "retrieval.png").exists():
+    plots.append("retrieval.png")
   matrices = {t: details[t]["confusion"] for t in _CONFUSIONS if "confusion" in details.get(t, {})}
   if matrices:
     plots.append(_save(folder, "confusion.png", _confusions(matrices)))
   if io.exists(metrics_path):
     plots.append(_save(folder, "training_curves.png", _curves(metrics_path, scio_config)))
+  for name in ("retrieval.png", "confusion.png", "training_curves.png"):
+    if name not in plots and hosts.is_writer() and (folder / name).exists():
+      (folder / name).unlink()
   questions = [f"- `{t}`: {d['question']}" for t, d in details.items() if "question" in d]
   text = [f"# Benchmark at step {results['step']}", "",
           "Held-out test split; probes, the detection head and answer vocabularies fitted on the "
@@ -166,7 +178,7 @@ def write(folder: io.PathLike, results: dict, details: dict, test, i2t_scores, m
     text += ["SCIO before/after on train captions (`klip captions diff` shows a round the same way):", "",
              scio_examples(relabel_entries), ""]
   text += [f"![{name}]({name})" for name in plots]
-  io.write_text(io.path(folder) / "report.md", "\n".join(text) + "\n")
+  io.write_text(folder / "report.md", "\n".join(text) + "\n")
 
 
 def _save(folder: io.PathLike, name: str, fig) -> str:

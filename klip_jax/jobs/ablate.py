@@ -247,22 +247,13 @@ def _check_unchanged(config: ml_collections.ConfigDict, run_dir: str) -> None:
   """Refuse to summarise a finished run's results as another config's: a rerun with changed
   settings would otherwise report the old runs under the new settings without a word."""
   saved = config_lib.load_saved(str(io.path(run_dir) / "config.json"))
-  before, after = (dict(_leaves(json.loads(c.to_json_best_effort()))) for c in (saved, config))
+  before, after = (config_lib.flat(json.loads(c.to_json_best_effort())) for c in (saved, config))
   changed = [f"{name} ({before.get(name)!r} then, {after.get(name)!r} now)"
              for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
   if changed:
     raise ConfigError(f"{run_dir} holds the results of another config: {'; '.join(changed[:8])}"
                       f"{' ...' if len(changed) > 8 else ''}. Use a new --workdir for the new settings, or "
                       f"delete {run_dir} to rerun it with them.")
-
-
-def _leaves(tree, prefix: str = ""):
-  """("a.b", value) for every leaf of a nested dict."""
-  if not isinstance(tree, dict):
-    yield prefix, tree
-    return
-  for key, value in tree.items():
-    yield from _leaves(value, f"{prefix}.{key}" if prefix else key)
 
 
 def ablate(config: ml_collections.ConfigDict, workdir: str, *, seeds: int, arms: list[str] | None = None,

@@ -315,7 +315,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: list[str] | Non
       print(f"{name}: config changed since it was recorded ({previous['config_hash'][:12]} -> {digest[:12]}); "
             "rerunning", file=out, flush=True)
     saved = io.path(run_dir) / "config.json"
-    if saved.exists() and config_hash(io.read_json(saved)) != digest:
+    if saved.exists() and config_hash(config_lib.read_saved(str(saved))) != digest:
       print(f"{name}: {run_dir} holds a run of another config; starting it afresh", file=out, flush=True)
       io.path(run_dir).rmtree()
     status, params, flops, error = "done", None, None, None
@@ -348,16 +348,6 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: list[str] | Non
   return {n: recorded[n] for n in named if n in recorded}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in d.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _value(v) -> str:
   if isinstance(v, (list, tuple)):
     return "(" + ",".join(_value(x) for x in v) + ("," if len(v) == 1 else "") + ")"
@@ -367,7 +357,7 @@ def _value(v) -> str:
 def overrides(base: ml_collections.ConfigDict, c: ml_collections.ConfigDict) -> list[str]:
   """`--config.a.b=value` for every field where `c` differs from `base` (the data and tokenizer
   locations left out: the launched run makes its own)."""
-  before, after = _flat(json.loads(base.to_json_best_effort())), _flat(json.loads(c.to_json_best_effort()))
+  before, after = (config_lib.flat(json.loads(x.to_json_best_effort())) for x in (base, c))
   return [f"--config.{key}={_value(value)}" for key, value in after.items()
           if before.get(key) != value and key not in ("data.data_dir", "data.tokenizer")]
 

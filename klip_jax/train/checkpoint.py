@@ -22,6 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from klip_jax import config as config_lib
 from klip_jax import io
 from klip_jax.errors import CheckpointError, ConfigError, DatasetError, KlipError
 from klip_jax.parallel import hosts
@@ -198,33 +199,16 @@ def _describe(part: dict | None) -> str:
   return ", ".join(f"{k} {str(v)[:12] + '...' if k == 'sha256' else v}" for k, v in part.items())
 
 
-def _leaves(tree, prefix: str):
-  """("a.b.c", value) for every leaf of a nested dict, so a change is named down to its setting."""
-  if not isinstance(tree, dict):
-    yield prefix, tree
-    return
-  for key, value in tree.items():
-    yield from _leaves(value, f"{prefix}.{key}")
-
-
-def _get(tree: dict, dotted: str):
-  """tree["a"]["b"] for "a.b"; None where it has no such key (a config from before the setting)."""
-  for key in dotted.split("."):
-    tree = tree.get(key) if isinstance(tree, dict) else None
-  return tree
-
-
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuse to continue a workdir whose checkpoints belong to another model config."""
+  """Refuse to continue a workdir whose checkpoints belong to another model config (settings the
+  saved config.json lacks, from before they existed, are not compared)."""
   path = io.path(workdir) / "config.json"
   if not path.exists():
     return
-  saved = io.read_json(path)
-  now = json.loads(config.to_json_best_effort())
-  before, after = ({name: value for section in _STATE_SECTIONS
-                    for name, value in _leaves(tree.get(section, {}), section)} for tree in (saved, now))
-  changed = [name for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
-  changed += [name for name in _STATE_KEYS if _get(saved, name) is not None and _get(saved, name) != _get(now, name)]
+  saved = config_lib.flat(config_lib.read_saved(str(path)))
+  now = config_lib.flat(json.loads(config.to_json_best_effort()))
+  shapes_the_state = lambda name: name.split(".")[0] in _STATE_SECTIONS or name in _STATE_KEYS
+  changed = [name for name in sorted(saved) if shapes_the_state(name) and saved[name] != now.get(name)]
   if changed:
     raise ConfigError(f"{workdir} holds checkpoints of a different model: {', '.join(changed)} "
                       "changed since they were written. Use a new --workdir, or the old values.")
