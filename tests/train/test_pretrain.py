@@ -1,6 +1,7 @@
 """`klip pretrain` end to end on a tiny world: stages A -> B -> C, online and offline (with a
 stop at the B boundary and a resume), caption rounds, and the benchmark's output files."""
 
+import dataclasses
 import json
 import os
 
@@ -8,9 +9,12 @@ import pytest
 from PIL import Image
 
 from klip_jax import config as config_lib
+from klip_jax.data import builder
+from klip_jax.errors import DatasetError
 from klip_jax.eval import registry
 from klip_jax.jobs import pretrain
 from klip_jax.train import scio
+from tests.conftest import TINY_SETTINGS
 
 
 def _config(tiny_data, tiny_tokenizer, mode):
@@ -83,3 +87,14 @@ def test_pretrain_runs_all_stages_and_the_benchmark(tiny_data, tiny_tokenizer, t
     assert set(saved["random_init"]) == set(tasks) - {"scio_repair", "screening"}
     captions = [json.loads(line) for line in open(os.path.join(folder, "captions_test.jsonl"))]
     assert len(captions) == 12 and {"reference", "greedy", "beam"} <= set(captions[0])
+
+
+def test_a_dataset_without_a_test_split_is_refused_before_training(tiny_tokenizer, tmp_path):
+  data_dir = str(tmp_path / "no_test")
+  builder.build(data_dir, dataclasses.replace(TINY_SETTINGS, num_examples={"train": 4, "val": 4}))
+  config = config_lib.load("configs/tiny.py:48px")
+  config.data.update(data_dir=data_dir, tokenizer=tiny_tokenizer, max_len=96)
+  workdir = tmp_path / "run"
+  with pytest.raises(DatasetError, match=r"no split 'test'.*ends in the benchmark.*klip train"):
+    pretrain.pretrain(config, str(workdir), progress=False)
+  assert not (workdir / "checkpoints").exists()
