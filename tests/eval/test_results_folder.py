@@ -124,3 +124,12 @@ def test_an_unreadable_results_file_is_kept_aside(fake, tmp_path):
   _run(tmp_path, "itm")
   assert (tmp_path / "eval" / "results.unreadable.json").read_text() == '{"step": 8, "tas'
   assert list(_read(tmp_path / "eval" / "results.json")["tasks"]) == ["itm"]
+
+
+def test_a_workdir_whose_results_cannot_be_written_fails_before_evaluating(fake, tmp_path, monkeypatch):
+  evaluated = []
+  monkeypatch.setattr(registry, "evaluate", lambda ctx, tasks: evaluated.append(tasks))
+  (tmp_path / "eval").write_text("a file where eval/ belongs")  # as unwritable as a read-only mount, also as root
+  with pytest.raises(OSError):
+    _run(tmp_path, "itm")
+  assert evaluated == [] and (tmp_path / "eval").read_text() == "a file where eval/ belongs"
