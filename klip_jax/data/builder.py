@@ -389,6 +389,15 @@ class _NamedShards:
     return [self[i] for i in indices]
 
 
+def require_split(data_dir, split: str, needed_by: str) -> None:
+  """Refuse, before the work that leads up to it, a dataset without `split`, which `needed_by`
+  (a sentence: who reads it and how to do without) would only find missing hours later."""
+  try:
+    open_split(data_dir, split)
+  except DatasetError as error:
+    raise DatasetError(f"{error} {needed_by}") from None
+
+
 def open_split(data_dir, split: str):
   """Random-access ArrayRecord source of one split (items are TFDS examples)."""
   builder = _open_builder(data_dir)

@@ -80,16 +80,11 @@ def read_image(entry: dict, folder: str, where: str) -> tuple[np.ndarray, dict]:
   """(amplitude [H, W], geo fields from the file) of a manifest line's image."""
   name = entry["image"]
   path = os.path.join(folder, name)
-  nodata = entry.get("nodata")
-  if nodata is not None and (isinstance(nodata, bool) or not isinstance(nodata, (int, float))):
-    # A string "0" would compare unequal to every pixel and mask nothing, without a word.
-    raise RecordError(f"{where}: field 'nodata' is {nodata!r} ({type(nodata).__name__}), not a number; give the "
-                      "fill value as a JSON number, e.g. \"nodata\": 0")
   if not os.path.isfile(path):
     raise RecordError(f"{where}: image {name} does not exist (looked for {path}); fix the path, "
                       "relative to the manifest's folder")
   try:
-    image = raster.read(path, entry.get("band"), nodata)
+    image = raster.read(path, entry.get("band"), entry.get("nodata"))
     amplitude = raster.to_amplitude(image, entry.get("value"))
   except RecordError as e:
     raise RecordError(f"{where}: image {name} {e}") from None

@@ -74,8 +74,8 @@ def read(path: str, band=None, nodata: float | None = None) -> Raster:
   """Read `path` (GeoTIFF or any GDAL raster through rasterio; PNG through PIL)."""
   if nodata is not None and (isinstance(nodata, bool) or not isinstance(nodata, (int, float, np.integer, np.floating))):
     # A string "0" compares unequal to every pixel: it would mask nothing, without a word.
-    raise RecordError(f"has \"nodata\": {nodata!r} ({type(nodata).__name__}), not a number; give the fill "
-                      "value as a number, e.g. \"nodata\": 0")
+    raise RecordError(f"field 'nodata' is {nodata!r} ({type(nodata).__name__}), not a number; give the fill "
+                      "value as a JSON number, e.g. \"nodata\": 0")
   try:
     data, valid, geo = _read_png(path, band) if path.lower().endswith(".png") else _read_gdal(path, band)
   except RecordError:

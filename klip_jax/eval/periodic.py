@@ -17,7 +17,6 @@ from flax import nnx
 from klip_jax.data import builder
 from klip_jax.data.prepare import RunData
 from klip_jax.data.tokenizer import TokenIds
-from klip_jax.errors import DatasetError
 from klip_jax.eval import registry
 from klip_jax.eval.runner import ModelRunner
 from klip_jax.parallel import mesh as mesh_lib
@@ -32,13 +31,11 @@ def make_hook(config: ml_collections.ConfigDict, data: RunData, *, progress: boo
   tasks = registry.cheap_tasks(config.eval.tasks)
   if (config.eval.every <= 0 and not config.eval.at_steps) or not tasks:
     return None
-  try:  # now, not at the first evaluation: the loop evaluates a step before checkpointing it
-    builder.open_split(data.data_dir, SPLIT)
-  except DatasetError as error:
-    raise DatasetError(f"{error} The in-training evaluation (eval.every={config.eval.every}, eval.at_steps="
-                       f"{tuple(config.eval.at_steps)}) reads the {SPLIT} split: give some of the dataset's "
-                       f"examples split \"{SPLIT}\" (a manifest line's \"split\"), or train without it: "
-                       "--config.eval.every=0 and no eval.at_steps.") from None
+  # Now, not at the first evaluation: the loop evaluates a step before checkpointing it.
+  builder.require_split(data.data_dir, SPLIT, f"The in-training evaluation (eval.every={config.eval.every}, "
+                        f"eval.at_steps={tuple(config.eval.at_steps)}) reads the {SPLIT} split: give some of the "
+                        f"dataset's examples split \"{SPLIT}\" (a manifest line's \"split\"), or train without it: "
+                        "--config.eval.every=0 and no eval.at_steps.")
   mesh = mesh_lib.from_config(config.mesh)
   examples = registry.Examples(config, data, SPLIT, config.eval.periodic_examples)
   runners: list[ModelRunner] = []  # made at the first evaluation, its compiled calls reused after

@@ -161,9 +161,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
       chances = [c for c in _values(results, task, chance_key) if c is not None] if chance_key else []
       row[arm] = {"mean": m, "lo": lo, "hi": hi, "n": sum(v is not None for v in values),
                   "chance": float(np.mean(chances)) if chances else None}
-    levels = {row[arm]["chance"] for arm in runs} - {None}
-    shared = len(levels) == 1 or (len(levels) > 1 and np.ptp(list(levels)) <= 1e-9)
-    row["chance"] = min(levels) if shared else None
+    levels = [row[arm]["chance"] for arm in runs if row[arm]["chance"] is not None]
+    row["chance"] = levels[0] if levels and np.ptp(levels) <= 1e-9 else None
     table[f"{task}/{metric}"] = row
   return table
 

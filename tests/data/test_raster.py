@@ -126,5 +126,5 @@ def test_nodata_must_be_a_number(tmp_path):
   path = geotiffs.write(tmp_path / "fill.tif", data)
   assert raster.read(path, None, 0).valid.sum() == 48
   for nodata in ("0", True, [0]):
-    with pytest.raises(RecordError, match=rf"has \"nodata\": {re.escape(repr(nodata))} \(.*\), not a number"):
+    with pytest.raises(RecordError, match=rf"field 'nodata' is {re.escape(repr(nodata))} \(.*\), not a number"):
       raster.read(path, None, nodata)
