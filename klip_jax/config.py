@@ -9,6 +9,7 @@ A config file defines `get_config(arg=None) -> ConfigDict`, usually by calling
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Sequence
 
@@ -316,6 +317,17 @@ def flat(settings: dict, prefix: str = "") -> dict:
     else:
       out[f"{prefix}{key}"] = value
   return out
+
+
+def differing(settings: dict[str, dict]) -> dict[str, dict[str, list[str]]]:
+  """{setting: {value: [names]}} of the flat settings that the named settings dicts give different
+  values (e.g. the tasks of a benchmark merged from several runs); a setting only some of them
+  hold is compared among those. Values are shown as JSON writes them."""
+  seen: dict[str, dict[str, list[str]]] = {}
+  for name, chosen in settings.items():
+    for key, value in chosen.items():
+      seen.setdefault(key, {}).setdefault(json.dumps(value), []).append(name)
+  return {key: by_value for key, by_value in seen.items() if len(by_value) > 1}
 
 
 def read_saved(path: str) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
+from klip_jax import config as config_lib
 from klip_jax.data import knowledge, records, targets
 from klip_jax.data.prepare import RunData
 from klip_jax.errors import ConfigError
@@ -46,6 +48,7 @@ class Evaluator:
   needs: tuple[str, ...]
   cost: str  # "cheap": runs during training too; "full": only in the benchmark
   benchmark: bool = True  # a downstream task, part of "all" (else run only when named)
+  reads: tuple[str, ...] = ()  # config sections or settings beyond eval.* its numbers depend on
 
 
 class Examples:
@@ -106,13 +109,30 @@ class EvalContext:
 REGISTRY: dict[str, Evaluator] = {}
 
 
-def register(name: str, *, needs: tuple[str, ...] = (), cost: str = "full", benchmark: bool = True):
+def register(name: str, *, needs: tuple[str, ...] = (), cost: str = "full", benchmark: bool = True,
+             reads: tuple[str, ...] = ()):
   assert set(needs) <= set(NEEDS) and cost in COSTS, (name, needs, cost)
 
   def add(fn: Callable[[EvalContext], dict]) -> Callable[[EvalContext], dict]:
-    REGISTRY[name] = Evaluator(name, fn, tuple(needs), cost, benchmark)
+    REGISTRY[name] = Evaluator(name, fn, tuple(needs), cost, benchmark, tuple(reads))
     return fn
   return add
+
+
+# eval.* settings that say when and how fast a task runs, not what it measures.
+_SCHEDULING = ("tasks", "every", "at_steps", "periodic_examples", "batch_size", "random_baseline")
+
+
+def settings(config: ml_collections.ConfigDict, task: str) -> dict:
+  """{"eval.x": value, ...} of the settings `task`'s numbers depend on: eval.*'s (the examples,
+  seeds, steps and sizes of every task), less the scheduling ones, and the evaluator's `reads`.
+  The benchmark records them with each task's results, so results merged from several
+  `klip eval` runs say which numbers were measured how (eval.suite)."""
+  chosen = {f"eval.{k}": v for k, v in config_lib.flat(config.eval.to_dict()).items() if k not in _SCHEDULING}
+  for name in REGISTRY[task].reads:
+    value = config_lib.flat(config.to_dict())
+    chosen.update({k: v for k, v in value.items() if k == name or k.startswith(f"{name}.")})
+  return json.loads(json.dumps(chosen))  # as results.json gives them back (tuples as lists)
 
 
 @register("retrieval", cost="cheap")
@@ -128,7 +148,7 @@ def _itm(ctx: EvalContext) -> dict:
   return matching.evaluate(ctx.runner, ctx.test, *ctx.test_encoded, seed=ctx.config.eval.seed)
 
 
-@register("heldout_loss", needs=("decoder",), cost="cheap", benchmark=False)
+@register("heldout_loss", needs=("decoder",), cost="cheap", benchmark=False, reads=("loss", "train.batch_size"))
 def _heldout_loss(ctx: EvalContext) -> dict:
   """The training losses (ITC, ITM, keyword reconstruction, weighted total) on the evaluated split:
   what `klip sweep` fits scaling laws to. Not a downstream task, so not in "all": name it."""
@@ -214,7 +234,7 @@ def _relabel(ctx: EvalContext, split: str, proofread: bool) -> list[dict]:
   return scio.relabel_restored(ctx.config, step, params, ctx.data, split, ctx.runner.mesh, progress=ctx.progress)
 
 
-@register("screening", needs=("trained", "corruption"), cost="cheap")
+@register("screening", needs=("trained", "corruption"), cost="cheap", reads=("scio",))
 def _screening(ctx: EvalContext) -> dict:
   """Per-clause screening AUC of SCIO's signals on the val split's noisy captions (captions the
   model never trained on)."""
@@ -222,7 +242,7 @@ def _screening(ctx: EvalContext) -> dict:
   return screening.evaluate(_relabel(ctx, "val", proofread=False))
 
 
-@register("scio_repair", needs=("trained", "decoder", "corruption"))
+@register("scio_repair", needs=("trained", "decoder", "corruption"), reads=("scio",))
 def _scio_repair(ctx: EvalContext) -> dict:
   _require_corruption(ctx, "train")
   entries = _relabel(ctx, "train", proofread=True)

@@ -67,6 +67,18 @@ def table(results: dict, details: dict) -> str:
   return "\n".join(rows)
 
 
+def settings_note(settings: dict) -> list[str]:
+  """report.md's lines on settings that differ between tasks (none when all agree)."""
+  differ = config_lib.differing(settings)
+  if not differ:
+    return []
+  rows = ["These results merge `klip eval` runs made with different settings; each task's numbers "
+          "were measured with its own (results.json `settings`):", "", "| setting | value: tasks |", "|---|---|"]
+  for key, by_value in differ.items():
+    rows.append(f"| {key} | " + "; ".join(f"{value}: {', '.join(tasks)}" for value, tasks in by_value.items()) + " |")
+  return rows + [""]
+
+
 def screening_table(per_field: dict, captions: str, skipped: frozenset[str] = frozenset()) -> str:
   """SCIO screening AUC per HCoT field (chance 0.5) on `captions` (which split's, said in the
   heading); image-blind fields are marked, and so are the `skipped` ones (config.scio.skip_fields),
@@ -158,7 +170,7 @@ def write(folder: io.PathLike, results: dict, details: dict, test, i2t_scores, m
           "Held-out test split; probes, the detection head and answer vocabularies fitted on the "
           "train split. Chance: the level reached without the image (majority answer, random "
           "ranking, an image-blind detector, a random train caption).", "",
-          table(results, details), ""]
+          table(results, details), "", *settings_note(results.get("settings", {}))]
   if questions:
     text += ["VQA questions (zero-shot, ranked answers):", *questions, ""]
   skipped = config_lib.skipped_fields(scio_config)

@@ -3,7 +3,8 @@ initialised model of the same config and the chance / majority level of every ta
 
 Runs the evaluators `config.eval.tasks` picks (`eval.registry`) on the test split, with a
 prefix of the train split for probes, heads and answer vocabularies, and writes WORKDIR/eval/:
-  results.json       {"step", "tasks": {task: {metric: number}}, "random_init": {...}}
+  results.json       {"step", "tasks": {task: {metric: number}}, "random_init": {...},
+                      "settings": {task: {"eval.x": value, ...}}: what each task's numbers depend on}
   details.json       confusion matrices and VQA question texts
   captions_test.jsonl  generated captions (greedy, beam) beside the reference
   relabel_train.jsonl  SCIO's screening/proofreading of every train caption (scio_repair)
@@ -20,7 +21,8 @@ hours, so no later run may throw it away:
     task: a task run again replaces that task's entry (its scores, its skip reason, its details and
     files, its random-init row when that was recomputed), every other task's entry stays, and
     report.md and the plots are written again from the merged results. `klip eval --tasks itm`
-    after a full benchmark refreshes itm and leaves the rest;
+    after a full benchmark refreshes itm and leaves the rest. Each task keeps the settings it was
+    measured with (`registry.settings`), and report.md names any that differ between tasks;
   - a run of the latest checkpoint when eval/ holds an older step first moves eval/'s files into
     eval/step_<old>/ (results.json last, so an interrupted move finishes on the next run), then
     writes eval/ afresh: eval/ follows the latest checkpoint, as the readers above expect;
@@ -38,6 +40,7 @@ import logging
 import ml_collections
 from etils import epath
 
+from klip_jax import config as config_lib
 from klip_jax import io
 from klip_jax.data import prepare
 from klip_jax.data.tokenizer import TokenIds
@@ -85,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
                                                                         "captioning" in tasks),
                                progress=progress)
   results, details = registry.evaluate(model, tasks)
-  out = {"step": int(state.step), "tasks": results}
+  out = {"step": int(state.step), "tasks": results, "settings": {t: registry.settings(c, t) for t in tasks}}
   skipped = {task: d["skipped"] for task, d in details.items() if "skipped" in d}
   if skipped:  # the reasons travel with the results (the stdout table and results.json show them)
     out["skipped"] = skipped
@@ -191,17 +194,23 @@ def _by_task_order(entries: dict) -> dict:
 
 def merge(previous: dict | None, out: dict, ran: list[str]) -> dict:
   """results.json of one step: this run's `out` over the `previous` one, task by task. A task in
-  `ran` replaces its earlier entry whole (scores and skip reason); the random-init row of a task
-  is replaced only where this run recomputed it (it does not depend on the checkpoint, and a
-  run with eval.random_baseline off should not erase the one measured before)."""
+  `ran` replaces its earlier entry whole (scores, skip reason, the settings it was measured
+  with); the random-init row of a task is replaced only where this run recomputed it (it does
+  not depend on the checkpoint, and a run with eval.random_baseline off should not erase the one
+  measured before), and dropped where the task ran again with other settings and the row was
+  not recomputed (it would sit beside numbers measured another way)."""
   if previous is None:
     return out
   keep = lambda section: {t: v for t, v in previous.get(section, {}).items() if t not in ran}
-  merged = {"step": out["step"], "tasks": _by_task_order({**keep("tasks"), **out["tasks"]})}
+  merged = {"step": out["step"], "tasks": _by_task_order({**keep("tasks"), **out["tasks"]}),
+            "settings": _by_task_order({**keep("settings"), **out["settings"]})}
   skipped = {**keep("skipped"), **out.get("skipped", {})}
   if skipped:
     merged["skipped"] = _by_task_order(skipped)
-  random_init = {**previous.get("random_init", {}), **out.get("random_init", {})}
+  before = previous.get("settings", {})
+  stale = {t for t in ran if before.get(t) != out["settings"][t]}
+  random_init = {**{t: v for t, v in previous.get("random_init", {}).items() if t not in stale},
+                 **out.get("random_init", {})}
   if random_init:
     merged["random_init"] = _by_task_order(random_init)
   return merged
@@ -232,6 +241,9 @@ def save(folder: epath.Path, out: dict, details: dict, ran: list[str], outputs: 
              ", ".join(replaced) or "nothing", ", ".join(t for t in previous["tasks"] if t not in ran) or "nothing")
     details = {**{t: d for t, d in _read_details(folder).items() if t not in ran}, **details}
   merged = merge(previous, out, ran)
+  for key, by_value in config_lib.differing(merged["settings"]).items():
+    log.warning("%s: tasks measured with different %s: %s", folder / "results.json", key,
+                "; ".join(f"{value} ({', '.join(tasks)})" for value, tasks in by_value.items()))
   details = _by_task_order(details)
   io.write_json(folder / "results.json", merged)
   io.write_json(folder / "details.json", details)

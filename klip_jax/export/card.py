@@ -13,6 +13,7 @@ import dataclasses
 import ml_collections
 import yaml
 
+from klip_jax import config as config_lib
 from klip_jax.data.tokenizer import TokenIds
 
 _PIPELINE = {"card": "image-to-text", "captioning": "image-to-text", "retrieval": "zero-shot-image-classification"}
@@ -82,6 +83,11 @@ def results_table(results: dict) -> str:
         continue
       rows.append(f"| {name} | {metric} | {_number(value)} | {_number(random_init.get(name, {}).get(metric))} "
                   f"| {_number(_chance(task, metric))} |")
+  differ = config_lib.differing(results.get("settings", {}))
+  if differ:  # merged from several `klip eval` runs
+    rows += ["", "Not all tasks were evaluated with the same settings: " + "; ".join(
+        f"{key} " + ", ".join(f"{value} ({', '.join(tasks)})" for value, tasks in by_value.items())
+        for key, by_value in differ.items()) + "."]
   return "\n".join(rows)
 
 

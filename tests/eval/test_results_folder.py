@@ -108,13 +108,54 @@ def test_other_steps_never_overwrite_the_latest_benchmark(fake, tmp_path):
 
 
 def test_merge_replaces_a_rerun_task_whole():
-  previous = {"step": 3, "tasks": {"segmentation": {"skipped": 1.0}, "itm": {"auc": 0.6}},
-              "skipped": {"segmentation": "no masks"}, "random_init": {"itm": {"auc": 0.5}}}
-  out = {"step": 3, "tasks": {"segmentation": {"miou": 0.4}}}  # run again, with eval.random_baseline off
-  merged = suite.merge(previous, out, ["segmentation"])
-  assert merged == {"step": 3, "tasks": {"itm": {"auc": 0.6}, "segmentation": {"miou": 0.4}},
-                    "random_init": {"itm": {"auc": 0.5}}}
+  same, other = {"eval.seed": 0}, {"eval.seed": 1}
+  previous = {"step": 3, "tasks": {"segmentation": {"skipped": 1.0}, "itm": {"auc": 0.6}, "detection": {"map50": 0.2}},
+              "skipped": {"segmentation": "no masks"},
+              "random_init": {"itm": {"auc": 0.5}, "segmentation": {"miou": 0.1}, "detection": {"map50": 0.1}},
+              "settings": {"segmentation": same, "itm": same, "detection": same}}
+  # segmentation and detection run again with eval.random_baseline off, detection with another seed
+  out = {"step": 3, "tasks": {"segmentation": {"miou": 0.4}, "detection": {"map50": 0.3}},
+         "settings": {"segmentation": same, "detection": other}}
+  merged = suite.merge(previous, out, ["segmentation", "detection"])
+  assert merged == {"step": 3,
+                    "tasks": {"itm": {"auc": 0.6}, "segmentation": {"miou": 0.4}, "detection": {"map50": 0.3}},
+                    "settings": {"itm": same, "segmentation": same, "detection": other},
+                    # detection's row was measured with the other seed: dropped, not shown beside the new score
+                    "random_init": {"itm": {"auc": 0.5}, "segmentation": {"miou": 0.1}}}
   assert suite.merge(None, out, ["segmentation"]) is out
+
+
+def test_tasks_measured_with_other_settings_are_named_in_the_report(fake, tmp_path):
+  fake.scores = {"retrieval": 0.5, "itm": 0.6, "vqa_count": 0.7}
+  _run(tmp_path, "retrieval,itm,vqa_count")
+  folder = tmp_path / "eval"
+  assert "different settings" not in (folder / "report.md").read_text()
+  saved = _read(folder / "results.json")["settings"]
+  assert saved["itm"]["eval.test_examples"] == 0 and "eval.every" not in saved["itm"]  # scheduling: not a setting
+
+  c = config_lib.default_config()
+  c.eval.update(tasks="itm", test_examples=100, random_baseline=False)  # a quick look at 100 test chips
+  suite.run(c, str(tmp_path), progress=False)
+  results = _read(folder / "results.json")
+  assert results["settings"]["itm"]["eval.test_examples"] == 100
+  assert results["settings"]["retrieval"]["eval.test_examples"] == 0
+  assert "itm" not in results["random_init"] and "retrieval" in results["random_init"]  # measured on all chips
+  text = (folder / "report.md").read_text()
+  assert "| eval.test_examples | 0: retrieval, vqa_count; 100: itm |" in text
+  assert text.count("| eval.") == 1  # only the setting that differs
+
+
+def test_a_task_records_the_settings_it_depends_on():
+  c = config_lib.default_config()
+  evals = {f"eval.{k}" for k in c.eval} - {f"eval.{k}" for k in ("tasks", "every", "at_steps", "periodic_examples",
+                                                                   "batch_size", "random_baseline")}
+  scio = {f"scio.{k}" for k in c.scio}
+  losses = {f"loss.{k}" for k in c.loss}
+  assert set(registry.settings(c, "retrieval")) == evals
+  assert set(registry.settings(c, "screening")) == set(registry.settings(c, "scio_repair")) == evals | scio
+  assert set(registry.settings(c, "heldout_loss")) == evals | losses | {"train.batch_size"}
+  c.scio.rewrite_threshold = 2.5
+  assert registry.settings(c, "scio_repair")["scio.rewrite_threshold"] == 2.5
 
 
 def test_an_unreadable_results_file_is_kept_aside(fake, tmp_path):
