@@ -268,14 +268,10 @@ def _config(args, overrides: list[str]):
   """The command's config, loaded (and every problem in it reported) before any work starts:
   --config FILE[:variant] with overrides, else the workdir's saved config.json."""
   from klip_jax import config as config_lib
-  from klip_jax.errors import ConfigError
 
   if args.config:
     return config_lib.load(args.config, overrides)
-  if overrides:
-    raise ConfigError(f"config overrides {overrides} need --config (without it the workdir's saved "
-                      "config is used).")
-  return config_lib.load_saved(os.path.join(args.workdir, "config.json"))
+  return config_lib.load_saved(os.path.join(args.workdir, "config.json"), overrides)
 
 
 def _parser() -> argparse.ArgumentParser:

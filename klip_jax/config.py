@@ -268,28 +268,35 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise ConfigError(f"no config file {path!r} (from --config={spec}); give a path such as "
                       f"{os.path.join(CONFIG_DIR, 'demo.py')}.")
+  argv = ["klip", f"--config={spec}", *overrides]
+  config = _parse(lambda values: config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv,
+                                                                 lock_config=False), argv, overrides, spec)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config(arg) must return an ml_collections.ConfigDict, "
+                      f"got {type(config).__name__}.")
+  return config
+
+
+def _parse(define, argv: list[str], overrides: Sequence[str], source: str) -> ml_collections.ConfigDict:
+  """The config that `define(flag_values)` declares as --config, parsed from `argv` (which ends
+  with `overrides`, applied by config_flags); every problem one ConfigError naming `source`."""
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
     raise ConfigError(f"unrecognised arguments {bad}; config overrides look like --config.train.steps=50")
-  argv = ["klip", f"--config={spec}", *overrides]
   # A FlagValues of its own per load, not absl's process-wide FLAGS: config_flags defines one
   # flag per overridden field at parse time, so a second load in the same process (tests, jobs
   # that read several configs) would collide on the global one.
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv, lock_config=False)
   try:
+    define(values)  # a config dict's overrides are looked up here, a config file's when parsed
     values(argv)
-    config = values.config
+    return values.config
   except KlipError:
     raise
   except (flags.Error, KeyError, TypeError, ValueError, AttributeError, OSError, SyntaxError,
           ImportError, NameError) as e:
     reason = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
-    raise ConfigError(f"bad config {spec} {' '.join(overrides)}: {type(e).__name__}: {reason}") from None
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"{path}: get_config(arg) must return an ml_collections.ConfigDict, "
-                      f"got {type(config).__name__}.")
-  return config
+    raise ConfigError(f"bad config {source} {' '.join(overrides)}: {type(e).__name__}: {reason}") from None
 
 
 def variant(arg: str | None, choices: Sequence[str]) -> str:
@@ -354,13 +361,19 @@ def _unreadable(path: str, reason: str) -> str:
           "give the config the run was started with: --config FILE plus the same --config.* overrides.")
 
 
-def load_saved(path: str) -> ml_collections.ConfigDict:
+def load_saved(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """The config a run saved (WORKDIR/config.json), on top of today's defaults, so sections
-  added since the run was started take their default values."""
+  added since the run was started take their default values; then `--config.a.b=value`
+  overrides, as `load` applies them to a file's config (e.g. `klip eval --workdir W
+  --config.eval.test_examples=100` evaluates the saved run with other evaluation settings)."""
   saved = read_saved(path)
   config = default_config()
   try:
     config.update(saved)
   except (TypeError, ValueError, AttributeError, KeyError) as e:  # e.g. {"train": 5}: a section that is no section
     raise ConfigError(_unreadable(path, f"{type(e).__name__}: {e}")) from None
-  return config
+  if not overrides:
+    return config
+  argv = ["klip", *overrides]
+  return _parse(lambda values: config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=argv,
+                                                               lock_config=False), argv, overrides, path)

@@ -84,8 +84,8 @@ def test_restoring_commands_never_build_data(tmp_path, capsys, command):
 def test_eval_without_a_run_is_a_clear_error(tmp_path, capsys):
   assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
   assert "config.json" in _error_line(capsys)
-  assert cli.main(["eval", "--workdir", str(tmp_path), "--config.eval.seed=1"]) == 2
-  assert "need --config" in _error_line(capsys)
+  assert cli.main(["eval", "--workdir", str(tmp_path), "--config.eval.seed=1"]) == 2  # overrides of no saved config
+  assert "config.json" in _error_line(capsys)
 
 
 def test_a_path_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, capsys, tiny_data):

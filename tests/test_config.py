@@ -59,3 +59,20 @@ def test_eval_on_a_truncated_config_is_a_one_line_error(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith("klip: error: ") and "config.json is not a readable run config" in err
   assert "Traceback" not in err and json.loads(saved)  # the full file was valid: only the truncation is refused
+
+
+def test_overrides_apply_to_a_runs_saved_config(tmp_path):
+  """`klip eval --workdir W --config.eval.test_examples=100` (no --config): the saved run's
+  settings with the overridden ones changed, not a config file's."""
+  saved = config_lib.load("configs/tiny.py", ["--config.train.steps=37", "--config.mesh.shape=(2,2,2)"])
+  path = tmp_path / "config.json"
+  path.write_text(saved.to_json_best_effort())
+  config = config_lib.load_saved(str(path), ["--config.eval.test_examples=100", "--config.scio.rewrite_threshold=3"])
+  assert config.eval.test_examples == 100 and config.scio.rewrite_threshold == 3.0
+  assert config.train.steps == 37 and tuple(config.mesh.shape) == (2, 2, 2)  # the run's, not configs/tiny.py's
+  assert config_lib.load_saved(str(path)).eval.test_examples == saved.eval.test_examples == 0
+  for bad, reason in ((["--config.eval.nope=1"], "nope"), (["--config.train.steps=many"], "many"),
+                      (["--steps=3"], "unrecognised arguments")):
+    with pytest.raises(ConfigError, match=reason) as error:
+      config_lib.load_saved(str(path), bad)
+    assert "config overrides" in str(error.value) or str(path) in str(error.value)

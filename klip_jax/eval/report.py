@@ -67,16 +67,24 @@ def table(results: dict, details: dict) -> str:
   return "\n".join(rows)
 
 
-def settings_note(settings: dict) -> list[str]:
-  """report.md's lines on settings that differ between tasks (none when all agree)."""
+def settings_note(results: dict) -> list[str]:
+  """report.md's lines on settings that differ between tasks (none when all agree), and on
+  tasks merged from a results.json older than the settings record."""
+  settings = results.get("settings", {})
   differ = config_lib.differing(settings)
-  if not differ:
-    return []
-  rows = ["These results merge `klip eval` runs made with different settings; each task's numbers "
-          "were measured with its own (results.json `settings`):", "", "| setting | value: tasks |", "|---|---|"]
-  for key, by_value in differ.items():
-    rows.append(f"| {key} | " + "; ".join(f"{value}: {', '.join(tasks)}" for value, tasks in by_value.items()) + " |")
-  return rows + [""]
+  unrecorded = [t for t in results["tasks"] if t not in settings] if settings else []
+  rows = []
+  if differ:
+    rows += ["These results merge `klip eval` runs made with different settings; each task's numbers "
+             "were measured with its own (results.json `settings`):", "", "| setting | value: tasks |", "|---|---|"]
+    for key, by_value in differ.items():
+      rows.append(f"| {key} | " + "; ".join(f"{value}: {', '.join(tasks)}" for value, tasks in by_value.items())
+                  + " |")
+    rows.append("")
+  if unrecorded:
+    rows += [f"The settings of {', '.join(unrecorded)} were not recorded (evaluated by an older klip_jax): they "
+             f"may differ from those of {', '.join(settings)}.", ""]
+  return rows
 
 
 def screening_table(per_field: dict, captions: str, skipped: frozenset[str] = frozenset()) -> str:
@@ -170,7 +178,7 @@ def write(folder: io.PathLike, results: dict, details: dict, test, i2t_scores, m
           "Held-out test split; probes, the detection head and answer vocabularies fitted on the "
           "train split. Chance: the level reached without the image (majority answer, random "
           "ranking, an image-blind detector, a random train caption).", "",
-          table(results, details), "", *settings_note(results.get("settings", {}))]
+          table(results, details), "", *settings_note(results)]
   if questions:
     text += ["VQA questions (zero-shot, ranked answers):", *questions, ""]
   skipped = config_lib.skipped_fields(scio_config)

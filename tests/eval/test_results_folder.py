@@ -143,6 +143,17 @@ def test_tasks_measured_with_other_settings_are_named_in_the_report(fake, tmp_pa
   text = (folder / "report.md").read_text()
   assert "| eval.test_examples | 0: retrieval, vqa_count; 100: itm |" in text
   assert text.count("| eval.") == 1  # only the setting that differs
+  assert "not recorded" not in text
+
+
+def test_tasks_of_a_results_file_without_settings_are_named(fake, tmp_path):
+  fake.scores = {"retrieval": 0.5, "itm": 0.6}
+  (tmp_path / "eval").mkdir()
+  older = {"step": 8, "tasks": {"retrieval": {"accuracy": 0.4}, "itm": {"accuracy": 0.5}}}  # before settings
+  (tmp_path / "eval" / "results.json").write_text(json.dumps(older))
+  _run(tmp_path, "itm")
+  text = (tmp_path / "eval" / "report.md").read_text()
+  assert "The settings of retrieval were not recorded" in text and "from those of itm." in text
 
 
 def test_a_task_records_the_settings_it_depends_on():
