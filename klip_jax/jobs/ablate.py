@@ -39,7 +39,7 @@ from klip_jax import config as config_lib
 from klip_jax import io
 from klip_jax.data import prepare
 from klip_jax.errors import ConfigError
-from klip_jax.eval import suite
+from klip_jax.eval import registry, suite
 from klip_jax.jobs import train as train_job
 from klip_jax.train import scio
 
@@ -255,6 +255,19 @@ def _check_unchanged(config: ml_collections.ConfigDict, run_dir: str) -> None:
                       f"delete {run_dir} to rerun it with them.")
 
 
+def _check_evaluated_as_configured(config: ml_collections.ConfigDict, run_dir: str, results: dict) -> None:
+  """Refuse results a later `klip eval` of the run measured with other settings than the arm's
+  (`klip eval --workdir RUN --config.eval.test_examples=100` merges into the same results.json):
+  the table would average numbers measured two ways."""
+  for task, recorded in results.get("settings", {}).items():
+    wanted = registry.settings(config, task)
+    changed = [f"{k} {recorded.get(k)!r} (the arm's: {v!r})" for k, v in wanted.items() if recorded.get(k) != v]
+    if changed:
+      raise ConfigError(f"{run_dir}/eval/results.json: {task} was evaluated with {'; '.join(changed[:4])}. "
+                        f"Evaluate it again with the arm's settings (klip eval --workdir {run_dir} --tasks {task}), "
+                        f"or delete {run_dir}/eval to rerun the whole benchmark.")
+
+
 def ablate(config: ml_collections.ConfigDict, workdir: str, *, seeds: int, arms: list[str] | None = None,
            progress: bool = True) -> dict:
   """Train and evaluate every (arm, seed) not yet done, then write the summary."""
@@ -276,6 +289,7 @@ def ablate(config: ml_collections.ConfigDict, workdir: str, *, seeds: int, arms:
         train_job.train(c, run_dir, progress=progress)
         suite.run(c, run_dir, progress=progress)
       runs[arm].append(io.read_json(results_path))
+      _check_evaluated_as_configured(c, run_dir, runs[arm][-1])
   table, paired = summarise(runs), paired_differences(runs)
   io.write_json(io.path(workdir) / "ablation.json",
                 {"seeds": seeds, "arms": arms, "table": table, "paired_difference": paired})

@@ -3,6 +3,7 @@ benchmark's job: `klip ablate scio`)."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from scipy import stats
 
 from klip_jax import config as config_lib
 from klip_jax.errors import ConfigError
+from klip_jax.eval import registry
 from klip_jax.jobs import ablate
 
 
@@ -147,3 +149,32 @@ def test_a_rerun_with_changed_settings_refuses_the_old_results(tiny_data, tiny_t
                                         r"\(0\.002 then, 0\.5 now\).*delete"):
     ablate.ablate(config, str(tmp_path), seeds=1, arms=["stage_a"], progress=False)
   assert len(trained) == 1
+
+
+def test_results_a_later_eval_measured_with_other_settings_are_refused(tiny_data, tiny_tokenizer, tmp_path,
+                                                                       monkeypatch):
+  # `klip eval --workdir RUN --tasks itm --config.eval.test_examples=100` merges into the run's
+  # results.json; the ablation then averaged that itm with the other seeds' full-split ones.
+  config = config_lib.load("configs/demo.py")
+  config.data.update(data_dir=tiny_data, tokenizer=tiny_tokenizer)
+  measured = {}
+
+  def train(c, run_dir, progress=True):
+    os.makedirs(run_dir, exist_ok=True)
+    open(os.path.join(run_dir, "config.json"), "w").write(c.to_json_best_effort(indent=2))
+
+  def evaluate(c, run_dir, progress=True):
+    os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
+    settings = {t: registry.settings(c, t) for t in ("retrieval", "itm")}
+    settings["itm"].update(measured)
+    json.dump({"tasks": {"retrieval": {"r_mean": 0.2}, "itm": {"auc": 0.6}}, "settings": settings},
+              open(os.path.join(run_dir, "eval", "results.json"), "w"))
+
+  monkeypatch.setattr(ablate.train_job, "train", train)
+  monkeypatch.setattr(ablate.suite, "run", evaluate)
+  ablate.ablate(config, str(tmp_path), seeds=1, arms=["stage_a"], progress=False)  # as configured: summarised
+  measured["eval.test_examples"] = 100
+  shutil.rmtree(tmp_path / "stage_a")
+  with pytest.raises(ConfigError, match=r"stage_a/seed_0/eval/results\.json: itm was evaluated with "
+                                        r"eval\.test_examples 100 \(the arm's: 0\)"):
+    ablate.ablate(config, str(tmp_path), seeds=1, arms=["stage_a"], progress=False)
