@@ -20,17 +20,21 @@ hold the same chips, the noise changes captions only, and the held-out loss read
 captions: every point is scored on the same examples). Its sweep.jsonl line (the last line
 of a name wins; the file is rewritten whole, atomically, per line):
   point, status ("done" / "failed"), error ("Type: message" / null), config_hash (sha256 of the
-  point's resolved config without its data and tokenizer locations), model, params {total,
+  point's resolved config without its data and tokenizer locations), data (what the point trained
+  on, wherever it lies: `data.prepare.fingerprint`'s dataset and tokenizer sha256), model, params {total,
   non_embedding} (`model.size`), train_chips, steps, batch_size, tokens_per_image
   (data.max_len), flops_per_step (XLA's cost analysis of the train step at the global batch),
   flops_6nd_per_step (6 x non_embedding x (patches + text tokens) x batch), scio, noise,
   evals [{step, images_seen, flops (flops_per_step x step), loss {itc, itm, reconstruction,
-  total}}], r_mean (val retrieval at the end), wall_s.
+  total}}], r_mean (val retrieval at the end), r_mean_chance (the retrieval evaluator's chance_r_mean:
+  r_mean of a random ranking, 1/3 over 16 val chips, 1/12 over 64, for reading a small r_mean), wall_s.
 
-A rerun skips points recorded done with the same config hash, reruns a point whose config
-changed (its old workdir removed first), retries failed points, resumes an interrupted point
-from its checkpoint, and records a point whose workdir already holds a finished run of its
-config (one trained elsewhere, e.g. from `--emit-launch`'s commands) without training it.
+A rerun skips points recorded done with the same config hash and data, reruns a point whose
+config or data changed (its old workdir removed first: the hash leaves the data's location out, so
+another dataset or tokenizer at the same or another path is told apart by its fingerprint alone),
+retries failed points, resumes an interrupted point from its checkpoint, and records a point whose
+workdir already holds a finished run of its config and data (one trained elsewhere, e.g. from
+`--emit-launch`'s commands) without training it.
 wall_s is this process's time on the point; for such a collected point, the training time its
 metrics log implies (steps over logged throughput).
 """
@@ -41,6 +45,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import numbers
 import os
 import shlex
 import sys
@@ -81,6 +86,9 @@ def points(sweep: ml_collections.ConfigDict) -> dict[str, Point]:
   if sweep.get("points"):
     rows = [{**defaults, **dict(p)} for p in sweep.points]
   else:
+    for axis, values in sweep.grid.items():
+      if not isinstance(values, (list, tuple)):
+        raise ConfigError(f"sweep.grid.{axis}={values!r}: give a list of values, e.g. [{values!r}].")
     grid = {axis: list(sweep.grid.get(axis) or ([defaults[axis]] if axis in defaults else [])) for axis in AXES}
     rows = [dict(zip(AXES, values)) for values in itertools.product(*(grid[a] for a in AXES))]
     if not rows:
@@ -92,6 +100,7 @@ def points(sweep: ml_collections.ConfigDict) -> dict[str, Point]:
                         "required; scio defaults to False, noise to base.data.synth.noise_rate).")
     if row["model"] not in sweep.models:
       raise ConfigError(f"sweep point {row}: no model {row['model']!r} in sweep.models ({', '.join(sweep.models)}).")
+    _check_axes(row)
   several_noises = len({float(r["noise"]) for r in rows}) > 1
   if several_noises and sweep.base.data.data_dir:
     raise ConfigError("a noise axis needs the synthesised world, but base.data.data_dir names a dataset; "
@@ -110,6 +119,20 @@ def points(sweep: ml_collections.ConfigDict) -> dict[str, Point]:
 MODEL_KEYS = frozenset({"width", "depth", "init_std", "lr"})
 
 
+def _check_axes(row: dict) -> None:
+  """Refuse a point's value that int(), bool() or float() would turn into another point without a
+  word (32.7 chips trained as 32, scio "no" as SCIO on) or into a traceback: the point's name and
+  its sweep.jsonl line must say what it trained."""
+  whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+  for axis, ok, want in (("train_chips", lambda v: whole(v) and v > 0, "a whole number of chips > 0"),
+                         ("steps", lambda v: whole(v) and v > 0, "a whole number of steps > 0"),
+                         ("scio", lambda v: isinstance(v, bool), "True or False"),
+                         ("noise", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v <= 1,
+                          "a caption noise rate in [0, 1]")):
+    if not ok(row[axis]):
+      raise ConfigError(f"sweep point {row}: {axis}={row[axis]!r}; give {want}.")
+
+
 def _check(sweep: ml_collections.ConfigDict) -> None:
   for key in ("base", "base_config", "models", "head_dim", "mlp_ratio", "evals", "scio_fractions"):
     if key not in sweep:
@@ -121,8 +144,9 @@ def _check(sweep: ml_collections.ConfigDict) -> None:
     if set(m) - MODEL_KEYS or not {"width", "depth"} <= set(m):
       raise ConfigError(f"sweep.models.{name} = {dict(m)}: a model holds width and depth, and optionally "
                         "init_std and lr, nothing else.")
-    if m.width % sweep.head_dim:
-      raise ConfigError(f"sweep.models.{name}.width={m.width} is not a multiple of head_dim={sweep.head_dim}.")
+    if not (isinstance(sweep.head_dim, int) and sweep.head_dim > 0) or m.width % sweep.head_dim:
+      raise ConfigError(f"sweep.models.{name}.width={m.width} is not a multiple of head_dim={sweep.head_dim} "
+                        "(a whole number > 0).")
   if len(sweep.scio_fractions) != 3 or abs(sum(sweep.scio_fractions) - 1) > 1e-6:
     raise ConfigError(f"sweep.scio_fractions={tuple(sweep.scio_fractions)}: give stage A, B, C shares summing to 1.")
   if sweep.evals < 1:
@@ -177,10 +201,10 @@ def flops_6nd(non_embedding: int, c: ml_collections.ConfigDict) -> float:
   return 6.0 * non_embedding * (patches + c.data.max_len) * c.train.batch_size
 
 
-def line(name: str, p: Point, c: ml_collections.ConfigDict, *, params: dict | None, flops_per_step: float | None,
-         metrics: list[dict], wall_s: float, error: str | None = None) -> dict:
+def line(name: str, p: Point, c: ml_collections.ConfigDict, *, data: dict, params: dict | None,
+         flops_per_step: float | None, metrics: list[dict], wall_s: float, error: str | None = None) -> dict:
   """The sweep.jsonl line of a point (`error`: failed) from its config and metrics.jsonl lines."""
-  evals, r_mean = [], None
+  evals, retrieval = [], {}
   for entry in metrics:
     held = entry.get("eval", {}).get("heldout_loss")
     if held and "total" in held:
@@ -188,13 +212,14 @@ def line(name: str, p: Point, c: ml_collections.ConfigDict, *, params: dict | No
       evals.append({"step": s, "images_seen": s * c.train.batch_size,
                     "flops": None if flops_per_step is None else flops_per_step * s,
                     "loss": {key: float(held[key]) for key in LOSSES}})
-      r_mean = entry["eval"].get("retrieval", {}).get("r_mean", r_mean)
+      retrieval = entry["eval"].get("retrieval") or retrieval
+  r_mean, chance = retrieval.get("r_mean"), retrieval.get("chance_r_mean")
   return {"point": name, "status": "failed" if error else "done", "error": error, "config_hash": _hash(c),
-          "model": p.model, "params": params, "train_chips": p.train_chips, "steps": p.steps,
+          "data": data, "model": p.model, "params": params, "train_chips": p.train_chips, "steps": p.steps,
           "batch_size": c.train.batch_size, "tokens_per_image": c.data.max_len, "flops_per_step": flops_per_step,
           "flops_6nd_per_step": None if params is None else flops_6nd(params["non_embedding"], c),
           "scio": p.scio, "noise": p.noise, "evals": evals, "r_mean": None if r_mean is None else float(r_mean),
-          "wall_s": float(wall_s)}
+          "r_mean_chance": None if chance is None else float(chance), "wall_s": float(wall_s)}
 
 
 def read_lines(workdir: str) -> dict[str, dict]:
@@ -211,6 +236,21 @@ def _record(workdir: str, entry: dict) -> None:
 def _metrics(run_dir: str) -> list[dict]:
   path = io.path(run_dir) / "metrics.jsonl"
   return io.read_jsonl(path) if path.exists() else []
+
+
+def _holds_another_run(run_dir: str, digest: str, data: dict) -> bool:
+  """Whether a point's workdir holds a run of another config or on other data (its config.json and
+  data_fingerprint.json, both written by training): resuming or collecting it would mix the two."""
+  saved, inputs = io.path(run_dir) / "config.json", io.path(run_dir) / "data_fingerprint.json"
+  return ((saved.exists() and config_hash(config_lib.read_saved(str(saved))) != digest)
+          or (inputs.exists() and io.read_json(inputs) != data))
+
+
+def _describe(data: dict | None) -> str:
+  """A data fingerprint in a few characters: dataset and tokenizer sha256 prefixes."""
+  if not data:
+    return "unrecorded"
+  return f"dataset {data['dataset']['sha256'][:8]}, tokenizer {data['tokenizer']['sha256'][:8]}"
 
 
 def _finished(metrics: list[dict], steps: int) -> bool:
@@ -280,15 +320,18 @@ def _use_compilation_cache(workdir: str) -> None:
     jax.config.update("jax_compilation_cache_dir", str(io.path(workdir) / "xla_cache"))
 
 
-HEADER = f"{'point':<24} {'N':>10} {'D':>6} {'steps':>6} {'loss':>8} {'r_mean':>7} {'wall_s':>7}  status"
+HEADER = (f"{'point':<24} {'N':>10} {'D':>6} {'steps':>6} {'loss':>8} {'r_mean':>7} {'chance':>7} {'wall_s':>7}  "
+          "status")
 
 
 def _row(name: str, entry: dict, status: str) -> str:
+  """A point's line of the progress table; r_mean beside its chance level (lines from before
+  it was recorded show nan)."""
   loss = entry["evals"][-1]["loss"]["total"] if entry["evals"] else float("nan")
   n = entry["params"]["non_embedding"] if entry["params"] else 0
-  r_mean = float("nan") if entry["r_mean"] is None else entry["r_mean"]
+  r_mean, chance = (float("nan") if entry.get(k) is None else entry[k] for k in ("r_mean", "r_mean_chance"))
   return (f"{name:<24} {n:>10,} {entry['train_chips']:>6} {entry['steps']:>6} {loss:>8.4f} {r_mean:>7.3f} "
-          f"{entry['wall_s']:>7.1f}  {status}")
+          f"{chance:>7.3f} {entry['wall_s']:>7.1f}  {status}")
 
 
 def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: list[str] | None = None,
@@ -305,22 +348,23 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: list[str] | Non
   for name, p in named.items():
     start = time.perf_counter()
     run_dir = str(io.path(workdir) / "points" / name)
-    c = point_config(sweep, p, tokenizer_path=tokenizer_path)
-    digest = _hash(c)
+    c = point_config(sweep, p, data_dir=_world(workdir, sweep, p), tokenizer_path=tokenizer_path)
+    digest, data = _hash(c), prepare.fingerprint(prepare.RunData(c.data.data_dir, codec, tokenizer_path))
     previous = recorded.get(name)
-    if previous and previous["status"] == "done" and previous["config_hash"] == digest:
+    if previous and previous["status"] == "done" and (previous["config_hash"], previous.get("data")) == (digest, data):
       print(_row(name, previous, "skipped (done)"), file=out, flush=True)
       continue
     if previous and previous["config_hash"] != digest:
       print(f"{name}: config changed since it was recorded ({previous['config_hash'][:12]} -> {digest[:12]}); "
             "rerunning", file=out, flush=True)
-    saved = io.path(run_dir) / "config.json"
-    if saved.exists() and config_hash(config_lib.read_saved(str(saved))) != digest:
-      print(f"{name}: {run_dir} holds a run of another config; starting it afresh", file=out, flush=True)
+    elif previous and previous.get("data") != data:
+      print(f"{name}: data changed since it was recorded ({_describe(previous.get('data'))} -> {_describe(data)}); "
+            "rerunning", file=out, flush=True)
+    if _holds_another_run(run_dir, digest, data):
+      print(f"{name}: {run_dir} holds a run of another config or data; starting it afresh", file=out, flush=True)
       io.path(run_dir).rmtree()
     status, params, flops, error = "done", None, None, None
     try:
-      c.data.data_dir = _world(workdir, sweep, p)
       config_lib.validate(c)
       params, flops = sizes(c)
       if _finished(_metrics(run_dir), p.steps):
@@ -339,7 +383,8 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, *, only: list[str] | Non
     wall = time.perf_counter() - start
     if status.startswith("collected"):
       wall = _train_seconds(metrics, c.train.batch_size)
-    entry = line(name, p, c, params=params, flops_per_step=flops, metrics=metrics, wall_s=wall, error=error)
+    entry = line(name, p, c, data=data, params=params, flops_per_step=flops, metrics=metrics, wall_s=wall,
+                 error=error)
     _record(workdir, entry)
     recorded[name] = entry
     print(_row(name, entry, status), file=out, flush=True)
@@ -367,12 +412,21 @@ def launch_commands(sweep: ml_collections.ConfigDict, workdir: str, *, tpu_name:
   """One `launch/tpu_vm.sh run` per point (one slice each): `klip pretrain` of the point's config
   into WORKDIR/points/<name>/, where a later `klip sweep run` finds and records it."""
   named = _select(points(sweep), only)
+  tokenizer_path = sweep.base.data.tokenizer
+  if not tokenizer_path and len({p.noise for p in points(sweep).values()}) > 1:
+    # A slice trains its tokenizer on its own world; the sweep's one is trained on the first
+    # point's, so the other noise rates' slices would train on another tokenizer than the sweep
+    # records (and `klip sweep run` would retrain them on its own).
+    raise ConfigError("--emit-launch over several noise rates: every slice must read the sweep's one tokenizer; "
+                      "train one (klip data tokenizer) where the slices can read it and name it with "
+                      "--config.base.data.tokenizer=gs://.../tokenizer.model.")
   base = config_lib.load(os.path.join(config_lib.CONFIG_DIR, sweep.base_config))
   commands = []
   for name, p in named.items():
     slice_name = f"{tpu_name}-{name}".replace("_", "-").replace(".", "-").lower()
     args = ["launch/tpu_vm.sh", "run", "--name", slice_name, "--zone", zone, *shlex.split(launch_args),
             "--config", f"configs/{sweep.base_config}", "--workdir", f"{workdir.rstrip('/')}/points/{name}", "--",
-            *overrides(base, point_config(sweep, p))]
+            *overrides(base, point_config(sweep, p)),
+            *([f"--config.data.tokenizer={tokenizer_path}"] if tokenizer_path else [])]
     commands.append(shlex.join(args))
   return commands

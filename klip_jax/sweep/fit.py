@@ -89,7 +89,9 @@ class Sweep:
 
 
 def read(text: str, loss: str = "total", source: str = "sweep.jsonl") -> Sweep:
-  """Parse sweep.jsonl; the last line of a point wins (a failed try, then a success)."""
+  """Parse sweep.jsonl; the last line of a point wins (a failed try, then a success). The done
+  points of one arm must share their data (the dataset and tokenizer fingerprint of the line):
+  a point left from an earlier sweep on other data would bend the law without a word."""
   if loss not in HEADS:
     raise FitError(f"--loss {loss}: choose one of {', '.join(HEADS)}.")
   lines = text.splitlines()
@@ -112,6 +114,7 @@ def read(text: str, loss: str = "total", source: str = "sweep.jsonl") -> Sweep:
   arms: dict[str, list[Run]] = {}
   failed = []
   dropped_nonfinite = []
+  trained_on: dict[str, dict[str, list[str]]] = {}  # arm -> the data fingerprint (sweep.jsonl's "data") -> points
   for name, (i, row) in sorted(latest.items(), key=lambda item: item[1][0]):  # in the order of the lines that won
     if row["status"] == "failed":
       failed.append({"point": name, "error": row.get("error") or "(no error recorded)"})
@@ -123,6 +126,15 @@ def read(text: str, loss: str = "total", source: str = "sweep.jsonl") -> Sweep:
       continue
     arm = f"scio={'on' if row.get('scio') else 'off'}, noise={row.get('noise') or 0.0:g}"
     arms.setdefault(arm, []).append(Run(name=name, **run))
+    if row.get("data"):  # lines from before the data was recorded are not compared
+      trained_on.setdefault(arm, {}).setdefault(json.dumps(row["data"], sort_keys=True), []).append(name)
+  for arm, by_data in trained_on.items():
+    if len(by_data) > 1:
+      groups = "; ".join(", ".join(names) for names in by_data.values())
+      raise FitError(f"{source}: the points of {arm} were trained on {len(by_data)} different datasets or "
+                     f"tokenizers ({groups}), so their losses do not lie on one law: rerun `klip sweep run` "
+                     "with the sweep's data (it retrains the points trained on other data), or delete the "
+                     "lines of points no longer in the sweep.")
   if dropped_nonfinite:
     notes.append(f"non-finite {loss} loss, left out: {', '.join(dropped_nonfinite)}")
   if not arms:

@@ -257,6 +257,22 @@ def test_bad_lines_name_the_line():
   assert "cut short" in sweep.notes[0]
 
 
+def test_points_of_one_arm_trained_on_other_data_are_refused():
+  """A point left in sweep.jsonl from an earlier sweep on another dataset (or tokenizer) sits in the
+  same arm as the others; fitting it would bend the law, so the fit names it instead."""
+  lines = sweep_lines(MICRO, MICRO_RUNS)
+  ours = {"tokenizer": {"pieces": 1000, "sha256": "a" * 64}, "dataset": {"sha256": "b" * 64}}
+  for line in lines:
+    line["data"] = ours
+  assert len(fit.read(text(lines)).arms["scio=on, noise=0.25"]) == len(MICRO_RUNS)
+  stale = lines[-1]["point"]
+  lines[-1]["data"] = {**ours, "dataset": {"sha256": "c" * 64}}
+  with pytest.raises(FitError, match=rf"trained on 2 different datasets or tokenizers \(.*; {re.escape(stale)}\)"):
+    fit.read(text(lines))
+  del lines[-1]["data"]  # a line from before the data was recorded: not compared
+  assert len(fit.read(text(lines)).arms["scio=on, noise=0.25"]) == len(MICRO_RUNS)
+
+
 @pytest.mark.slow
 def test_cli_writes_the_report_json_and_plots(tmp_path, capsys):
   """`klip sweep fit W` end to end; a second arm (SCIO off) is fitted apart, a failed point listed."""

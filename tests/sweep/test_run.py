@@ -1,6 +1,8 @@
 """`klip sweep run`: points and their configs, parameter counts, FLOPs, the sweep.jsonl line, nested
 data subsets, and (slow) a killed sweep that resumes without retraining its finished point."""
 
+import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -14,7 +16,8 @@ import numpy as np
 import pytest
 
 from klip_jax import config as config_lib
-from klip_jax.data import pipeline
+from klip_jax.data import builder, pipeline, prepare, records
+from klip_jax.data import tokenizer as tokenizer_lib
 from klip_jax.data.records import true_text
 from klip_jax.data.tokenizer import TextCodec
 from klip_jax.errors import ConfigError, Preempted, TokenizerError
@@ -23,7 +26,9 @@ from klip_jax.eval.truth import load_split
 from klip_jax.jobs import sweep
 from klip_jax.model import size
 from klip_jax.parallel import mesh as mesh_lib
+from klip_jax.train import checkpoint
 from klip_jax.train import state as state_lib
+from tests.conftest import TINY_SETTINGS
 from tests.xla import klip_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,6 +109,40 @@ def test_points_of_the_micro_grid_and_their_configs():
     sweep.points(s)
 
 
+@pytest.mark.parametrize("axis,value,match", [
+    ("train_chips", 1200.5, r"train_chips=1200.5; give a whole number of chips > 0"),  # int() made it 1200
+    ("train_chips", "1200", r"train_chips='1200'; give a whole number"),
+    ("train_chips", 0, r"train_chips=0; give a whole number of chips > 0"),  # 0 reads the whole split
+    ("steps", 0, r"steps=0; give a whole number of steps > 0"),
+    ("scio", "no", r"scio='no'; give True or False"),  # bool("no") is True: a SCIO point
+    ("noise", "0.2", r"noise='0.2'; give a caption noise rate in \[0, 1\]"),
+    ("noise", 1.5, r"noise=1.5; give a caption noise rate"),
+])
+def test_a_point_value_that_would_train_another_point_is_refused(axis, value, match):
+  s = _micro()
+  s.points = [{"model": "m0", "train_chips": 1200, "steps": 75, "scio": False, axis: value}]
+  with pytest.raises(ConfigError, match=match):
+    sweep.points(s)
+
+
+@pytest.mark.parametrize("grid,match", [
+    ({"model": "m0", "train_chips": [128], "steps": [300]}, r"sweep.grid.model='m0': give a list"),
+    ({"model": ["m0"], "train_chips": 128, "steps": [300]}, r"sweep.grid.train_chips=128: give a list"),
+])
+def test_a_grid_axis_that_is_not_a_list_is_named(grid, match):
+  s = _micro("repeat")
+  s.grid = grid
+  with pytest.raises(ConfigError, match=match):
+    sweep.points(s)
+
+
+def test_head_dim_zero_is_named():
+  s = _micro()
+  s.head_dim = 0
+  with pytest.raises(ConfigError, match=r"head_dim=0 \(a whole number > 0\)"):
+    sweep.points(s)
+
+
 def test_a_model_may_carry_its_own_init_and_learning_rate():
   s = _micro()
   s.models = {"a": {"width": 64, "depth": 1, "init_std": 0.03, "lr": 5e-4}, "b": {"width": 64, "depth": 1}}
@@ -144,6 +183,18 @@ def test_launch_commands_reproduce_each_point_config():
     sweep.launch_commands(s, "/w", tpu_name="k", zone="z", only=["m7_d1_s1"])
 
 
+def test_launched_slices_of_several_noise_rates_read_the_sweeps_tokenizer():
+  # Each slice trained a tokenizer on its own world, so the slices of the second noise rate
+  # trained on another tokenizer than the sweep's (trained on the first point's world).
+  s = _micro("repeat")
+  s.grid = {"model": ["m0"], "train_chips": [32], "steps": [6], "noise": [0.0, 0.2]}
+  with pytest.raises(ConfigError, match=r"several noise rates.*--config\.base\.data\.tokenizer="):
+    sweep.launch_commands(s, "/w", tpu_name="k", zone="z")
+  s.base.data.tokenizer = "gs://b/sw/tokenizer.model"
+  commands = [shlex.split(c) for c in sweep.launch_commands(s, "gs://b/sw", tpu_name="k", zone="z")]
+  assert len(commands) == 2 and all(c[-1] == "--config.data.tokenizer=gs://b/sw/tokenizer.model" for c in commands)
+
+
 def test_cli_emits_one_launch_command_per_point_and_names_unknown_points(capsys):
   from klip_jax import cli
 
@@ -161,15 +212,18 @@ def test_line_follows_the_schema():
   p = sweep.Point("m1", 256, 300, False, 0.2)
   c = sweep.point_config(s, p)
   held = lambda x: {"itc": x, "itm": 0.5, "reconstruction": 2.0, "total": x + 2.5, "examples": 64}
+  chance = (1 + 5 + 10) / (3 * 64)  # R@1, R@5, R@10 of a random ranking of 64 val chips, averaged
   metrics = [{"step": 50, "loss": 9.0, "images_per_s": 100.0},
-             {"step": 150, "eval": {"heldout_loss": held(1.5), "retrieval": {"r_mean": 0.2}}},
-             {"step": 300, "eval": {"heldout_loss": held(1.0), "retrieval": {"r_mean": 0.4}}}]
-  entry = sweep.line("m1_d256_s300", p, c, params={"total": 10, "non_embedding": 7}, flops_per_step=2.0,
+             {"step": 150, "eval": {"heldout_loss": held(1.5), "retrieval": {"r_mean": 0.2, "chance_r_mean": chance}}},
+             {"step": 300, "eval": {"heldout_loss": held(1.0), "retrieval": {"r_mean": 0.4, "chance_r_mean": chance}}}]
+  data = {"tokenizer": {"pieces": 1000, "sha256": "ab"}, "dataset": {"sha256": "cd"}}
+  entry = sweep.line("m1_d256_s300", p, c, data=data, params={"total": 10, "non_embedding": 7}, flops_per_step=2.0,
                      metrics=metrics, wall_s=12.5)
-  assert list(entry) == ["point", "status", "error", "config_hash", "model", "params", "train_chips", "steps",
+  assert list(entry) == ["point", "status", "error", "config_hash", "data", "model", "params", "train_chips", "steps",
                          "batch_size", "tokens_per_image", "flops_per_step", "flops_6nd_per_step", "scio", "noise",
-                         "evals", "r_mean", "wall_s"]
+                         "evals", "r_mean", "r_mean_chance", "wall_s"]
   assert entry["status"] == "done" and entry["error"] is None and entry["config_hash"] == sweep._hash(c)
+  assert entry["data"] == data
   assert (entry["train_chips"], entry["steps"], entry["batch_size"], entry["tokens_per_image"]) == (256, 300, 16, 128)
   assert entry["flops_6nd_per_step"] == 6 * 7 * (16 + 128) * 16
   assert entry["evals"] == [
@@ -177,9 +231,10 @@ def test_line_follows_the_schema():
        "loss": {"itc": 1.5, "itm": 0.5, "reconstruction": 2.0, "total": 4.0}},
       {"step": 300, "images_seen": 4800, "flops": 600.0,
        "loss": {"itc": 1.0, "itm": 0.5, "reconstruction": 2.0, "total": 3.5}}]
-  assert entry["r_mean"] == 0.4 and entry["wall_s"] == 12.5
+  assert entry["r_mean"] == 0.4 and entry["r_mean_chance"] == pytest.approx(1 / 12) and entry["wall_s"] == 12.5
+  assert sweep._row("m1_d256_s300", entry, "done").split()[5:7] == ["0.400", "0.083"]  # r_mean beside its chance
   json.dumps(entry, allow_nan=False)
-  failed = sweep.line("m1_d256_s300", p, c, params=None, flops_per_step=None, metrics=[], wall_s=1.0,
+  failed = sweep.line("m1_d256_s300", p, c, data=data, params=None, flops_per_step=None, metrics=[], wall_s=1.0,
                       error="ConfigError: bad")
   assert failed["status"] == "failed" and failed["error"] == "ConfigError: bad" and failed["evals"] == []
 
@@ -232,11 +287,12 @@ def test_heldout_batches_are_whole_batches_of_true_captions(tiny_data, tiny_toke
     heldout.batches(split, codec, 13)
 
 
-def test_rerun_skips_done_retries_failed_reruns_changed_and_lets_preemption_through(
-    tiny_tokenizer, tmp_path, monkeypatch):
-  """The runner's bookkeeping with training replaced by a fake that writes what training leaves
-  (config.json, a metrics log with the final held-out loss) or raises."""
-  workdir, trained, fail = str(tmp_path), [], {32: RuntimeError("boom"), 64: Preempted(3)}
+def _fake_training(monkeypatch, tokenizer_path: str, data_dir: str, fail: dict | None = None) -> list[int]:
+  """Training replaced by a fake that writes what training leaves (config.json, the data
+  fingerprint, a metrics log with the final held-out loss) or raises fail[train_chips]; the
+  sweep's world and tokenizer by `data_dir` and `tokenizer_path`. Returns the train_chips of the
+  points trained, in order."""
+  trained, fail = [], {} if fail is None else fail
 
   def fake_train(c, run_dir, progress):
     trained.append(c.data.train_examples)
@@ -244,14 +300,24 @@ def test_rerun_skips_done_retries_failed_reruns_changed_and_lets_preemption_thro
       raise fail[c.data.train_examples]
     os.makedirs(run_dir, exist_ok=True)
     open(os.path.join(run_dir, "config.json"), "w").write(c.to_json_best_effort(indent=2))
+    codec = TextCodec(c.data.tokenizer, c.data.max_len)
+    checkpoint.record_data(run_dir, prepare.fingerprint(prepare.RunData(c.data.data_dir, codec)))
     held = {"itc": 1.0, "itm": 0.6, "reconstruction": 2.0, "total": 3.6}
     open(os.path.join(run_dir, "metrics.jsonl"), "w").write(
         json.dumps({"step": c.train.steps, "eval": {"heldout_loss": held}}) + "\n")
 
-  monkeypatch.setattr(sweep, "_world", lambda *_: "/no/world")
-  monkeypatch.setattr(sweep, "_tokenizer", lambda *_: tiny_tokenizer)
+  monkeypatch.setattr(sweep, "_world", lambda *_: data_dir)
+  monkeypatch.setattr(sweep, "_tokenizer", lambda *_: tokenizer_path)
   monkeypatch.setattr(sweep._Sizes, "__call__", lambda self, c: ({"total": 2, "non_embedding": 1}, 5.0))
   monkeypatch.setattr(sweep.train_job, "train", fake_train)
+  return trained
+
+
+def test_rerun_skips_done_retries_failed_reruns_changed_and_lets_preemption_through(
+    tiny_data, tiny_tokenizer, tmp_path, monkeypatch):
+  """The runner's bookkeeping, training faked (`_fake_training`)."""
+  workdir, fail = str(tmp_path), {32: RuntimeError("boom"), 64: Preempted(3)}
+  trained = _fake_training(monkeypatch, tiny_tokenizer, tiny_data, fail)
   s = _micro("test")  # points d32, d1000, d64
   with pytest.raises(Preempted):
     sweep.run(s, workdir, progress=False, out=io.StringIO())
@@ -276,6 +342,38 @@ def test_rerun_skips_done_retries_failed_reruns_changed_and_lets_preemption_thro
   assert trained == [32, 1000, 64]
   assert out.getvalue().count("config changed") == 3 and out.getvalue().count("starting it afresh") == 3
   assert len(open(os.path.join(workdir, "sweep.jsonl")).readlines()) == 7
+
+
+def test_another_dataset_or_tokenizer_reruns_the_points_it_would_have_skipped(
+    tiny_data, tiny_tokenizer, tmp_path, monkeypatch):
+  """The config hash leaves the data's location out (a run trained elsewhere on the same world
+  hashes the same), so a dataset or tokenizer swapped under the same config must be told apart
+  by what it holds: a point done on the old data is retrained, not skipped with the old losses."""
+  other_data = str(tmp_path / "other_world")  # the same sizes, another world
+  builder.build(other_data, dataclasses.replace(TINY_SETTINGS, seed=TINY_SETTINGS.seed + 1))
+  other_tokenizer = str(tmp_path / "other.model")
+  source = builder.open_split(other_data, "train")
+  tokenizer_lib.train_sentencepiece(
+      [records.from_example(source[i], decode_rasters=False)["caption"] for i in range(len(source))], 300,
+      other_tokenizer)
+  workdir, s = str(tmp_path / "sweep"), _micro("test")
+  trained = _fake_training(monkeypatch, tiny_tokenizer, tiny_data)
+  sweep.run(s, workdir, progress=False, out=io.StringIO())
+  assert trained == [32, 1000, 64]
+
+  for data_dir, tokenizer_path in ((other_data, tiny_tokenizer), (other_data, other_tokenizer)):
+    monkeypatch.undo()
+    trained = _fake_training(monkeypatch, tokenizer_path, data_dir)
+    out = io.StringIO()
+    sweep.run(s, workdir, progress=False, out=out)
+    assert trained == [32, 1000, 64], out.getvalue()
+    assert out.getvalue().count("data changed") == 3 and out.getvalue().count("starting it afresh") == 3
+
+  trained.clear()
+  sweep.run(s, workdir, progress=False, out=io.StringIO())
+  assert trained == []  # the same data again: skipped
+  tokenizer_sha = hashlib.sha256(open(other_tokenizer, "rb").read()).hexdigest()
+  assert {line["data"]["tokenizer"]["sha256"] for line in sweep.read_lines(workdir).values()} == {tokenizer_sha}
 
 
 def _sweep(workdir):
