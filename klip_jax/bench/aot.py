@@ -474,6 +474,9 @@ def compile_all(config: ml_collections.ConfigDict, name: str, topologies: list[s
   unrolled ViT-B step can take 20 minutes to compile on two cores)."""
   parsed = [parse_topology(t) for t in topologies]  # every name checked before any compile
   shapes = [parse_mesh(m) for m in meshes] or [None]
+  for topology in parsed:  # every mesh and batch too: a later slice's must not fail after base.py's ~20 min compile
+    for shape in shapes:
+      _check_batch(config, mesh_lib.resolve_shape(tuple(shape or config.mesh.shape), topology.chips))
   reports, problems = [], []
   with tqdm(total=len(parsed) * len(shapes), desc="klip compile", unit="mesh", disable=not progress) as bar:
     for topology in parsed:

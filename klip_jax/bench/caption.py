@@ -16,6 +16,8 @@ from flax import nnx
 
 from klip_jax.bench import hf_blip, inputs, timing
 from klip_jax.model import decode
+from klip_jax.parallel import hosts
+from klip_jax.parallel import mesh as mesh_lib
 
 
 def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, max_len: int = 32,
@@ -25,6 +27,9 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, max_len: i
   tokens = inputs.token_ids(vocab_size)
   images = inputs.random_batch(config, vocab_size)["image"]
   b = images.shape[0]
+  # Split over the mesh's batch axes, as `klip eval` captions: handed over from the host, jit
+  # would give every device the whole batch, and each would caption all of it.
+  on_mesh = hosts.from_host(images, mesh_lib.batch_sharding(mesh))
 
   @functools.partial(jax.jit, static_argnames="beam")
   def captions(params, images, beam):
@@ -34,16 +39,17 @@ def throughput(config: ml_collections.ConfigDict, vocab_size: int, *, max_len: i
     return ids
 
   contenders = {f"klip_jax_{name}": functools.partial(
-      lambda k: jax.block_until_ready(captions(state.params, images, k)), k) for name, k in beams.items()}
+      lambda k: jax.block_until_ready(captions(state.params, on_mesh, k)), k) for name, k in beams.items()}
   if compare_hf:
     module = hf_blip.build(config.model, vocab_size, tokens)
     hf_blip.load_params(module, jax.device_get(state.params.to_pure_dict()), config.model)
     for name, k in beams.items():
       contenders[f"hf_{name}"] = functools.partial(hf_blip.captioner(module, tokens, max_len, k), images)
     encode = jax.jit(lambda params, images: nnx.merge(graph, params).encode_image(images)[0])
-    contenders["klip_jax_encode"] = lambda: jax.block_until_ready(encode(state.params, images))
+    contenders["klip_jax_encode"] = lambda: jax.block_until_ready(encode(state.params, on_mesh))
     contenders["hf_encode"] = functools.partial(hf_blip.vision_forward(module), images)
-  seconds = timing.interleaved(contenders, rounds=rounds)
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    seconds = timing.interleaved(contenders, rounds=rounds)
   result = {"config": {"batch_size": b, "image_size": config.model.vision.image_size, "max_len": max_len,
                        "beam_size": beams["beam"], "devices": mesh.size}, "rounds": rounds}
   for name in beams:

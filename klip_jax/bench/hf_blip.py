@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from klip_jax.data.tokenizer import TokenIds
+from klip_jax.errors import ConfigError
 from klip_jax.export import hf
 
 
@@ -37,9 +38,27 @@ def _tie_decoder(encoder, decoder) -> None:
 
 
 def device():
-  """Where PyTorch runs: CUDA when jax runs on a GPU (like for like), else the CPU."""
+  """Where PyTorch runs: on the hardware jax runs on, so that the two are timed like for like:
+  the CPU (virtual CPU devices share its cores), or the GPU when jax has one. PyTorch anywhere
+  else would be timed on other hardware than ours (a TPU's host CPU, one GPU beside our several,
+  the CPU under a torch build that cannot use the GPU), so those are refused."""
   torch, _, _ = hf.require()
-  return torch.device("cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu")
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return torch.device("cpu")
+  if backend != "gpu":
+    raise ConfigError(f"--compare-hf: jax runs on {backend.upper()} and PyTorch has no {backend.upper()} backend "
+                      "here, so it would run on the host CPU; compare on a GPU or CPU machine, or drop "
+                      "--compare-hf.")
+  if not torch.cuda.is_available():
+    raise ConfigError(f"--compare-hf: jax runs on the GPU but torch {torch.__version__} cannot use the GPU (a CPU "
+                      "build, or one whose CUDA the driver does not support), so it would run on the CPU; install "
+                      "a CUDA build of torch or drop --compare-hf.")
+  if jax.device_count() > 1:
+    raise ConfigError(f"--compare-hf: jax would run on all {jax.device_count()} GPUs and PyTorch on one; make one "
+                      "visible (CUDA_VISIBLE_DEVICES=0, as launch/bench_gpu.sh does with --compare-hf) or drop "
+                      "--compare-hf.")
+  return torch.device("cuda")
 
 
 def _autocast(module):

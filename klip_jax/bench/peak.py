@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import jax
 
-# (substring of the lower-cased device_kind, TFLOP/s). Order matters: "v5 lite" before "v5".
+# (substring of the lower-cased device_kind, TFLOP/s). Order matters: "v5 lite" before "v5", and
+# the PCIe and NVL cards (lower clocks and power: H100 PCIe 756, H100 NVL and H200 NVL 835)
+# before the SXM parts of the same name.
 PEAK_TFLOPS = (("tpu v4", 275.0), ("tpu v5 lite", 197.0), ("tpu v5e", 197.0), ("tpu v5p", 459.0),
                ("tpu v5", 459.0), ("tpu v6 lite", 918.0), ("tpu v6e", 918.0), ("a100", 312.0),
-               ("h100", 989.0), ("h200", 989.0))
+               ("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h200 nvl", 835.0), ("h100", 989.0), ("h200", 989.0))
 
 
 def device_peak_tflops(device_kind: str) -> float | None:

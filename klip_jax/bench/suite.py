@@ -17,8 +17,9 @@ from importlib import metadata
 import jax
 import ml_collections
 
-from klip_jax.bench import aot, caption, pipeline, relabel
+from klip_jax.bench import aot, caption, hf_blip, pipeline, relabel
 from klip_jax.bench import train as train_bench
+from klip_jax.errors import ConfigError
 
 BENCHMARKS = ("train", "relabel", "caption", "pipeline", "memory")
 
@@ -47,11 +48,16 @@ def run(names, config: ml_collections.ConfigDict, *, vocab_size: int, compare_hf
         rounds: int = 5, peak_tflops: float | None = None, workdir: str = "",
         meshes=((1, 1, 1), (1, 2, 1), (1, 4, 1), (1, 8, 1)),
         devices=None, profile_dir: str = "") -> dict:
-  """{"machine": ..., name: result} for each benchmark in `names`."""
-  results = {"machine": machine(), "compare_hf": compare_hf}
+  """{"machine": ..., name: result} for each benchmark in `names`. The arguments are checked
+  before any benchmark starts (compiling base.py's step alone takes a minute)."""
   unknown = set(names) - set(BENCHMARKS)
   if unknown:
     raise ValueError(f"unknown benchmark {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}")
+  if rounds < 1:
+    raise ConfigError(f"--rounds {rounds}: give 1 or more timed rounds (the median is reported).")
+  if compare_hf and set(names) & {"train", "relabel", "caption"}:
+    hf_blip.device()  # refuses hardware PyTorch would not share with jax
+  results = {"machine": machine(), "compare_hf": compare_hf}
   for name in (n for n in BENCHMARKS if n in names):  # train before pipeline: its headroom
     if name == "train":
       results[name] = train_bench.throughput(config, vocab_size, rounds=rounds, compare_hf=compare_hf,

@@ -241,6 +241,18 @@ def test_a_global_batch_that_does_not_split_over_the_mesh_is_refused_before_comp
     aot.compile_report(small, aot.parse_topology("v5e:2x2"), (3, 1, 1), devices=jax.devices()[:3])
 
 
+@pytest.mark.parametrize("meshes,message", [
+    (["data"], r"= 32 chips; use a multiple of 32"),  # 8 images over v5e-32's 32 chips
+    (["8,1,1"], r"config.mesh.shape=\(8, 1, 1\) needs 8 devices, 32 are available"),
+])
+def test_klip_compile_checks_every_slice_before_compiling_the_first(small, monkeypatch, meshes, message):
+  # v5e-8 (8 chips) takes the batch of 8; v5e-32, named second, does not: refused before the
+  # first slice is described or compiled (base.py's train step compiles for ~20 minutes).
+  monkeypatch.setattr(aot, "tpu_devices", lambda topology: pytest.fail(f"{topology.name} described"))
+  with pytest.raises(ConfigError, match=message):
+    aot.compile_all(small, "small", ["v5e-8", "v5e-32"], meshes)
+
+
 @pytest.fixture
 def fake_compile(monkeypatch):
   """compile_report stubbed: the train step fits (10 GiB of 16) only with full remat under full
