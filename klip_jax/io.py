@@ -26,6 +26,7 @@ write calls do nothing, and `atomic_path` hands out a scratch folder that is dro
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import importlib.util
 import json
@@ -94,15 +95,20 @@ def replace(new: epath.Path, final: epath.Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(p: PathLike) -> Iterator[epath.Path]:
-  """Yield a temporary path beside `p`; on success rename it to `p` (replacing a file or
-  folder already there), on failure remove it and leave `p` as it was. On a process that
-  does not write (`hosts.is_writer`), a path in a scratch folder that is dropped afterwards.
+def atomic_path(p: PathLike, *, folder: bool = False) -> Iterator[epath.Path]:
+  """Yield a temporary path beside `p`; on success rename it to `p` (replacing a file, or with
+  `folder` a folder, already there), on failure remove it and leave `p` as it was. On a process
+  that does not write (`hosts.is_writer`), a path in a scratch folder that is dropped afterwards.
+  A file is never written over a folder: `--json results/` naming the user's folder would
+  otherwise delete it; that is an IsADirectoryError, before anything is written.
 
   Remote: the rename is a copy and delete on the server; atomic for a file (an object), not
   for a folder (see the module docstring). Writing the target directly would not be safer:
   gcsfs uploads what was written when the file is closed, even when closing on an exception."""
   final = path(p)
+  if not folder and final.is_dir():
+    raise IsADirectoryError(errno.EISDIR, "a folder is there, where a file is to be written; give a file's path",
+                            str(final))
   if not hosts.is_writer():
     scratch = tempfile.mkdtemp(prefix="klip-not-written-")
     try:
@@ -123,19 +129,19 @@ def atomic_path(p: PathLike) -> Iterator[epath.Path]:
 
 
 @contextlib.contextmanager
-def local_atomic_path(p: PathLike) -> Iterator[epath.Path]:
+def local_atomic_path(p: PathLike, *, folder: bool = False) -> Iterator[epath.Path]:
   """`atomic_path` whose yielded path is always on this machine, for writers that only take
   local file names (safetensors, transformers' save_pretrained). For a remote `p` the finished
   file or folder is uploaded beside it, then renamed into place."""
   if not is_remote(p) or not hosts.is_writer():
-    with atomic_path(p) as tmp:
+    with atomic_path(p, folder=folder) as tmp:
       yield tmp
     return
   final = path(p)
   with tempfile.TemporaryDirectory(prefix="klip-upload-") as scratch:
     local = epath.Path(scratch) / final.name
     yield local
-    with atomic_path(final) as tmp:
+    with atomic_path(final, folder=folder) as tmp:
       _copy(local, tmp)
 
 

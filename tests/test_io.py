@@ -33,9 +33,21 @@ def test_a_failed_write_leaves_the_old_object_on_gcs(fake_gcs):
 
 def test_a_folder_is_replaced_whole_on_gcs(fake_gcs):
   for version in ("a", "b"):
-    with io.atomic_path("gs://bucket/run/export") as tmp:
+    with io.atomic_path("gs://bucket/run/export", folder=True) as tmp:
       (tmp / version).write_text(version)
   assert sorted(fake_gcs) == ["bucket/run/export/b"]
+
+
+def test_a_file_is_never_written_over_a_folder(tmp_path):
+  """`klip bench ... --json results` where results/ is the user's folder: the file write replaced
+  the folder, deleting what it held."""
+  (tmp_path / "results").mkdir()
+  (tmp_path / "results" / "mine.txt").write_text("mine")
+  for write in (lambda: io.write_json(tmp_path / "results", {"a": 1}), lambda: io.write_text(tmp_path / "results", "")):
+    with pytest.raises(IsADirectoryError, match="give a file's path"):
+      write()
+  assert (tmp_path / "results" / "mine.txt").read_text() == "mine"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # no temporary file left beside it
 
 
 def test_append_jsonl_keeps_every_line_on_gcs(fake_gcs):
@@ -53,7 +65,7 @@ def test_append_jsonl_locally(tmp_path):
 
 
 def test_local_stand_ins_upload_and_download(fake_gcs, tmp_path):
-  with io.local_atomic_path("gs://bucket/out") as local:
+  with io.local_atomic_path("gs://bucket/out", folder=True) as local:
     assert not io.is_remote(local)  # a local-only writer (safetensors) can write here
     (local / "retrieval").mkdir(parents=True)
     (local / "retrieval" / "model.safetensors").write_bytes(b"weights")

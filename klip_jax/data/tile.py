@@ -79,7 +79,7 @@ def tile(scene: str, chip: int, stride: int, out: str, *, max_nodata: float = 0.
     profile.update(driver="GTiff", width=chip, height=chip)
     masked = src.nodata is None and any(flags != [rasterio.enums.MaskFlags.all_valid] for flags in src.mask_flag_enums)
     lines, skipped, negative = [], 0, False
-    with io.atomic_path(os.path.join(out, name)) as folder:
+    with io.atomic_path(os.path.join(out, name), folder=True) as folder:
       os.makedirs(folder)
       for row, col in windows(src.height, src.width, chip, stride):
         window = Window(col, row, chip, chip)

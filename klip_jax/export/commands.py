@@ -237,7 +237,7 @@ def export_workdir(workdir: str, out: str, step: int | None = None,
                      db_stats=db_stats, dataset=stats, captioner=chosen,
                      results=io.read_json(io.path(workdir) / "eval" / "results.json")
                      if io.exists(io.path(workdir) / "eval" / "results.json") else None)
-  with io.local_atomic_path(target) as tmp:
+  with io.local_atomic_path(target, folder=True) as tmp:
     for name, (architecture, _) in _MODELS.items():
       folder = os.fspath(tmp / name)
       os.makedirs(folder)
