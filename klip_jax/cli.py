@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -227,6 +228,8 @@ def _bench(args, config) -> None:
   from klip_jax.bench import suite
   from klip_jax.errors import ConfigError
 
+  if args.json:
+    io.check_writable(args.json)  # before minutes of timing, not after
   names = list(dict.fromkeys(args.benchmarks))
   devices = None
   if "memory" in names:
@@ -237,7 +240,7 @@ def _bench(args, config) -> None:
     elif len(names) > 1 and args.host_devices:
       raise ConfigError("--host-devices makes every benchmark run on virtual CPU devices; run "
                         "`klip bench memory` on its own, or the others without --host-devices.")
-  meshes = [tuple(int(x) for x in shape.split(",")) for shape in args.mesh]
+  meshes = _memory_meshes(args.mesh, len(devices) if devices else None) if "memory" in names else []
   results = suite.run(names, config, vocab_size=args.vocab_size, compare_hf=args.compare_hf, rounds=args.rounds,
                       peak_tflops=args.peak_tflops, workdir=args.workdir, meshes=meshes, devices=devices,
                       profile_dir=args.profile)
@@ -247,11 +250,32 @@ def _bench(args, config) -> None:
     print(f"results in {args.json}")
 
 
+def _memory_meshes(given: list[str], device_count: int | None) -> list[tuple[int, int, int]]:
+  """`klip bench memory`'s meshes: --mesh's (each checked against the devices there are), else FSDP
+  over 1, 2, 4, 8 devices, as many as there are."""
+  import jax
+
+  from klip_jax.bench import aot
+  from klip_jax.errors import ConfigError
+
+  count = device_count or jax.device_count()
+  if not given:
+    return [(1, n, 1) for n in (1, 2, 4, 8) if n <= count]
+  meshes = [aot.parse_mesh(m) for m in given]
+  for text, shape in zip(given, meshes):
+    if all(n > 0 for n in shape) and math.prod(shape) > count:
+      raise ConfigError(f"--mesh {text} needs {math.prod(shape)} devices and there are {count}; give "
+                        f"--host-devices {math.prod(shape)} (virtual CPU devices) or a smaller mesh.")
+  return meshes
+
+
 def _compile(args, config) -> None:
   from klip_jax import io
   from klip_jax.bench import aot
   from klip_jax.errors import ConfigError
 
+  if args.json:
+    io.check_writable(args.json)  # before hours of compiling, not after
   if args.global_batch:
     config.train.batch_size = args.global_batch
   reports, problem = aot.compile_all(config, args.config, args.topology, args.mesh, search_tries=args.search,
@@ -479,8 +503,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="memory: virtual CPU devices to compile for (default 8 when run alone)")
   bench.add_argument("--topology", default="",
                      help="memory: compile for a TPU topology instead, e.g. v5e:2x4 (needs the [tpu] extra)")
-  bench.add_argument("--mesh", nargs="+", default=["1,1,1", "1,2,1", "1,4,1", "1,8,1"],
-                     help="memory: data,fsdp,tensor sizes; one compile each")
+  bench.add_argument("--mesh", nargs="+", default=[], metavar="D,F,T",
+                     help="memory: data,fsdp,tensor sizes (-1 fills one), or data / fsdp: every device on that "
+                          "axis; one compile each (default: FSDP over 1, 2, 4 and 8 devices, as many as there are)")
   bench.set_defaults(run=_bench)
 
   comp = commands.add_parser(
@@ -573,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"klip: error: {e}", file=sys.stderr)
     return 2
   except OSError as e:  # a path that cannot be read or written: the user's to fix (klip_jax.errors)
-    print(f"klip: error: {e}; check that path (--workdir, --out, --config.data.*): a folder where one belongs, "
+    print(f"klip: error: {e}; check that path (--workdir, --out, --json, --config.data.*): a folder where one belongs, "
           "writable, with free space.", file=sys.stderr)
     return 2
   except Preempted as e:  # checkpointed at a step boundary: a clean exit, the rerun continues

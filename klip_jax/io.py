@@ -94,6 +94,11 @@ def replace(new: epath.Path, final: epath.Path) -> None:
     new.replace(final)
 
 
+def _folder_in_the_way(final: epath.Path) -> IsADirectoryError:
+  return IsADirectoryError(errno.EISDIR, "a folder is there, where a file is to be written; give a file's path",
+                           str(final))
+
+
 @contextlib.contextmanager
 def atomic_path(p: PathLike, *, folder: bool = False) -> Iterator[epath.Path]:
   """Yield a temporary path beside `p`; on success rename it to `p` (replacing a file, or with
@@ -107,8 +112,7 @@ def atomic_path(p: PathLike, *, folder: bool = False) -> Iterator[epath.Path]:
   gcsfs uploads what was written when the file is closed, even when closing on an exception."""
   final = path(p)
   if not folder and final.is_dir():
-    raise IsADirectoryError(errno.EISDIR, "a folder is there, where a file is to be written; give a file's path",
-                            str(final))
+    raise _folder_in_the_way(final)
   if not hosts.is_writer():
     scratch = tempfile.mkdtemp(prefix="klip-not-written-")
     try:
@@ -171,6 +175,19 @@ def _copy(source: epath.Path, target: epath.Path) -> None:
   else:
     with source.open("rb") as src, target.open("wb") as dst:
       shutil.copyfileobj(src, dst, 16 << 20)
+
+
+def check_writable(p: PathLike) -> None:
+  """Raise now the OSError a write of the file `p` would raise after the work that produces it
+  (a read-only or full disk, a file where its folder belongs, a folder at `p`): an empty file
+  is written beside `p` and removed; `p` itself is left as it is."""
+  final = path(p)
+  if final.is_dir():
+    raise _folder_in_the_way(final)
+  probe = final.parent / f".{final.name}.writable-{uuid.uuid4().hex[:8]}"
+  write_text(probe, "")
+  if hosts.is_writer():
+    probe.unlink()
 
 
 def write_text(p: PathLike, text: str) -> None:

@@ -121,3 +121,30 @@ def test_every_help_page_renders():
   assert len(parsers) > 20  # the walk reached the nested subcommands
   for parser in parsers:
     assert parser.format_help().startswith("usage: " + parser.prog)
+
+
+@pytest.mark.parametrize("command", [["bench", "train", "--config", "configs/tiny.py"],
+                                     ["compile", "--config", "configs/tiny.py", "--topology", "v5e-8"]])
+def test_an_unwritable_json_path_fails_before_the_work(tmp_path, capsys, monkeypatch, command):
+  """`--json` was written after the benchmark (minutes) or the compiles (hours): a bad path lost them."""
+  from klip_jax.bench import aot, suite
+
+  ran = []
+  monkeypatch.setattr(suite, "run", lambda *a, **k: ran.append("bench"))
+  monkeypatch.setattr(aot, "compile_all", lambda *a, **k: ran.append("compile"))
+  (tmp_path / "notes.txt").write_text("mine")
+  for out, named in ((tmp_path / "notes.txt" / "out.json", "notes.txt"), (tmp_path, "a folder is there")):
+    assert cli.main([*command, "--json", str(out)]) == 2  # under a file; a folder
+    line = _error_line(capsys)
+    assert named in line and "--json" in line
+  assert ran == [] and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_bench_memory_meshes_are_checked_against_the_devices(capsys):
+  assert cli._memory_meshes([], 4) == [(1, 1, 1), (1, 2, 1), (1, 4, 1)]  # FSDP over as many as there are
+  assert cli._memory_meshes(["1,2,2", "fsdp"], 4) == [(1, 2, 2), (1, -1, 1)]
+  with pytest.raises(config_lib.ConfigError, match=r"--mesh 1,8,1 needs 8 devices and there are 4; give "
+                                                   r"--host-devices 8"):
+    cli._memory_meshes(["1,8,1"], 4)
+  assert cli.main(["bench", "memory", "--config", "configs/tiny.py", "--mesh", "1,x,1"]) == 2
+  assert "--mesh '1,x,1': give data,fsdp,tensor sizes" in _error_line(capsys)

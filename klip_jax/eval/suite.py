@@ -77,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
   tasks = registry.parse_tasks(config.eval.tasks)
   c = config
   data = prepare.locate(c, workdir)
-  _check_writable(io.path(workdir) / "eval")
+  io.check_writable(io.path(workdir) / "eval" / "results.json")  # a read-only copy of someone's run: fail now
   mesh = mesh_lib.from_config(c.mesh)
   graph, state = checkpoint.restore(c, workdir, data.codec.vocab_size, mesh, step)
   runner = ModelRunner(graph, state.params, TokenIds.from_codec(data.codec), mesh, c.mesh.rules,
@@ -102,14 +102,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = N
     outputs["test"] = model.test
   return save(_folder(c, workdir, out["step"], latest=step is None), out, details, tasks, outputs,
               io.path(workdir) / "metrics.jsonl", c.scio)
-
-
-def _check_writable(folder: epath.Path) -> None:
-  """Fail before the evaluation, not after it, where the results cannot be written (a
-  read-only copy of someone's run): an OSError the CLI reports in one line."""
-  io.write_text(folder / ".writable", "")
-  if hosts.is_writer():
-    (folder / ".writable").unlink()
 
 
 # Files a task leaves beside results.json: (file, the task that writes it, its EvalContext.outputs key).
