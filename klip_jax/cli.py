@@ -232,6 +232,11 @@ def _bench(args, config) -> None:
     io.check_writable(args.json)  # before minutes of timing, not after
   names = list(dict.fromkeys(args.benchmarks))
   devices = None
+  if args.topology and names != ["memory"]:
+    # Compiling for a slice's described devices puts jax on this host's CPU: on a TPU VM the
+    # timed benchmarks beside it would run on the CPU, not the chips.
+    raise ConfigError("--topology compiles `klip bench memory` for a TPU slice on this host's CPU; run it on its "
+                      "own (klip bench memory --topology ...) and the other benchmarks without --topology.")
   if "memory" in names:
     if args.topology:
       from klip_jax.bench import train as bench_train

@@ -148,3 +148,13 @@ def test_bench_memory_meshes_are_checked_against_the_devices(capsys):
     cli._memory_meshes(["1,8,1"], 4)
   assert cli.main(["bench", "memory", "--config", "configs/tiny.py", "--mesh", "1,x,1"]) == 2
   assert "--mesh '1,x,1': give data,fsdp,tensor sizes" in _error_line(capsys)
+
+
+def test_topology_is_for_the_memory_benchmark_alone(capsys, monkeypatch):
+  # `klip bench train memory --topology v5e-8` on a TPU VM timed the train step on the host CPU.
+  from klip_jax.bench import suite
+
+  monkeypatch.setattr(suite, "run", lambda *a, **k: pytest.fail("benchmarked"))
+  for names in (["train", "memory"], ["caption"]):
+    assert cli.main(["bench", *names, "--config", "configs/tiny.py", "--topology", "v5e-8"]) == 2
+    assert "run it on its own" in _error_line(capsys)
