@@ -55,3 +55,32 @@ def test_compare_hf_runs_on_one_gpu(tmp_path, visible, shown):
   record = bench_gpu(tmp_path, "configs/base.py", "out.json", "--compare-hf", "--rounds", "3", visible=visible)
   assert record == ["cuda", "configs/base.py", "out.json", "--config.train.batch_size=64", "--compare-hf",
                     "--rounds", "3", f"CUDA_VISIBLE_DEVICES={shown}"]
+
+
+FAKE_PYTHON3 = """#!/usr/bin/env bash
+# `python3 -m venv DIR`: a venv whose python does nothing and whose klip records its arguments.
+mkdir -p "$3/bin"
+printf '#!/usr/bin/env bash\\nexit 0\\n' > "$3/bin/python"
+printf '#!/usr/bin/env bash\\nprintf "%%s\\\\n" "$@" > "$RECORD"\\n' > "$3/bin/klip"
+chmod +x "$3/bin/python" "$3/bin/klip"
+echo "PATH=$3/bin:\\$PATH" > "$3/bin/activate"
+"""
+
+
+def test_bench_reads_and_writes_paths_where_it_was_called(tmp_path):
+  # bench.sh changed into the repository before reading CONFIG and OUT: a relative OUT landed in
+  # the repository and a relative CONFIG was looked up there.
+  repo, caller, bin_dir = tmp_path / "repo", tmp_path / "caller", tmp_path / "bin"
+  for folder in (repo / "launch", caller / "configs", bin_dir):
+    folder.mkdir(parents=True)
+  shutil.copy(ROOT / "launch" / "bench.sh", repo / "launch")
+  (caller / "configs" / "mine.py").write_text("")
+  (bin_dir / "python3").write_text(FAKE_PYTHON3)
+  (bin_dir / "python3").chmod(0o755)
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(tmp_path / "record")}
+  result = subprocess.run(["bash", str(repo / "launch" / "bench.sh"), "cuda", "configs/mine.py:48px", "out/b.json",
+                           "--compare-hf"], capture_output=True, text=True, timeout=60, env=env, cwd=caller)
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / "record").read_text().splitlines() == [
+      "bench", "train", "caption", "relabel", "--config", f"{caller}/configs/mine.py:48px",
+      "--json", f"{caller}/out/b.json", "--compare-hf"]
