@@ -119,6 +119,16 @@ class TextCodec:
   def vocab_size(self) -> int:
     return self.sp.get_piece_size()
 
+  @property
+  def trained_for(self) -> int:
+    """The vocabulary size the tokenizer was trained with (`--vocab-size`, config.data.vocab_size),
+    from its trainer settings: an upper bound, so `vocab_size` may be smaller."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(self._proto)
+    return model.trainer_spec.vocab_size
+
   def pieces(self, caption: str, spans: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[int], list[int]]:
     """Unpadded piece ids of `caption` with per-piece keyword flag and clause index.
 

@@ -297,10 +297,18 @@ def _world(workdir: str, sweep: ml_collections.ConfigDict, p: Point) -> str:
 
 def _tokenizer(workdir: str, sweep: ml_collections.ConfigDict, first_world: str) -> str:
   """The tokenizer every point uses: the base's (which must exist), or one trained on the first
-  point's world."""
+  point's world, which a rerun reuses only for the vocabulary size it was trained for."""
   path = sweep.base.data.tokenizer or str(io.path(workdir) / "tokenizer.model")
-  if not sweep.base.data.tokenizer and not io.exists(path):
+  if sweep.base.data.tokenizer:
+    return path
+  if not io.exists(path):
     prepare.train_tokenizer(first_world, sweep.base.data.vocab_size, path)
+  trained_for = tokenizer.TextCodec(path, sweep.base.data.max_len).trained_for
+  if trained_for != sweep.base.data.vocab_size:
+    raise ConfigError(f"{path}, the sweep's tokenizer, was trained for a vocabulary of {trained_for}, and "
+                      f"base.data.vocab_size is {sweep.base.data.vocab_size}: set --config.base.data.vocab_size="
+                      f"{trained_for}, or use a new --workdir for the new vocabulary (its points must not share a "
+                      "tokenizer with the old ones).")
   return path
 
 

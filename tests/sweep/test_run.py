@@ -411,3 +411,15 @@ def test_killed_sweep_resumes_without_retraining_and_records_a_failed_point(tmp_
     assert entry["flops_per_step"] > entry["flops_6nd_per_step"] > 0
   # Same parameters, same val batches, same rng: points differ in their losses only by training.
   assert recorded["m0_d32_s6"]["evals"][-1]["loss"] != recorded["m0_d64_s6"]["evals"][-1]["loss"]
+
+
+def test_a_rerun_with_another_vocabulary_size_refuses_the_sweeps_tokenizer(tiny_data, tmp_path):
+  # --config.base.data.vocab_size=600 on a sweep whose W/tokenizer.model was trained for 1000
+  # retrained every point (the hash changed) on the old 1000-piece tokenizer.
+  s = _micro("test")
+  assert sweep._tokenizer(str(tmp_path), s, tiny_data) == str(tmp_path / "tokenizer.model")
+  trained_for = s.base.data.vocab_size
+  s.base.data.vocab_size = trained_for - 400
+  with pytest.raises(ConfigError, match=rf"trained for a vocabulary of {trained_for}, and base\.data\.vocab_size "
+                                        rf"is {trained_for - 400}: set --config\.base\.data\.vocab_size={trained_for}"):
+    sweep._tokenizer(str(tmp_path), s, tiny_data)
