@@ -112,11 +112,14 @@ def generate(model: KLIP, image_tokens: jax.Array, *, max_len: int, dec_id: int,
 
   Greedy when beam_size == 1, else beam search; every step is one cached decoder step.
   Generation of a row ends at [SEP] (kept) and is padded after it. Beams are ranked by total
-  log-probability / length ** length_penalty.
+  log-probability / length ** length_penalty. `max_len` may not exceed the decoder's max_len:
+  later positions have no embedding (their lookups read NaN, and the captions came out padded).
   """
   b = image_tokens.shape[0]
   k = beam_size
   tower = model.decoder_tower()
+  if max_len > tower.max_len:
+    raise ValueError(f"generate(max_len={max_len}) exceeds the decoder's max_len {tower.max_len} positions")
   vocab = tower.word_embed.num_embeddings
   image_tokens = jnp.repeat(image_tokens, k, axis=0)  # row r*k + i is beam i of image r
   ids = jnp.full((b * k, max_len), pad_id, jnp.int32).at[:, 0].set(dec_id)

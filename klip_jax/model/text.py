@@ -148,9 +148,12 @@ class TextTransformer(nnx.Module):
     self.lm_head = LMHead(cfg, vocab_size, **kw)
     self.remat, self.scan, self.max_len = cfg.remat, cfg.scan_layers, cfg.max_len
 
-  def embed(self, ids: jax.Array, offset: int | jax.Array = 0) -> jax.Array:
-    positions = offset + jnp.arange(ids.shape[1])
-    x = self.word_embed(ids) + self.pos_embed(positions)[None]
+  def embed(self, ids: jax.Array) -> jax.Array:
+    """Word + position embeddings, normalised. A position past max_len has no embedding (the
+    lookup would read NaN), so a longer text is refused here, for every pass that starts here."""
+    if ids.shape[1] > self.max_len:
+      raise ValueError(f"{ids.shape[1]} tokens exceed the model's max_len {self.max_len}")
+    x = self.word_embed(ids) + self.pos_embed(jnp.arange(ids.shape[1]))[None]
     return self.embed_norm(x)
 
   def __call__(self, ids: jax.Array, pad_mask: jax.Array, mode: str, image: jax.Array | None = None, *,
@@ -166,8 +169,6 @@ class TextTransformer(nnx.Module):
     """
     if mode not in MODES:
       raise ValueError(f"unknown text mode {mode!r}; use one of {MODES}")
-    if ids.shape[1] > self.max_len:
-      raise ValueError(f"{ids.shape[1]} tokens exceed the model's max_len {self.max_len}")
     decoder = mode == "decoder"
     mask = layers.TextMask(pad_mask, causal=decoder)
     image = None if mode == "text" else image

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from klip_jax.model import layers
@@ -32,13 +33,35 @@ class VisionBlock(nnx.Module):
     return layers.constrain(x, ("batch", "length", "act_embed"))
 
 
+def _torch_bicubic_weights(old: int, new: int) -> np.ndarray:
+  """[new, old] matrix of torch's 1-d bicubic resize (align_corners=False): cubic convolution
+  with A = -0.75 at source (i + 0.5) * old / new - 0.5, edge taps clamped, no antialiasing."""
+  a = -0.75
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+  source = (np.arange(new) + 0.5) * old / new - 0.5
+  first = np.floor(source)
+  t = source - first
+  taps = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+  weights = np.zeros((new, old))
+  index = np.clip(first[:, None].astype(int) + np.arange(-1, 3), 0, old - 1)
+  np.add.at(weights, (np.repeat(np.arange(new), 4), index.ravel()), taps.ravel())
+  return weights
+
+
 def interpolate_positions(pos: jax.Array, grid: int) -> jax.Array:
-  """[1, 1 + g*g, D] position embeddings -> [1, 1 + grid*grid, D] (class token kept)."""
+  """[1, 1 + g*g, D] position embeddings -> [1, 1 + grid*grid, D] (class token kept).
+
+  Resized as BLIP (ALBEF's interpolate_pos_embed) and HF BLIP's interpolate_pos_encoding do,
+  with torch's bicubic, so an exported model fed another resolution, or an imported checkpoint of
+  another size, gets PyTorch's embeddings: jax.image.resize's bicubic (A = -0.5, antialiased
+  when shrinking) differed from it by up to 2 on unit-scale embeddings (a 24x24 grid to 14x14)."""
   old = round((pos.shape[1] - 1) ** 0.5)
   if old == grid:
     return pos
-  patches = pos[:, 1:].reshape(1, old, old, -1)
-  patches = jax.image.resize(patches, (1, grid, grid, patches.shape[-1]), method="bicubic")
+  weights = jnp.asarray(_torch_bicubic_weights(old, grid), pos.dtype)
+  patches = jnp.einsum("ih,jw,hwd->ijd", weights, weights, pos[0, 1:].reshape(old, old, -1),
+                       precision=jax.lax.Precision.HIGHEST)
   return jnp.concatenate([pos[:, :1], patches.reshape(1, grid * grid, -1)], axis=1)
 
 

@@ -28,6 +28,9 @@ def resolve_shape(shape: Sequence[int], available: int, field: str = "shape",
                   unit: str = "devices") -> tuple[int, ...]:
   """Fill the one -1 entry of config.mesh.`field` so the product is `available` `unit`."""
   shape = list(shape)
+  if not all(isinstance(n, (int, np.integer)) and (n >= 1 or n == -1) for n in shape):
+    raise ConfigError(f"config.mesh.{field}={tuple(shape)}: every axis needs a whole number of {unit} >= 1, "
+                      "or -1 for the one that fills the rest.")
   if shape.count(-1) > 1:
     raise ConfigError(f"config.mesh.{field}={tuple(shape)}: at most one axis may be -1.")
   known = int(np.prod([s for s in shape if s != -1]))

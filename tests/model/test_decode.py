@@ -144,3 +144,13 @@ def test_greedy_generation_equals_full_forward_and_beam_scores_no_worse(scan):
   assert np.all(beam_logp / length(beam) >= greedy_logp / length(greedy) - 1e-5)
   written = [sum(full[row, t - 1, beam[row, t]] for t in range(1, 10) if beam[row, t] != 0) for row in range(3)]
   np.testing.assert_allclose(beam_logp, written, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_longer_than_the_position_embeddings_is_refused():
+  """Positions past the decoder's max_len have no embedding: generation would score NaN and
+  write padding where it was banned, so it is refused up front."""
+  config, mesh, model, images = _model(False)
+  with mesh_lib.logical_context(mesh, config.mesh.rules):
+    tokens, _ = model.encode_image(images)
+    with pytest.raises(ValueError, match=r"max_len=129\) exceeds the decoder.s max_len 128"):
+      decode.generate(model, tokens, max_len=129, dec_id=2, sep_id=3, pad_id=0)

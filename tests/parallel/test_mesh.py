@@ -90,6 +90,17 @@ def test_mesh_errors_name_the_field(devices, shape, dcn, message):
     mesh_lib.make_mesh(shape, devices, dcn_shape=dcn)
 
 
+@pytest.mark.parametrize("shape, message", [
+    ((0, -1, 1), r"config\.mesh\.shape=\(0, -1, 1\): every axis needs a whole number of devices >= 1"),
+    ((-2, -4, 1), r"config\.mesh\.shape=\(-2, -4, 1\): every axis needs"),
+    ((2.5, -1, 1), r"config\.mesh\.shape=\(2\.5, -1, 1\): every axis needs"),
+])
+def test_mesh_shape_entries_must_be_device_counts(shape, message):
+  """A zero or a negative count other than -1 was a ZeroDivisionError or a jax reshape error."""
+  with pytest.raises(ConfigError, match=message):
+    mesh_lib.make_mesh(shape)
+
+
 @pytest.mark.parametrize("dcn", ["(0,1,1)", "(-1,-1,1)", "(2,1)", "(2.5,1,1)"])
 def test_config_rejects_bad_dcn_shape(dcn):
   config = config_lib.load("configs/tiny.py", [f"--config.mesh.dcn_shape={dcn}"])
