@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -19,6 +21,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 
 from klip_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -89,6 +93,15 @@ def logical_context(mesh: jax.sharding.Mesh, rules):
     yield
 
 
+def check_batch(batch_size: int, mesh: jax.sharding.Mesh, field: str) -> None:
+  """Refuse a global batch the mesh's batch axes cannot split evenly, naming `field`, before
+  any work (the first global batch fails with an IndivisibleError after the whole setup)."""
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if batch_size % shards:
+    raise ConfigError(f"config.{field}={batch_size} does not split over the mesh's data x fsdp = {shards} devices "
+                      f"(config.mesh.shape={tuple(mesh.devices.shape)}); use a multiple of {shards}.")
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES))
 
@@ -100,3 +113,22 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
 def shardings_of(tree):
   """The shardings of a pytree of jax.Arrays (e.g. restored params), for in_shardings."""
   return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def divisible(shardings, shapes):
+  """`shardings` (NamedShardings) with every mesh axis dropped from a dimension it does not divide,
+  that dimension then replicated over it (with a warning): the rules shard by name, and a size
+  the user does not pick exactly (the tokenizer's vocabulary, 999 pieces over tensor=2) would
+  otherwise stop the run at initialisation with an IndivisibleError. `shapes`: the arrays' (or
+  ShapeDtypeStructs') tree of the same structure."""
+  def fit(sharding, leaf):
+    spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
+    for dim, (size, axes) in enumerate(zip(leaf.shape, spec)):
+      names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+      shards = math.prod(sharding.mesh.shape[name] for name in names)
+      if size % shards:
+        log.warning("a %s array's dimension %d (%d) does not split over mesh axes %s (%d devices): replicated "
+                    "over them instead", tuple(leaf.shape), dim, size, names, shards)
+        spec[dim] = None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+  return jax.tree.map(fit, shardings, shapes)

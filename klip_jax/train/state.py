@@ -96,7 +96,7 @@ def abstract_state(config, vocab_size: int, tx, mesh):
     model = nnx.eval_shape(lambda: _model(config, vocab_size, jax.random.key(0)))
     graph = nnx.split(model, nnx.Param)[0]
     abstract = jax.eval_shape(lambda: _init(config, vocab_size, tx, jax.random.key(0)))
-    return graph, abstract, nnx.get_named_sharding(abstract, mesh)
+    return graph, abstract, mesh_lib.divisible(nnx.get_named_sharding(abstract, mesh), abstract)
 
 
 def create(config, vocab_size: int, tx, mesh) -> tuple[nnx.GraphDef, TrainState, Any]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -139,3 +140,39 @@ print(json.dumps({"shape": dict(m.shape), "slices": [sorted({d.slice_index for d
   assert run.returncode == 0, run.stderr[-2000:]
   result = json.loads(run.stdout.strip().splitlines()[-1])
   assert result == {"shape": {"data": 2, "fsdp": 8, "tensor": 1}, "slices": [[0], [1]]}
+
+
+def test_an_axis_that_does_not_divide_a_dimension_replicates_it():
+  """The rules shard `vocab` over tensor; a tokenizer's 999 pieces on tensor=2 stopped the run at
+  initialisation (IndivisibleError). Such a dimension is replicated over the axes that do not
+  divide it; every other dimension keeps its sharding."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = mesh_lib.make_mesh((2, 2, 2), jax.devices()[:8])
+  shapes = {"embedding": jax.ShapeDtypeStruct((999, 64), jnp.float32),
+            "even": jax.ShapeDtypeStruct((1000, 64), jnp.float32),
+            "both": jax.ShapeDtypeStruct((6, 63), jnp.float32)}
+  shardings = {"embedding": NamedSharding(mesh, P("tensor", "fsdp")), "even": NamedSharding(mesh, P("tensor", "fsdp")),
+               "both": NamedSharding(mesh, P(("data", "fsdp"), "tensor"))}
+  fitted = mesh_lib.divisible(shardings, shapes)
+  assert fitted["embedding"].spec == P(None, "fsdp")
+  assert fitted["even"].spec == P("tensor", "fsdp")
+  assert fitted["both"].spec == P(None, None)  # 6 over 4 devices, 63 over 2
+  for name, shape in shapes.items():  # each can now be placed
+    jax.device_put(np.zeros(shape.shape, np.float32), fitted[name])
+
+
+def test_a_batch_the_mesh_cannot_split_is_named(tiny_data, tiny_tokenizer, tmp_path):
+  # batch 12 on the default 8-device mesh failed at the first global batch, after the setup.
+  from klip_jax.data import prepare
+  from klip_jax.train import loop
+
+  config = config_lib.load("configs/tiny.py")
+  config.data.update(data_dir=tiny_data, tokenizer=tiny_tokenizer)
+  config.train.batch_size = 12
+  config.momentum.queue_size = 48
+  with pytest.raises(ConfigError, match=r"config\.train\.batch_size=12 does not split over the mesh's data x fsdp "
+                                        r"= 8 devices .*use a multiple of 8"):
+    loop.train(config, str(tmp_path / "run"), prepare.locate(config, str(tmp_path / "run")), progress=False)
+  assert not (tmp_path / "run" / "checkpoints").exists()
