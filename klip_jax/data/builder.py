@@ -71,7 +71,8 @@ class SynthSettings:
 
   def as_metadata(self) -> dict:
     return {"num_examples": dict(self.num_examples), "seed": self.seed,
-            "noise_rate": self.noise_rate, "world": dataclasses.asdict(self.world)}
+            "noise_rate": self.noise_rate, "world": dataclasses.asdict(self.world),
+            "generator": world.GENERATOR_VERSION}
 
   def validate(self) -> None:
     self.world.validate()

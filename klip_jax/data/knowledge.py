@@ -232,15 +232,38 @@ def _random_value(field: str, scene_type: str, rng: np.random.Generator) -> str:
 
 
 def _wrong_value(field: str, scene_type: str, true: str, rng: np.random.Generator) -> str:
-  """A plausible but wrong keyword for `field`: a nearby number or another value."""
+  """A plausible but wrong keyword for `field`: a nearby number or another value.
+
+  A count or size keyword need not be digits: real captions say "three" or "35.5", and a
+  proofread keyword is whatever the decoder wrote; its first number is shifted, and one with no
+  number gets a number of the world's range (a plain int() of it stopped the data pipeline).
+  """
   if field in ("count", "size"):
-    value = int(true)
+    from klip_jax.data import fields  # fields imports this module
+
+    number = fields.number_value(true)
+    if number is None:
+      if field == "count":
+        return str(int(rng.integers(1, world.WorldConfig.max_targets + 1)))
+      lengths = [length for c in targets.TARGET_CLASSES for length in c.length_m]
+      return str(5 * int(rng.integers(round(min(lengths) / 5), round(max(lengths) / 5) + 1)))
+    value = float(number)
     step = 1 if field == "count" else max(5, 5 * round(value * 0.4 / 5))
     options = [v for v in (value - 2 * step, value - step, value + step, value + 2 * step) if v >= 1]
-    return str(options[rng.integers(len(options))])
-  while (value := _random_value(field, scene_type, rng)) == true:
+    wrong = options[rng.integers(len(options))]
+    return str(int(wrong)) if float(wrong).is_integer() else f"{wrong:g}"
+  while _same_meaning(field, value := _random_value(field, scene_type, rng), true):
     pass
   return value
+
+
+def _same_meaning(field: str, a: str, b: str) -> bool:
+  """Whether two keywords of `field` say the same: a boundary between water and vegetation is one
+  between vegetation and water, and cells are the same cells in any order, so such a draw is no
+  corruption (it was recorded as one)."""
+  if field in ("boundary", "location"):
+    return set(_split_words(a)) == set(_split_words(b))
+  return a == b
 
 
 _VOCABULARY = {

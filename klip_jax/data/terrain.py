@@ -31,6 +31,25 @@ def smooth_field(rng: np.random.Generator, size: int, scale_px: float) -> np.nda
   return field / (field.std() + 1e-12)
 
 
+def gaussian_surface(rng: np.random.Generator, size: int, scale_px: float, waves: int = 256) -> np.ndarray:
+  """Unit-variance Gaussian random field with smooth_field's covariance, exp(-r^2 / (4 scale^2)),
+  whatever the chip size: a sum of `waves` cosines with random directions and wavenumbers
+  (random Fourier features) evaluated on the pixel grid.
+
+  For a feature longer than the chip (a hillside seen by a 32 px chip): smooth_field's periodic
+  FFT grid has no wavelength longer than the chip and normalises each chip to unit std, so such a
+  field came out flat (every wavelength filtered out) or as one full sine cycle stretched to the
+  whole relief; here the chip shows the part of the larger surface it covers, with the slope a
+  surface of that correlation length has.
+  """
+  k = rng.normal(0.0, 1.0 / (np.sqrt(2.0) * max(scale_px, 0.5)), (waves, 2))  # radians per pixel
+  phase = rng.uniform(0, 2 * np.pi, waves)
+  centres = np.arange(size) + 0.5
+  ax, ay = centres[:, None] * k[:, 0] + phase, centres[:, None] * k[:, 1]  # [size, waves]
+  # cos(ax + ay) = cos ax cos ay - sin ax sin ay: two matrix products instead of size^2 x waves cosines.
+  return np.sqrt(2.0 / waves) * (np.cos(ay) @ np.cos(ax).T - np.sin(ay) @ np.sin(ax).T)
+
+
 @functools.lru_cache(maxsize=8)
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -114,7 +133,7 @@ def _coast(rng, size, res, arid):
 def _hills(rng, size, res, arid):
   relief = rng.uniform(80, 600)
   scale = rng.uniform(250, 900) / res
-  z = relief * (0.5 + 0.5 * np.tanh(smooth_field(rng, size, scale)))
+  z = relief * (0.5 + 0.5 * np.tanh(gaussian_surface(rng, size, scale)))  # hills outgrow most chips
   lc = np.full((size, size), VEGETATION, np.uint8)
   slope = np.hypot(*np.gradient(z, res))
   lc[(z > np.quantile(z, 0.55 if arid else 0.7)) | (slope > 0.6)] = BARE

@@ -34,6 +34,14 @@ _KIND_NEEDS = {"river": "river", "coast": "coastal", "harbor": "coastal", "sea":
                "hills": "mountain"}
 
 
+# The generator's version, recorded with every synthetic dataset (builder.SynthSettings): the
+# same settings make other bytes under another version, so a dataset of an older one is not
+# reused as if it were this one's. Raise it with any change to what a seed generates.
+# 2: hills with relief at any chip size (terrain.gaussian_surface), no corruption that only
+# reorders a boundary's or location's words.
+GENERATOR_VERSION = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
   """What the world generates. Defaults give 128 px chips at 1-10 m."""
@@ -115,6 +123,9 @@ def make_chip(seed: int, index: int, config: WorldConfig = WorldConfig(), split:
     category = "aircraft" if kind == "airport" else "ship"
     targets, pattern, occupied = place_targets(rng, lc, res, category, config.max_targets)
   scene_type = "target" if targets else "landform"
+  # A target kind where no target fitted is a landform scene: no pattern (place_targets names the
+  # one it drew even when nothing was placed).
+  pattern = pattern if targets else ""
   image = form_image(rng, lc, elevation, heights, targets, occupied, res, geo["incidence_deg"],
                      geo["band"], geo["polarization"], config.looks, config.nesz_db)
   return Chip(id=f"{split}-{seed}-{index:08d}", image=image, geo=geo, scene_type=scene_type,

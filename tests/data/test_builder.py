@@ -7,7 +7,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from klip_jax.data import builder, records
+from klip_jax.data import builder, records, world
 from klip_jax.errors import DatasetError
 from tests.conftest import TINY_SETTINGS
 
@@ -46,6 +46,15 @@ def test_rebuilding_with_other_settings_is_refused(tiny_data):
   with pytest.raises(DatasetError, match="other settings"):
     builder.build(tiny_data, other)
   builder.build(tiny_data, TINY_SETTINGS)  # identical settings: reused
+
+
+def test_a_dataset_of_another_world_generator_is_not_reused(tiny_data, monkeypatch):
+  # The same settings make other chips under another generator (hills with relief since 2): a
+  # dataset built by the older code was reused as if it were the new world.
+  assert builder.metadata(tiny_data)["settings"]["generator"] == world.GENERATOR_VERSION
+  monkeypatch.setattr(world, "GENERATOR_VERSION", world.GENERATOR_VERSION + 1)
+  with pytest.raises(DatasetError, match="other settings.*'generator'"):
+    builder.build(tiny_data, TINY_SETTINGS)
 
 
 def test_missing_dataset_and_split_errors(tmp_path, tiny_data):

@@ -125,3 +125,40 @@ def test_replace_keywords_shifts_later_spans():
   out, out_spans = knowledge.replace_keywords(caption, spans, new)
   assert [out[a:b] for a, b in out_spans] == new
   assert out.split("$")[0] == "the number of targets is 12 in total"
+
+
+def test_a_wrong_boundary_or_location_is_never_the_true_one_reordered():
+  """"vegetation and water" is the boundary "water and vegetation": drawn as a corruption it
+  was recorded as wrong while saying the truth."""
+  rng = np.random.default_rng(0)
+  for field, true in (("boundary", "water and vegetation"), ("location", "centre and upper left")):
+    scene = "landform" if field == "boundary" else "target"
+    for _ in range(400):
+      wrong = knowledge._wrong_value(field, scene, true, rng)
+      assert set(wrong.replace(", ", " and ").split(" and ")) != set(true.split(" and ")), (field, wrong)
+
+
+def test_clause_negatives_of_real_captions_with_worded_or_decimal_numbers():
+  """Real captions (and proofread keywords) need not write counts and sizes as integers: the
+  wrong value shifts the number they give, or brings one where they give none."""
+  from klip_jax.data import fields
+
+  entry = {"image_id": "a", "scene_type": "target", "Count": "three aircraft", "Location": "upper left",
+           "Feature": "north-south", "Size": "about 35.5 m", "Category": "airliners", "Distribution": "isolated",
+           "Region": "oslo, norway", "Environment": "an airport apron"}
+  caption, keywords, spans = fields.verbalise(fields.parse(entry, "x"))
+  assert keywords[0] == "three" and keywords[3] == "35.5"
+  for count in ("three", "several"):
+    keywords[0] = count
+    changed = set()
+    for seed in range(60):
+      negative, new_spans, k = knowledge.clause_negative("target", knowledge.FIELDS["target"], keywords, caption,
+                                                         spans, np.random.default_rng(seed))
+      wrong = negative[slice(*new_spans[k])]
+      if k in (0, 3):
+        changed.add(k)
+        true = fields.number_value(keywords[k])
+        assert fields.number_value(wrong) not in (None, true), (keywords[k], wrong)
+        if true is not None:  # a nearby number: within two steps of 1 (count) or 15 m (size, 40% of 35.5 m)
+          assert 0 < abs(float(wrong) - float(true)) <= (2 if k == 0 else 30), (keywords[k], wrong)
+    assert changed == {0, 3}

@@ -116,3 +116,35 @@ def test_landform_and_target_scenes_both_occur_with_all_landcover_classes():
   seen = set(np.unique(np.concatenate([c.landcover.ravel() for c in chips])))
   assert seen == set(range(len(terrain.LANDCOVER)))
   assert {c.scene_kind for c in chips} == set(world.SCENE_KINDS)
+
+
+@pytest.mark.parametrize("size,scale_px", [(32, 300.0), (256, 8.0)])
+def test_gaussian_surface_has_unit_variance_and_the_gradient_of_its_covariance(size, scale_px):
+  """Covariance exp(-r^2 / (4 s^2)): unit variance and a gradient std of sqrt(-C''(0)) =
+  1 / (sqrt(2) s) per axis, whether the chip is smaller or larger than the correlation length."""
+  fields = np.stack([terrain.gaussian_surface(np.random.default_rng(i), size, scale_px) for i in range(600)])
+  centre = size // 2
+  assert abs(fields[:, centre, centre].var() - 1) < 0.15
+  expected = 1 / (np.sqrt(2) * scale_px)
+  # A one-pixel difference measures the gradient to within a few % when s >> 1 px.
+  measured = np.diff(fields, axis=2)[:, centre, centre].std()
+  assert abs(measured / expected - 1) < 0.1, (measured, expected)
+
+
+def test_hills_in_a_chip_smaller_than_a_hill_still_have_relief():
+  """Hills 250-900 m across seen by a 32 m chip: part of a hillside (before: a flat plane in
+  most chips, the "hilly area" of the caption nowhere in the image)."""
+  flat = 0
+  for i in range(100):
+    _, z, _ = terrain.GENERATORS["hills"](np.random.default_rng(i), 32, 1.0, False)
+    flat += np.ptp(z) < 0.1
+  assert flat <= 5, flat
+
+
+def test_a_target_kind_without_targets_is_a_landform_scene_without_a_pattern():
+  config = world.WorldConfig(image_size=32, target_fraction=1.0)
+  chips = [world.make_chip(3, i, config) for i in range(150)]
+  empty = [c for c in chips if c.scene_kind in world.TARGET_KINDS and not c.targets]
+  assert len(empty) > 5
+  assert all(c.scene_type == "landform" and c.target_pattern == "" for c in empty)
+  assert all(c.target_pattern in targets.TARGET_PATTERNS for c in chips if c.targets)
