@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -225,7 +224,7 @@ def _bench(args, config) -> None:
   if args.compare_hf:  # PyTorch shares the GPU with jax there: jax takes memory as it needs it
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   from klip_jax import io
-  from klip_jax.bench import suite
+  from klip_jax.bench import aot, suite
   from klip_jax.errors import ConfigError
 
   if args.json:
@@ -245,7 +244,7 @@ def _bench(args, config) -> None:
     elif len(names) > 1 and args.host_devices:
       raise ConfigError("--host-devices makes every benchmark run on virtual CPU devices; run "
                         "`klip bench memory` on its own, or the others without --host-devices.")
-  meshes = _memory_meshes(args.mesh, len(devices) if devices else None) if "memory" in names else []
+  meshes = aot.memory_meshes(args.mesh, len(devices) if devices else None) if "memory" in names else []
   results = suite.run(names, config, vocab_size=args.vocab_size, compare_hf=args.compare_hf, rounds=args.rounds,
                       peak_tflops=args.peak_tflops, workdir=args.workdir, meshes=meshes, devices=devices,
                       profile_dir=args.profile)
@@ -253,25 +252,6 @@ def _bench(args, config) -> None:
   if args.json:
     io.write_json(args.json, results)
     print(f"results in {args.json}")
-
-
-def _memory_meshes(given: list[str], device_count: int | None) -> list[tuple[int, int, int]]:
-  """`klip bench memory`'s meshes: --mesh's (each checked against the devices there are), else FSDP
-  over 1, 2, 4, 8 devices, as many as there are."""
-  import jax
-
-  from klip_jax.bench import aot
-  from klip_jax.errors import ConfigError
-
-  count = device_count or jax.device_count()
-  if not given:
-    return [(1, n, 1) for n in (1, 2, 4, 8) if n <= count]
-  meshes = [aot.parse_mesh(m) for m in given]
-  for text, shape in zip(given, meshes):
-    if all(n > 0 for n in shape) and math.prod(shape) > count:
-      raise ConfigError(f"--mesh {text} needs {math.prod(shape)} devices and there are {count}; give "
-                        f"--host-devices {math.prod(shape)} (virtual CPU devices) or a smaller mesh.")
-  return meshes
 
 
 def _compile(args, config) -> None:

@@ -337,6 +337,12 @@ def differing(settings: dict[str, dict]) -> dict[str, dict[str, list[str]]]:
   return {key: by_value for key, by_value in seen.items() if len(by_value) > 1}
 
 
+def differences(settings: dict[str, dict]) -> list[str]:
+  """`differing` in words, one line a setting: "eval.seed: 0 (itm, vqa_count), 3 (retrieval)"."""
+  return [f"{key}: " + ", ".join(f"{value} ({', '.join(names)})" for value, names in by_value.items())
+          for key, by_value in differing(settings).items()]
+
+
 def read_saved(path: str) -> dict:
   """The settings a run saved as config.json, as a dict. A file cut short (a full disk, a copy
   interrupted) or edited into something else is a ConfigError naming the file and the way out,

@@ -141,11 +141,13 @@ def test_an_unwritable_json_path_fails_before_the_work(tmp_path, capsys, monkeyp
 
 
 def test_bench_memory_meshes_are_checked_against_the_devices(capsys):
-  assert cli._memory_meshes([], 4) == [(1, 1, 1), (1, 2, 1), (1, 4, 1)]  # FSDP over as many as there are
-  assert cli._memory_meshes(["1,2,2", "fsdp"], 4) == [(1, 2, 2), (1, -1, 1)]
+  from klip_jax.bench import aot
+
+  assert aot.memory_meshes([], 4) == [(1, 1, 1), (1, 2, 1), (1, 4, 1)]  # FSDP over as many as there are
+  assert aot.memory_meshes(["1,2,2", "fsdp"], 4) == [(1, 2, 2), (1, -1, 1)]
   with pytest.raises(config_lib.ConfigError, match=r"--mesh 1,8,1 needs 8 devices and there are 4; give "
                                                    r"--host-devices 8"):
-    cli._memory_meshes(["1,8,1"], 4)
+    aot.memory_meshes(["1,8,1"], 4)
   assert cli.main(["bench", "memory", "--config", "configs/tiny.py", "--mesh", "1,x,1"]) == 2
   assert "--mesh '1,x,1': give data,fsdp,tensor sizes" in _error_line(capsys)
 

@@ -152,6 +152,20 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
   return shape
 
 
+def memory_meshes(given: list[str], device_count: int | None = None) -> list[tuple[int, int, int]]:
+  """`klip bench memory`'s meshes: `given` (--mesh; each checked against the devices there are),
+  else FSDP over 1, 2, 4 and 8 devices, as many as there are."""
+  count = device_count or jax.device_count()
+  if not given:
+    return [(1, n, 1) for n in (1, 2, 4, 8) if n <= count]
+  meshes = [parse_mesh(m) for m in given]
+  for text, shape in zip(given, meshes):
+    if all(n > 0 for n in shape) and math.prod(shape) > count:
+      raise ConfigError(f"--mesh {text} needs {math.prod(shape)} devices and there are {count}; give "
+                        f"--host-devices {math.prod(shape)} (virtual CPU devices) or a smaller mesh.")
+  return meshes
+
+
 def tpu_devices(topology: str | Topology) -> list:
   """The devices of one TPU slice, described by libtpu for ahead-of-time compilation on this
   host (needs the [tpu] extra). Nothing runs on them, so jax itself stays on the CPU."""
@@ -302,12 +316,8 @@ def _with_remat(config: ml_collections.ConfigDict, remat: str) -> ml_collections
 
 
 def _check_batch(config, mesh_shape) -> None:
-  shards = mesh_shape[0] * mesh_shape[1]
-  for name, b in (("--global-batch (config.train.batch_size)", config.train.batch_size),
-                  ("config.scio.relabel_batch_size", relabel_batch(config))):
-    if b % shards:
-      raise ConfigError(f"{name}={b} does not split over the mesh's data x fsdp = {shards} chips; "
-                        f"use a multiple of {shards}.")
+  mesh_lib.check_batch(config.train.batch_size, mesh_shape, "--global-batch (config.train.batch_size)", "chips")
+  mesh_lib.check_batch(relabel_batch(config), mesh_shape, "config.scio.relabel_batch_size", "chips")
 
 
 @dataclasses.dataclass

@@ -128,10 +128,11 @@ def settings(config: ml_collections.ConfigDict, task: str) -> dict:
   seeds, steps and sizes of every task), less the scheduling ones, and the evaluator's `reads`.
   The benchmark records them with each task's results, so results merged from several
   `klip eval` runs say which numbers were measured how (eval.suite)."""
-  chosen = {f"eval.{k}": v for k, v in config_lib.flat(config.eval.to_dict()).items() if k not in _SCHEDULING}
-  for name in REGISTRY[task].reads:
-    value = config_lib.flat(config.to_dict())
-    chosen.update({k: v for k, v in value.items() if k == name or k.startswith(f"{name}.")})
+  every = config_lib.flat(config.to_dict())
+  reads = REGISTRY[task].reads
+  chosen = {k: v for k, v in every.items()
+            if (k.startswith("eval.") and k.removeprefix("eval.") not in _SCHEDULING)
+            or any(k == name or k.startswith(f"{name}.") for name in reads)}
   return json.loads(json.dumps(chosen))  # as results.json gives them back (tuples as lists)
 
 

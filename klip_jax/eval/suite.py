@@ -233,9 +233,8 @@ def save(folder: epath.Path, out: dict, details: dict, ran: list[str], outputs: 
              ", ".join(replaced) or "nothing", ", ".join(t for t in previous["tasks"] if t not in ran) or "nothing")
     details = {**{t: d for t, d in _read_details(folder).items() if t not in ran}, **details}
   merged = merge(previous, out, ran)
-  for key, by_value in config_lib.differing(merged["settings"]).items():
-    log.warning("%s: tasks measured with different %s: %s", folder / "results.json", key,
-                "; ".join(f"{value} ({', '.join(tasks)})" for value, tasks in by_value.items()))
+  for line in config_lib.differences(merged["settings"]):
+    log.warning("%s: tasks measured with different settings: %s", folder / "results.json", line)
   details = _by_task_order(details)
   io.write_json(folder / "results.json", merged)
   io.write_json(folder / "details.json", details)

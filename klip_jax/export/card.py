@@ -83,11 +83,9 @@ def results_table(results: dict) -> str:
         continue
       rows.append(f"| {name} | {metric} | {_number(value)} | {_number(random_init.get(name, {}).get(metric))} "
                   f"| {_number(_chance(task, metric))} |")
-  differ = config_lib.differing(results.get("settings", {}))
+  differ = config_lib.differences(results.get("settings", {}))
   if differ:  # merged from several `klip eval` runs
-    rows += ["", "Not all tasks were evaluated with the same settings: " + "; ".join(
-        f"{key} " + ", ".join(f"{value} ({', '.join(tasks)})" for value, tasks in by_value.items())
-        for key, by_value in differ.items()) + "."]
+    rows += ["", "Not all tasks were evaluated with the same settings: " + "; ".join(differ) + "."]
   return "\n".join(rows)
 
 

@@ -93,13 +93,14 @@ def logical_context(mesh: jax.sharding.Mesh, rules):
     yield
 
 
-def check_batch(batch_size: int, mesh: jax.sharding.Mesh, field: str) -> None:
-  """Refuse a global batch the mesh's batch axes cannot split evenly, naming `field`, before
-  any work (the first global batch fails with an IndivisibleError after the whole setup)."""
-  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+def check_batch(batch_size: int, shape: Sequence[int], setting: str, unit: str = "devices") -> None:
+  """Refuse a global batch that a (data, fsdp, tensor) mesh of `shape` cannot split over its batch
+  axes, naming the `setting`, before any work (the first global batch would fail with an
+  IndivisibleError after the whole setup, or a TPU compile after the earlier slices' compiles)."""
+  shards = shape[0] * shape[1]
   if batch_size % shards:
-    raise ConfigError(f"config.{field}={batch_size} does not split over the mesh's data x fsdp = {shards} devices "
-                      f"(config.mesh.shape={tuple(mesh.devices.shape)}); use a multiple of {shards}.")
+    raise ConfigError(f"{setting}={batch_size} does not split over the mesh's data x fsdp = {shards} {unit}; "
+                      f"use a multiple of {shards}.")
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:

@@ -62,7 +62,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
     scio.validate(c)
   io.path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.from_config(c.mesh)
-  mesh_lib.check_batch(c.train.batch_size, mesh, "train.batch_size")
+  mesh_lib.check_batch(c.train.batch_size, mesh.devices.shape, "config.train.batch_size")
   tx, schedule = state_lib.make_optimizer(c.optim, c.train.steps)
   graph, abstract, shardings = state_lib.abstract_state(c, data.codec.vocab_size, tx, mesh)
   checkpoints = checkpoint.manager(workdir, c)

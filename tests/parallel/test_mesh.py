@@ -173,6 +173,6 @@ def test_a_batch_the_mesh_cannot_split_is_named(tiny_data, tiny_tokenizer, tmp_p
   config.train.batch_size = 12
   config.momentum.queue_size = 48
   with pytest.raises(ConfigError, match=r"config\.train\.batch_size=12 does not split over the mesh's data x fsdp "
-                                        r"= 8 devices .*use a multiple of 8"):
+                                        r"= 8 devices; use a multiple of 8\."):
     loop.train(config, str(tmp_path / "run"), prepare.locate(config, str(tmp_path / "run")), progress=False)
   assert not (tmp_path / "run" / "checkpoints").exists()
